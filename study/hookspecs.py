@@ -1,0 +1,72 @@
+"""The hook specifications: the whole contract between prunelab and its plugins.
+
+A plugin is any module registered under the ``prunelab`` entry-point group (built-ins use the
+same group). It implements one or both hooks and returns descriptions of what it adds: a
+``Strategy`` changes a model, an ``Evaluator`` scores one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from .options import Option, OptionSet
+
+if TYPE_CHECKING:
+    from .data import DataSource, Subset
+    from .engine import Engine
+    from .tasks import Item, TaskResult
+
+hookspec = pluggy.HookspecMarker("prunelab")
+hookimpl = pluggy.HookimplMarker("prunelab")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A pruning strategy: declared options and a function that prunes a loaded model in place.
+
+    ``prune(model, options, context)`` returns a JSON-able report (at least the achieved
+    sparsity); ``context`` carries the calibration source and the seed.
+    """
+
+    name: str
+    description: str
+    prune: Callable[..., dict[str, Any]]
+    options: tuple[Option, ...] = field(default_factory=tuple)
+    needs_calibration: bool = False
+
+    @property
+    def option_set(self) -> OptionSet:
+        return OptionSet(f"strategy '{self.name}'", self.options)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """An evaluation task: loads its items, then scores them through the shared engine.
+
+    Like lm-evaluation-harness, the task only builds requests (log-likelihoods, generations,
+    rolling windows); the engine in ``prunelab.engine`` answers them for any model.
+    """
+
+    name: str
+    description: str
+    load_items: Callable[[DataSource, Subset], list[Item]]
+    evaluate: Callable[[Engine, list[Item], dict[str, Any]], TaskResult]
+    options: tuple[Option, ...] = field(default_factory=tuple)
+
+    @property
+    def option_set(self) -> OptionSet:
+        return OptionSet(f"task '{self.name}'", self.options)
+
+
+@hookspec
+def prunelab_strategies() -> list[Strategy]:
+    """Return the pruning strategies this plugin adds."""
+
+
+@hookspec
+def prunelab_evaluators() -> list[Evaluator]:
+    """Return the evaluation tasks this plugin adds."""

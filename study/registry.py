@@ -1,0 +1,108 @@
+"""Build the plugin manager and load every plugin from the ``prunelab`` entry-point group.
+
+Built-in strategies and evaluators are found exactly as a third-party package's are. A plugin
+that fails to import is recorded with its error and the rest still load, so one broken package
+never takes the tool down.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from dataclasses import dataclass
+from functools import cache
+
+import pluggy
+
+from . import hookspecs
+from .errors import PrunelabError
+from .hookspecs import Evaluator, Strategy
+
+ENTRY_POINT_GROUP = "prunelab"
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """Where a plugin came from, and whether it loaded."""
+
+    name: str
+    module: str
+    package: str
+    version: str
+    error: str | None = None
+
+
+@dataclass
+class Registry:
+    """Everything discovered: the plugin manager, its strategies and evaluators, and failures."""
+
+    manager: pluggy.PluginManager
+    plugins: list[PluginInfo]
+    strategies: dict[str, tuple[Strategy, PluginInfo]]
+    evaluators: dict[str, tuple[Evaluator, PluginInfo]]
+
+    def strategy(self, name: str) -> Strategy:
+        if name not in self.strategies:
+            known = ", ".join(sorted(self.strategies)) or "none"
+            raise PrunelabError(f"unknown strategy '{name}' (available: {known})")
+        return self.strategies[name][0]
+
+    def evaluator(self, name: str) -> Evaluator:
+        if name not in self.evaluators:
+            known = ", ".join(sorted(self.evaluators)) or "none"
+            raise PrunelabError(f"unknown task '{name}' (available: {known})")
+        return self.evaluators[name][0]
+
+
+def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
+    """Load the plugins of the entry-point group (or the given entry points) into a new registry."""
+    manager = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    manager.add_hookspecs(hookspecs)
+    if entry_points is None:
+        entry_points = list(md.entry_points(group=ENTRY_POINT_GROUP))
+    infos: list[PluginInfo] = []
+    strategies: dict[str, tuple[Strategy, PluginInfo]] = {}
+    evaluators: dict[str, tuple[Evaluator, PluginInfo]] = {}
+    for ep in sorted(entry_points, key=lambda e: e.name):
+        package, version = _distribution_of(ep)
+        try:
+            module = ep.load()
+            manager.register(module, name=ep.name)
+            found_s = _collect(manager, module, "prunelab_strategies")
+            found_e = _collect(manager, module, "prunelab_evaluators")
+        except Exception as exc:  # a broken plugin must not break the others
+            infos.append(PluginInfo(ep.name, ep.value, package, version, f"{type(exc).__name__}: {exc}"))
+            continue
+        info = PluginInfo(ep.name, ep.value, package, version)
+        infos.append(info)
+        for strategy in found_s:
+            strategies[strategy.name] = (strategy, info)
+        for evaluator in found_e:
+            evaluators[evaluator.name] = (evaluator, info)
+    return Registry(manager, infos, strategies, evaluators)
+
+
+def _collect(manager: pluggy.PluginManager, module: object, hook_name: str) -> list:
+    """Call one hook on one plugin only, so each result is attributed to its package."""
+    impl = getattr(module, hook_name, None)
+    if impl is None:
+        return []
+    caller = manager.subset_hook_caller(hook_name, remove_plugins=[
+        p for p in manager.get_plugins() if p is not module
+    ])
+    found: list = []
+    for result in caller():
+        found.extend(result or [])
+    return found
+
+
+def _distribution_of(ep: md.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "unknown", "unknown"
+    return dist.metadata["Name"], dist.version
+
+
+@cache
+def default_registry() -> Registry:
+    """The registry of the installed plugins, built once per process."""
+    return build_registry()
