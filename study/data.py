@@ -77,20 +77,21 @@ class Subset:
         return {"fraction": self.fraction, "sample": self.sample, "limit": self.limit, "seed": self.seed}
 
 
-def read_csv_rows(path: Path, columns: int) -> list[list[str]]:
-    """Rows of a header-less CSV with exactly ``columns`` fields; errors name the file and line."""
+def read_csv_rows(path: Path, columns: int) -> list[tuple[int, list[str]]]:
+    """(line, row) of a header-less CSV with exactly ``columns`` fields; errors name the file and line."""
     if not path.is_file():
         raise PrunelabError(f"data file not found: {path}")
-    rows: list[list[str]] = []
+    rows: list[tuple[int, list[str]]] = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         try:
             for row in reader:
+                line = reader.line_num
                 if len(row) != columns:
                     raise PrunelabError(
-                        f"{path}:{reader.line_num}: expected {columns} columns, found {len(row)}"
+                        f"{path}:{line}: expected {columns} columns, found {len(row)}"
                     )
-                rows.append(row)
+                rows.append((line, row))
         except csv.Error as exc:
             raise PrunelabError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
     if not rows:
