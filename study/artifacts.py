@@ -1,0 +1,215 @@
+"""The versioned artifacts folder: ``<root>/<study>/<version>/`` per run and ``<root>/index.html``.
+
+A run folder holds the per-item and summary tables (parquet and CSV), every chart as a self-contained
+HTML page plus PNG and SVG (rendered by vl-convert, no browser needed), ``manifest.json`` and
+``report.html``. The version names the run: UTC time, short git commit and study-config hash, e.g.
+``20261128T143000Z-abc1234-9f8e7d6c``. A run folder is assembled under a hidden staging name and
+renamed into place when complete, so a crash never leaves half a run that looks finished, and an
+existing run folder is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import vl_convert as vlc
+
+from . import pages
+from .charts import baseline_history_chart, build_charts
+from .errors import PrunelabError
+from .stats import ALPHA, DENSE, summarize
+
+CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PNG_SCALE = 1
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the study configuration as canonical JSON (key order and spacing do not matter)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str | None:
+    """The short commit of the prunelab checkout (None outside git), with ``+dirty`` for local edits."""
+    repo = Path(repo) if repo else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"],
+                              capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
+
+
+def version_id(config_digest: str, commit: str | None, now: datetime) -> str:
+    """``<UTC time>-<7-char commit or 'nogit'>-<8-char config hash>``; sorts by time."""
+    short = (commit or "nogit").split("+")[0][:7]
+    return f"{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{short}-{config_digest[:8]}"
+
+
+def write_run(
+    root: str | os.PathLike,
+    study: str,
+    items: pl.DataFrame,
+    manifest: Mapping[str, Any],
+    *,
+    summary: pl.DataFrame | None = None,
+    now: datetime | None = None,
+    commit: str | None = None,
+) -> Path:
+    """Write one run's folder from its per-item table, then regenerate the index; returns the folder.
+
+    ``manifest`` comes from the runner: ``config_hash`` (or ``config`` to hash), and whatever it knows
+    — ``study_file`` (the file's text), ``model``, ``model_hash``, ``device``, ``timings``,
+    ``packages``, ``container_image``. Identity fields (study, version, created, git commit) and the
+    headline numbers are added here; the container image falls back to ``$PRUNELAB_CONTAINER_IMAGE``.
+    """
+    if not STUDY_NAME.match(study):
+        raise PrunelabError(f"study name {study!r} is not a plain folder name (letters, digits, . _ -)")
+    digest = manifest.get("config_hash") or (config_hash(manifest["config"]) if "config" in manifest else None)
+    if not digest:
+        raise PrunelabError("the run manifest needs a config_hash (or the config to hash)")
+    now = now or datetime.now(timezone.utc)
+    commit = commit or git_commit()
+    summary = summary if summary is not None else summarize(items)
+    version = version_id(digest, commit, now)
+    final = Path(root) / study / version
+    if final.exists():
+        raise PrunelabError(f"artifacts folder {final} already exists; refusing to overwrite a finished run")
+    staging = final.with_name(f".{version}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+    files = write_tables(staging, items, summary)
+    specs = {name: chart.to_dict() for name, chart in build_charts(summary).items()}
+    files += write_charts(staging / "charts", specs)
+    full_manifest = {
+        **manifest, "study": study, "version": version, "created": f"{now.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
+        "config_hash": digest, "git_commit": commit,
+        "container_image": manifest.get("container_image") or os.environ.get(CONTAINER_IMAGE_ENV),
+        "packages": manifest.get("packages") or package_versions(),
+        "strategies": sorted(set(summary["strategy"])), "tasks": list(dict.fromkeys(summary["task"])),
+        "headline": headline(summary), "files": {f: _sha256(staging / f) for f in files},
+    }
+    _write_text(staging / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
+    report = pages.report_page(full_manifest, summary.to_dicts(), specs, [*files, "manifest.json"])
+    _write_text(staging / "report.html", report)
+    os.replace(staging, final)
+    build_index(root)
+    return final
+
+
+def write_tables(folder: Path, items: pl.DataFrame, summary: pl.DataFrame) -> list[str]:
+    """items and summary as parquet (exact types) and CSV (for spreadsheets); returns relative paths."""
+    written = []
+    for name, frame in (("items", items), ("summary", summary)):
+        frame.write_parquet(folder / f"{name}.parquet")
+        frame.write_csv(folder / f"{name}.csv")
+        written += [f"{name}.parquet", f"{name}.csv"]
+    return written
+
+
+def write_charts(folder: Path, specs: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Each chart as a self-contained HTML page, an SVG and a PNG; returns paths relative to the run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    version = pages.vega_lite_version()
+    written = []
+    for name, spec in specs.items():
+        _write_text(folder / f"{name}.html", pages.chart_page(name.replace("_", " "), spec))
+        _write_text(folder / f"{name}.svg", vlc.vegalite_to_svg(spec, vl_version=version))
+        (folder / f"{name}.png").write_bytes(vlc.vegalite_to_png(spec, vl_version=version, scale=PNG_SCALE))
+        written += [f"charts/{name}.{ext}" for ext in ("html", "svg", "png")]
+    return written
+
+
+def headline(summary: pl.DataFrame) -> list[dict[str, Any]]:
+    """Per task and metric: dense value and CI, variant count, significant drops, best and worst variant."""
+    lines = []
+    for (task, metric), group in summary.group_by(["task", "metric"], maintain_order=True):
+        kind = group["kind"][0]
+        column = "accuracy" if kind == "accuracy" else "perplexity"
+        dense = group.filter(pl.col("strategy") == DENSE)
+        pruned = group.filter(pl.col("strategy") != DENSE).sort(column, descending=kind == "accuracy")
+        line = {
+            "task": task, "metric": metric, "kind": kind,
+            "dense": dense[column][0] if dense.height else None,
+            "dense_ci": [dense["ci_low"][0], dense["ci_high"][0]] if dense.height else None,
+            "variants": pruned.height, "significant_drops": int(pruned["significant_drop"].sum() or 0),
+            "significant_drops_holm": pruned.filter(pl.col("significant_drop") & (pl.col("p_holm") < ALPHA)).height,
+        }
+        if pruned.height:
+            line["best"] = {"variant": pruned["variant"][0], "value": pruned[column][0]}
+            line["worst"] = {"variant": pruned["variant"][-1], "value": pruned[column][-1]}
+        lines.append(line)
+    return lines
+
+
+def package_versions() -> dict[str, str]:
+    """The evaluation's package versions plus the ones that drew the artifacts."""
+    from importlib import metadata
+
+    from .evaluate import versions
+
+    found = versions()
+    for package in ("numpy", "pyarrow", "vl-convert-python"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def build_index(root: str | os.PathLike) -> Path:
+    """(Re)write ``<root>/index.html`` listing every ``<study>/<version>`` folder that has a manifest."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = [_index_entry(root, path) for path in sorted(root.glob("*/*/manifest.json"))
+            if not path.parent.name.startswith(".")]
+    runs.sort(key=lambda run: (run["study"], run["version"]), reverse=True)
+    runs.sort(key=lambda run: run["study"])  # studies A-Z, newest version first within each
+    history = [
+        {"study": run["study"], "version": run["version"], "created": run["created"],
+         "panel": f"{h['task']} · {h['metric']}", "kind": h["kind"], "value": h["dense"],
+         "ci_low": (h["dense_ci"] or [None])[0], "ci_high": (h["dense_ci"] or [None, None])[1]}
+        for run in runs for h in run.get("headline", []) if h.get("dense") is not None
+    ]
+    chart = baseline_history_chart(history)
+    specs = {"dense_history": chart.to_dict()} if chart is not None else {}
+    index = root / "index.html"
+    _write_text(index, pages.index_page(runs, specs))
+    return index
+
+
+def _index_entry(root: Path, manifest_path: Path) -> dict[str, Any]:
+    study, version = manifest_path.parent.parent.name, manifest_path.parent.name
+    entry: dict[str, Any] = {"study": study, "version": version, "created": None,
+                             "report": f"{study}/{version}/report.html"}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return {**entry, "error": f"unreadable manifest.json: {err}"}
+    keep = ("created", "model", "strategies", "tasks", "headline")
+    return {**entry, **{k: manifest[k] for k in keep if k in manifest}}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary name so a reader never sees half a file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,255 @@
+"""Altair charts of a study, derived from the summary table alone (``prunelab.stats.SUMMARY_SCHEMA``).
+
+Every chart shows the uncertainty next to the number: a 95% CI band or error bar, the dense model as
+a reference rule, and the paired test's verdict (triangles mark significant drops vs dense), so a
+reader can tell a real effect from subset noise. A variant's settings come from its ``params`` JSON:
+``layers`` (one removed layer: ``3``, ``[3]`` or ``"3"``) for the layer sweep, ``sparsity`` (percent,
+or a fraction below 1) or an N:M ``pattern`` for the sparsity sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import altair as alt
+import polars as pl
+
+from .stats import DENSE
+
+LAYER_STRATEGY = "drop-layers"
+PANEL_WIDTH = 360
+PANEL_HEIGHT = 240
+SIGNIFICANT = "significant drop (p<0.05)"
+NOT_SIGNIFICANT = "no significant drop"
+NO_BASELINE = "no dense baseline"
+CHART_FIELDS = ("variant", "strategy", "kind", "n", "ci_low", "ci_high", "dense_value", "diff_vs_dense", "p_value",
+                "p_holm")
+LOG_AXIS = alt.Axis(labelOverlap="greedy", labelSeparation=6, format="~g")
+VERDICTS = alt.Scale(domain=[SIGNIFICANT, NOT_SIGNIFICANT, NO_BASELINE],
+                     range=["triangle-down", "circle", "square"])
+
+
+def build_charts(summary: pl.DataFrame, layer_strategy: str = LAYER_STRATEGY) -> dict[str, alt.TopLevelMixin]:
+    """Every chart the summary has data for, keyed by a file-name-safe name."""
+    rows = chart_rows(summary)
+    charts = {
+        "layer_sweep": layer_sweep_chart(rows, layer_strategy),
+        "sparsity_sweep": sparsity_chart(rows),
+        "dense_vs_pruned": dense_vs_pruned_chart(rows),
+    }
+    return {name: chart for name, chart in charts.items() if chart is not None}
+
+
+def chart_rows(summary: pl.DataFrame) -> list[dict[str, Any]]:
+    """Summary rows reduced to what the charts plot and show in tooltips (the spec embeds them)."""
+    records = [(row, json.loads(row["params"] or "{}")) for row in summary.iter_rows(named=True)]
+    varying = varying_settings([(row["strategy"], params) for row, params in records])
+    rows = []
+    for row, params in records:
+        value = row["accuracy"] if row["kind"] == "accuracy" else row["perplexity"]
+        rows.append({
+            **{k: _finite(row[k]) for k in CHART_FIELDS}, "value": _finite(value),
+            "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(params),
+            "sparsity": sparsity_percent(params), "verdict": verdict(row),
+            "series": series_label(row["strategy"], params, varying.get(row["strategy"], set())),
+        })
+    return rows
+
+
+def varying_settings(variants: list[tuple[str, dict[str, Any]]]) -> dict[str, set[str]]:
+    """Per strategy, the settings that differ between its variants (the rest would only clutter labels)."""
+    seen: dict[str, dict[str, set[str]]] = {}
+    for strategy, params in variants:
+        for key, value in params.items():
+            seen.setdefault(strategy, {}).setdefault(key, set()).add(json.dumps(value, sort_keys=True))
+    return {strategy: {k for k, values in keys.items() if len(values) > 1} for strategy, keys in seen.items()}
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf (a diverged model) is not JSON: plot it as missing."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def removed_layer(params: dict[str, Any]) -> int | None:
+    """The one removed layer of a single-layer removal, else None (multi-layer removals are not a sweep)."""
+    layers = params.get("layers")
+    if isinstance(layers, str):
+        layers = [part for part in layers.split(",") if part.strip()]
+    if isinstance(layers, list):
+        layers = layers[0] if len(layers) == 1 else None
+    try:
+        return int(layers) if layers is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def sparsity_percent(params: dict[str, Any]) -> float | None:
+    """Sparsity in percent: ``sparsity`` (a fraction below 1 is scaled) or 1 - N/M of an N:M pattern."""
+    sparsity = params.get("sparsity")
+    if isinstance(sparsity, int | float) and not isinstance(sparsity, bool):
+        return float(sparsity) * 100 if 0 < sparsity < 1 else float(sparsity)
+    pattern = params.get("pattern")
+    if isinstance(pattern, str) and ":" in pattern:
+        kept, group = pattern.split(":", 1)
+        if kept.strip().isdigit() and group.strip().isdigit() and int(group) > 0:
+            return 100 * (1 - int(kept) / int(group))
+    return None
+
+
+def series_label(strategy: str, params: dict[str, Any], keys: set[str] | None = None) -> str:
+    """One line per strategy and setting other than the swept sparsity, e.g. ``magnitude order=largest``.
+
+    ``keys`` limits the label to those settings (the ones that vary in the study).
+    """
+    settings = [f"{k}={v}" for k, v in sorted(params.items())
+                if k != "sparsity" and (keys is None or k in keys)]
+    return " ".join([strategy, *settings])
+
+
+def verdict(row: dict[str, Any]) -> str:
+    if row["significant_drop"] is None:
+        return NO_BASELINE
+    return SIGNIFICANT if row["significant_drop"] else NOT_SIGNIFICANT
+
+
+def layer_sweep_chart(rows: list[dict[str, Any]], strategy: str = LAYER_STRATEGY) -> alt.TopLevelMixin | None:
+    """Accuracy (and perplexity, log scale) vs the removed layer: one line per task, dense as rules."""
+    sweep = [r for r in rows if r["strategy"] == strategy and r["layer"] is not None]
+    if not sweep:
+        return None
+    x = alt.X("layer:Q", title="removed layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    panels = []
+    for kind, title in (("accuracy", "accuracy"), ("perplexity", "perplexity (log scale)")):
+        points = [r for r in sweep if r["kind"] == kind]
+        if points:
+            panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "panel", kind, title))
+    return alt.hconcat(*panels).resolve_scale(color="independent").properties(
+        title="Remove one decoder layer: effect on each task (95% CI bands, dashed = dense)")
+
+
+def sparsity_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+    """Accuracy and perplexity (log scale) vs sparsity per task: one line per strategy/order/pattern."""
+    sweep = [r for r in rows if r["strategy"] != DENSE and r["sparsity"] is not None]
+    if not sweep:
+        return None
+    x = alt.X("sparsity:Q", title="sparsity (%)", scale=alt.Scale(domain=[0, 100]))
+    panels = []
+    for panel in dict.fromkeys(r["panel"] for r in sweep):
+        points = [r for r in sweep if r["panel"] == panel]
+        kind = points[0]["kind"]
+        title = f"{panel} (log scale)" if kind == "perplexity" else panel
+        panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "series", kind, title))
+    return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(
+        title="Prune weights: effect of sparsity on each task (95% CI bands, dashed = dense)")
+
+
+def dense_vs_pruned_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+    """The original study's table done right: every pruned variant against dense, with 95% CIs.
+
+    One panel per task and metric; the grey band is the dense model's CI, the dashed rule its value,
+    each variant a point with its CI as an error bar and its paired-test verdict as the shape.
+    """
+    pruned = [r for r in rows if r["strategy"] != DENSE]
+    if not pruned:
+        return None
+    panels = []
+    for panel in dict.fromkeys(r["panel"] for r in pruned):
+        points = [r for r in pruned if r["panel"] == panel]
+        panels.append(_forest_panel(points, _dense_rows(rows, points), panel))
+    return alt.concat(*panels, columns=2).properties(
+        title="Dense vs pruned, per variant (95% CIs; shape = exact McNemar / paired bootstrap vs dense)")
+
+
+def _dense_rows(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    panels = {r["panel"] for r in points}
+    return [r for r in rows if r["strategy"] == DENSE and r["panel"] in panels]
+
+
+def _y(kind: str, title: str, field: str = "value") -> alt.Y:
+    if kind == "perplexity":
+        return alt.Y(f"{field}:Q", title=title, scale=alt.Scale(type="log"), axis=LOG_AXIS)
+    return alt.Y(f"{field}:Q", title=title, scale=alt.Scale(domain=[0, 1]))
+
+
+def _tooltip() -> list[alt.Tooltip]:
+    return [
+        alt.Tooltip("variant:N"), alt.Tooltip("panel:N", title="task · metric"),
+        alt.Tooltip("value:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
+        alt.Tooltip("ci_high:Q", format=".4g"), alt.Tooltip("n:Q"),
+        alt.Tooltip("dense_value:Q", format=".4g", title="dense (same items)"),
+        alt.Tooltip("diff_vs_dense:Q", format="+.4g"), alt.Tooltip("p_value:Q", format=".3g"),
+        alt.Tooltip("p_holm:Q", format=".3g", title="p (Holm)"),
+        alt.Tooltip("verdict:N"),
+    ]
+
+
+def _sweep_panel(points, dense, x: alt.X, color_field: str, kind: str, title: str) -> alt.LayerChart:
+    """CI band + line + verdict-shaped points per series, with the dense values as dashed rules."""
+    color = alt.Color(f"{color_field}:N", title=None, legend=alt.Legend(orient="bottom", columns=1, symbolOpacity=1))
+    base = alt.Chart()  # the layers share the panel's data, embedded once
+    band = base.mark_area(opacity=0.18).encode(x=x, y=_y(kind, title, "ci_low"), y2="ci_high:Q", color=color)
+    line = base.mark_line().encode(x=x, y=_y(kind, title), color=color)
+    dots = base.mark_point(filled=True, size=45).encode(
+        x=x, y=_y(kind, title), color=color, tooltip=_tooltip(),
+        shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")))
+    layers = [band, line, dots]
+    if dense:
+        rule_color = color if color_field == "panel" else alt.value("#444")
+        layers.append(alt.Chart(alt.Data(values=dense)).mark_rule(strokeDash=[5, 4]).encode(
+            y=_y(kind, title), color=rule_color, tooltip=_tooltip()))
+    return alt.layer(*layers, data=alt.Data(values=points)).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT)
+
+
+def _forest_panel(points, dense, panel: str) -> alt.LayerChart:
+    kind = points[0]["kind"]
+    log = kind == "perplexity"
+    scale = alt.Scale(type="log") if log else alt.Scale(domain=[0, 1])
+    axis = LOG_AXIS if log else alt.Axis()
+    title = f"{kind} (log scale)" if log else kind
+    order = list(dict.fromkeys(r["variant"] for r in points))
+    y = alt.Y("variant:N", sort=order, title=None)
+    base = alt.Chart()
+    bars = base.mark_rule().encode(y=y, x=alt.X("ci_low:Q", scale=scale, title=title, axis=axis), x2="ci_high:Q")
+    dots = base.mark_point(filled=True, size=50).encode(
+        y=y, x=alt.X("value:Q", scale=scale, title=title, axis=axis), tooltip=_tooltip(),
+        shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
+        color=alt.Color("verdict:N", title="vs dense", legend=alt.Legend(orient="bottom"),
+                        scale=alt.Scale(domain=VERDICTS.domain, range=["#c0392b", "#2c3e50", "#7f8c8d"])))
+    layers = [bars, dots]
+    if dense:
+        dense_data = alt.Data(values=dense)
+        layers[:0] = [
+            alt.Chart(dense_data).mark_rect(opacity=0.15, color="#888").encode(x="ci_low:Q", x2="ci_high:Q"),
+            alt.Chart(dense_data).mark_rule(strokeDash=[5, 4], color="#444").encode(x="value:Q", tooltip=_tooltip()),
+        ]
+    height = max(PANEL_HEIGHT // 2, 16 * len(order))
+    return alt.layer(*layers, data=alt.Data(values=points)).properties(width=PANEL_WIDTH, height=height, title=panel)
+
+
+def baseline_history_chart(points: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+    """The dense model's value per run (with its CI): reruns of a study should agree within noise.
+
+    ``points`` have ``study``, ``version``, ``created`` (ISO time), ``panel``, ``kind``, ``value``,
+    ``ci_low`` and ``ci_high``; accuracy and perplexity (log scale) get separate panels.
+    """
+    panels = []
+    for kind in ("accuracy", "perplexity"):
+        data = [p for p in points if p["kind"] == kind and p["value"] is not None]
+        if not data:
+            continue
+        title = f"dense {kind} (log scale)" if kind == "perplexity" else f"dense {kind}"
+        x = alt.X("created:T", title="run (UTC)")
+        color = alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1))
+        base = alt.Chart(alt.Data(values=[{**p, "series": f"{p['study']} · {p['panel']}"} for p in data]))
+        # runs agree within a few points: zoom in rather than show accuracy on [0, 1]
+        scale = alt.Scale(type="log") if kind == "perplexity" else alt.Scale(zero=False)
+        y = alt.Y("value:Q", title=title, scale=scale)
+        panels.append(alt.layer(
+            base.mark_rule().encode(x=x, y=alt.Y("ci_low:Q", scale=scale, title=title), y2="ci_high:Q", color=color),
+            base.mark_line(point=True).encode(x=x, y=y, color=color, tooltip=[
+                "study:N", "version:N", "panel:N", alt.Tooltip("value:Q", format=".4g"),
+                alt.Tooltip("ci_low:Q", format=".4g"), alt.Tooltip("ci_high:Q", format=".4g")]),
+        ).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT * 2 // 3))
+    return alt.hconcat(*panels).resolve_scale(color="independent") if panels else None

@@ -1,0 +1,252 @@
+"""The artifacts folder from a synthetic per-item table (no model): files, round-trips, pages, browser."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import pytest
+from prunelab import artifacts, charts
+from prunelab.errors import PrunelabError
+from prunelab.stats import summarize
+
+NOW = datetime(2026, 11, 28, 14, 30, 0, tzinfo=timezone.utc)
+LIBRARY_DEFINITION = "window.vegaEmbed="  # occurs once in vl-convert's bundle
+
+
+def synthetic_items(seed: int = 0, questions: int = 30, windows: int = 8) -> pl.DataFrame:
+    """Dense, a 3-layer sweep, magnitude at 3 sparsities x 2 orders and a 2:4 Wanda, on 4 metrics."""
+    rng = random.Random(seed)
+    variants = [("dense", "dense", {}, 0.0)]
+    variants += [(f"drop-layers[layers={i}]", "drop-layers", {"layers": i}, 0.1 * i) for i in range(3)]
+    variants += [(f"magnitude[sparsity={s},order={o}]", "magnitude", {"sparsity": s, "order": o},
+                  s / 100 * (0.3 if o == "smallest" else 1.0)) for o in ("smallest", "largest") for s in (20, 50, 80)]
+    variants.append(("wanda[pattern=2:4]", "wanda", {"pattern": "2:4"}, 0.1))
+    rows = []
+    for name, strategy, params, harm in variants:
+        common = {"variant": name, "strategy": strategy, "params": json.dumps(params)}
+        for task, metric in (("mmlu", "acc"), ("gsm8k", "exact_match_strict"), ("gsm8k", "exact_match_flexible")):
+            rows += [{**common, "task": task, "metric": metric, "item_id": f"{task}/{i}",
+                      "correct": rng.random() < 0.6 * (1 - harm), "nll_sum": None, "tokens": None}
+                     for i in range(questions)]
+        rows += [{**common, "task": "wikitext", "metric": "perplexity", "item_id": f"window/{i}", "correct": None,
+                  "nll_sum": 64 * (2.3 + 0.2 * rng.random() + 3 * harm), "tokens": 64} for i in range(windows)]
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+MANIFEST = {
+    "config": {"model": "tiny", "tasks": ["mmlu", "gsm8k", "wikitext"]},
+    "study_file": '[study]\nname = "synthetic"  # <b>not html</b>\n',
+    "model": "tiny-random", "model_hash": "sha256:0123", "device": "cpu",
+    "timings": {"total_s": 12.5}, "container_image": None,
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs of one study under one root: (root, first run folder, second run folder, items)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    items = synthetic_items()
+    first = artifacts.write_run(root, "synthetic", items, MANIFEST, now=NOW, commit="abc1234def")
+    later = NOW.replace(hour=15)
+    dense_only = synthetic_items(seed=1).filter(pl.col("strategy") == "dense")  # a run without charts
+    second = artifacts.write_run(root, "synthetic", dense_only,
+                                 {**MANIFEST, "config": {"model": "tiny", "seed": 1}}, now=later, commit="abc1234")
+    return root, first, second, items
+
+
+def test_version_names_time_commit_and_config_hash(runs):
+    root, first, second, _ = runs
+    digest = artifacts.config_hash(MANIFEST["config"])
+    assert first.name == f"20261128T143000Z-abc1234-{digest[:8]}"
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-z]{5,7}-[0-9a-f]{8}", second.name)
+    assert artifacts.version_id("f" * 64, None, NOW) == "20261128T143000Z-nogit-ffffffff"
+    assert artifacts.config_hash({"b": 1, "a": [1, 2]}) == artifacts.config_hash({"a": [1, 2], "b": 1})
+    assert not list(first.parent.glob(".*")), "no staging folder left behind"
+
+
+def test_run_folder_has_every_file(runs):
+    _, first, _, _ = runs
+    expected = ["items.parquet", "items.csv", "summary.parquet", "summary.csv", "manifest.json", "report.html"]
+    expected += [f"charts/{name}.{ext}" for name in ("layer_sweep", "sparsity_sweep", "dense_vs_pruned")
+                 for ext in ("html", "png", "svg")]
+    for name in expected:
+        assert (first / name).is_file() and (first / name).stat().st_size > 0, name
+    assert (first / "charts/layer_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<svg" in (first / "charts/layer_sweep.svg").read_text()[:500]
+
+
+def test_tables_round_trip_through_parquet_and_csv(runs):
+    _, first, _, items = runs
+    summary = summarize(items)
+    for name, frame in (("items", items), ("summary", summary)):
+        assert pl.read_parquet(first / f"{name}.parquet").equals(frame), name
+        from_csv = pl.read_csv(first / f"{name}.csv", schema=frame.schema)
+        assert from_csv.equals(frame), name
+
+
+def test_manifest_records_the_run(runs):
+    _, first, _, _ = runs
+    manifest = json.loads((first / "manifest.json").read_text())
+    for key in ("study_file", "model", "model_hash", "device", "timings"):
+        assert manifest[key] == MANIFEST[key]
+    assert manifest["config_hash"] == artifacts.config_hash(MANIFEST["config"])
+    assert (manifest["study"], manifest["version"], manifest["created"]) == \
+        ("synthetic", first.name, "2026-11-28T14:30:00Z")
+    assert manifest["git_commit"] == "abc1234def"
+    assert {"polars", "altair", "vl-convert-python", "torch"} <= set(manifest["packages"])
+    assert manifest["strategies"] == ["dense", "drop-layers", "magnitude", "wanda"]
+    assert manifest["tasks"] == ["mmlu", "gsm8k", "wikitext"]
+    mmlu = manifest["headline"][0]
+    dense = pl.read_parquet(first / "summary.parquet").filter(task="mmlu", strategy="dense").row(0, named=True)
+    assert (mmlu["task"], mmlu["dense"], mmlu["variants"]) == ("mmlu", dense["accuracy"], 10)
+    assert 0 <= mmlu["significant_drops_holm"] <= mmlu["significant_drops"]
+    for name, digest in manifest["files"].items():
+        assert artifacts._sha256(first / name) == digest, name
+
+
+def test_container_image_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(artifacts.CONTAINER_IMAGE_ENV, "prunelab@sha256:feed")
+    items = synthetic_items(questions=3, windows=2).filter(pl.col("strategy") == "dense")
+    run = artifacts.write_run(tmp_path, "env", items, {"config_hash": "f" * 64}, now=NOW, commit="0000000")
+    assert json.loads((run / "manifest.json").read_text())["container_image"] == "prunelab@sha256:feed"
+
+
+def test_finished_runs_are_never_overwritten_and_names_are_checked(runs):
+    root, _, _, items = runs
+    with pytest.raises(PrunelabError, match="already exists"):
+        artifacts.write_run(root, "synthetic", items, MANIFEST, now=NOW, commit="abc1234")
+    with pytest.raises(PrunelabError, match="not a plain folder name"):
+        artifacts.write_run(root, "../escape", items, MANIFEST, now=NOW, commit="abc1234")
+    with pytest.raises(PrunelabError, match="config_hash"):
+        artifacts.write_run(root, "synthetic", items, {"model": "x"}, now=NOW, commit="abc1234")
+
+
+def html_pages(root: Path, run: Path) -> list[Path]:
+    return [run / "report.html", root / "index.html", *sorted((run / "charts").glob("*.html"))]
+
+
+def test_every_page_inlines_the_vega_libraries_exactly_once(runs):
+    root, first, second, _ = runs
+    for page in html_pages(root, first):
+        text = page.read_text()
+        assert text.count(LIBRARY_DEFINITION) == 1, page
+        assert text.count('id="prunelab-vega-libraries"') == 1, page
+        assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?https?:", text), f"{page} loads from the network"
+    report = (first / "report.html").read_text()
+    assert len(report) < 1.5 * len(first.joinpath("charts/layer_sweep.html").read_text())
+    assert report.count('class="chart"') == 3
+    assert "no chart has data" in (second.joinpath("report.html").read_text())
+    assert "&lt;b&gt;not html&lt;/b&gt;" in report  # the study file is shown, not interpreted
+
+
+def test_index_lists_every_version_with_links_and_survives_a_broken_manifest(runs):
+    root, first, second, _ = runs
+    index = (root / "index.html").read_text()
+    for run in (first, second):
+        link = f'href="synthetic/{run.name}/report.html"'
+        assert link in index
+    assert index.index(second.name) < index.index(first.name), "newest version first"
+    assert "tiny-random" in index and "drop-layers, magnitude" in index
+    broken = root / "other" / "20260101T000000Z-nogit-00000000"
+    broken.mkdir(parents=True)
+    (broken / "manifest.json").write_text("{not json")
+    try:
+        artifacts.build_index(root)
+        index = (root / "index.html").read_text()
+        assert "unreadable manifest.json" in index and first.name in index
+    finally:
+        shutil.rmtree(broken.parent)
+        artifacts.build_index(root)
+
+
+def test_charts_derive_from_the_stored_summary_alone(runs):
+    _, first, _, items = runs
+    stored = pl.read_csv(first / "summary.csv", schema=summarize(items).schema)
+    specs = {name: chart.to_dict() for name, chart in charts.build_charts(stored).items()}
+    report = (first / "report.html").read_text()
+    embedded = json.loads(re.search(r'id="prunelab-chart-specs">(.*?)</script>', report, re.S).group(1))
+    assert embedded == {f"chart-{name}": spec for name, spec in specs.items()}
+
+
+def test_chart_parameters_from_params():
+    assert [charts.removed_layer(p) for p in ({"layers": 3}, {"layers": [4]}, {"layers": "5"},
+                                              {"layers": [1, 2]}, {"layers": "1,2"}, {})] == [3, 4, 5, None, None, None]
+    assert [charts.sparsity_percent(p) for p in ({"sparsity": 50}, {"sparsity": 0.3}, {"pattern": "2:4"},
+                                                 {"pattern": "4:8"}, {"layers": 1})] == [50, 30, 50, 50, None]
+    assert charts.series_label("magnitude", {"sparsity": 50, "order": "largest"}) == "magnitude order=largest"
+
+
+def test_series_labels_name_only_the_settings_that_vary():
+    def row(variant, strategy, params):
+        return {"variant": variant, "strategy": strategy, "params": json.dumps(params), "task": "mmlu",
+                "metric": "acc", "item_id": "q0", "correct": True, "nll_sum": None, "tokens": None}
+    defaults = {"scope": "layer", "include_norms": False}
+    items = pl.DataFrame([
+        row("dense", "dense", {}),
+        *(row(f"m{s}{o}", "magnitude", {**defaults, "sparsity": s, "order": o})
+          for s in (10.0, 50.0) for o in ("smallest", "largest")),
+        row("w", "wanda", {**defaults, "sparsity": 50.0, "pattern": "unstructured"}),
+    ], infer_schema_length=None)
+    series = {r["variant"]: r["series"] for r in charts.chart_rows(summarize(items))}
+    assert series["m10.0smallest"] == series["m50.0smallest"] == "magnitude order=smallest"
+    assert series["m50.0largest"] == "magnitude order=largest"
+    assert series["w"] == "wanda"
+
+
+def inline_values(spec) -> list[dict]:
+    """Every data row embedded anywhere in a Vega-Lite spec."""
+    if isinstance(spec, dict):
+        found = list(spec["values"]) if isinstance(spec.get("values"), list) else []
+        return found + [row for key, value in spec.items() if key != "values" for row in inline_values(value)]
+    if isinstance(spec, list):
+        return [row for value in spec for row in inline_values(value)]
+    return []
+
+
+def test_layer_sweep_plots_one_point_per_layer_and_task(runs):
+    _, first, _, _ = runs
+    rows = charts.chart_rows(pl.read_parquet(first / "summary.parquet"))
+    spec = charts.layer_sweep_chart(rows).to_dict()
+    points = [r for r in inline_values(spec) if r["strategy"] == "drop-layers" and r["kind"] == "accuracy"]
+    assert sorted((p["layer"], p["panel"]) for p in points) == sorted(
+        (layer, panel) for layer in range(3)
+        for panel in ("mmlu · acc", "gsm8k · exact_match_strict", "gsm8k · exact_match_flexible"))
+    dense = [r for r in inline_values(spec) if r["strategy"] == "dense"]
+    assert {r["panel"] for r in dense} == {"mmlu · acc", "gsm8k · exact_match_strict",
+                                          "gsm8k · exact_match_flexible", "wikitext · perplexity"}
+
+
+# --- the way a user browses it: headless Chromium --------------------------------------------------
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render(page: Path, profile: Path) -> tuple[str, list[str]]:
+    """The DOM after scripts ran (virtual time lets vegaEmbed's promises settle) and console lines."""
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+               "--enable-logging=stderr", "--v=0", "--virtual-time-budget=30000", "--dump-dom", page.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    return done.stdout, console
+
+
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_pages_render_their_charts_in_headless_chromium(runs, tmp_path):
+    root, first, _, _ = runs
+    for page in html_pages(root, first)[:3]:  # report, index, one chart page
+        dom, console = render(page, tmp_path / page.stem)
+        expected = len(re.findall(r'<div class="chart" id=', page.read_text()))
+        assert expected >= 1, page
+        assert f'data-charts-rendered="{expected}"' in dom, f"{page.name}: charts did not all render"
+        assert 'data-charts-failed="0"' in dom, page
+        assert dom.count('class="marks"') >= expected, f"{page.name}: no chart SVG in the DOM"
+        assert console == [], f"{page.name} logged to the console: {console}"
