@@ -183,7 +183,7 @@ class Engine:
             prefix = self._encode_prefix(contexts[0][:prefix_len])
             order = sorted(range(len(indices)), key=lambda j: -len(contexts[j]))
             lengths = [len(c) - prefix_len + requests[indices[j]].max_new_tokens for j, c in enumerate(contexts)]
-            for batch in self._micro_batches(order, lengths, prefix_len):
+            for batch in self._micro_batches(order, lengths, prefix_len, equal_width=self._has_sliding_window()):
                 texts = self._generate_batch(
                     [contexts[j][prefix_len:] for j in batch], [requests[indices[j]] for j in batch],
                     prefix, prefix_len,
@@ -300,14 +300,21 @@ class Engine:
         out = self.adapter.decoder(input_ids=ids, use_cache=True, cache=DynamicCache(config=self.model.config))
         return out.cache
 
-    def _micro_batches(self, order: list[int], lengths: list[int], prefix_len: int) -> list[list[int]]:
+    def _has_sliding_window(self) -> bool:
+        """Sliding-window layers measure distance in cache slots, so padding between prefix and suffix would shift them."""
+        return "sliding_attention" in (getattr(self.adapter.text_config, "layer_types", None) or [])
+
+    def _micro_batches(
+        self, order: list[int], lengths: list[int], prefix_len: int, equal_width: bool = False
+    ) -> list[list[int]]:
         """Consecutive runs of the length-sorted order whose padded size fits the token budget."""
         batches: list[list[int]] = []
         current: list[int] = []
         for j in order:
             width = max([lengths[k] for k in current] + [lengths[j]])
             cost = (len(current) + 1) * (width + prefix_len // 4)
-            if current and (cost > self.batch_tokens or len(current) >= self.max_batch):
+            ragged = equal_width and bool(current) and lengths[current[0]] != lengths[j]
+            if current and (ragged or cost > self.batch_tokens or len(current) >= self.max_batch):
                 batches.append(current)
                 current = []
             current.append(j)

@@ -8,6 +8,7 @@ import sys
 
 import polars as pl
 import pytest
+from prunelab.cli import main
 
 from .conftest import DATA
 
@@ -53,11 +54,13 @@ def test_eval_writes_results_and_items(tiny_qwen3, tmp_path):
     (["--num-fewshot", "9"], "option 'num_fewshot': must be between 0 and 5"),
     (["--data-dir", "/no/such/data"], "data folder not found"),
 ])
-def test_bad_input_is_one_line(args, fragment):
-    assert_one_line_error(prunelab("eval", "--data-dir", str(DATA), "--tasks", "mmlu", *args), fragment)
+def test_bad_input_is_one_line(args, fragment, capsys):
+    code = main(["eval", "--data-dir", str(DATA), "--tasks", "mmlu", *args])
+    captured = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess([], code, captured.out, captured.err), fragment)
 
 
-def test_folder_without_config_json(tmp_path):
+def test_folder_without_config_json_in_a_real_process(tmp_path):
     assert_one_line_error(prunelab("eval", "--model", str(tmp_path), "--data-dir", str(DATA)), "has no config.json")
 
 

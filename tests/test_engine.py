@@ -59,7 +59,7 @@ def test_prefix_is_actually_shared(loaded):
     assert all(t[:shared] == tokens[0][:shared] for t in tokens)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gemma3"])
 def test_generation_matches_hf_greedy_generate(loaded, arch):
     lm = loaded[arch]
     engine = Engine(lm.model, lm.tokenizer, lm.adapter)
