@@ -270,16 +270,20 @@ class Engine:
         for window in windows:
             ids = window[None].to(self.device)
             hidden = self.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
-            total = 0.0
-            for start in range(0, ids.shape[1] - 1, head_chunk):  # chunked head: the vocab is large
-                end = min(start + head_chunk, ids.shape[1] - 1)
-                logits = self.adapter.head_logits(hidden[start:end]).float()
-                total += torch.nn.functional.cross_entropy(logits, ids[0, start + 1 : end + 1], reduction="sum").item()
-            sums.append(total)
+            sums.append(self._window_total_nll(hidden, ids[0], head_chunk))
             counts.append(ids.shape[1] - 1)
             if progress:
                 progress(1)
         return sums, counts
+
+    def _window_total_nll(self, hidden: torch.Tensor, ids: torch.Tensor, head_chunk: int) -> float:
+        """Summed NLL of ids[1:] given hidden states; the head runs in chunks because the vocab is large."""
+        total = 0.0
+        for start in range(0, ids.shape[0] - 1, head_chunk):
+            end = min(start + head_chunk, ids.shape[0] - 1)
+            logits = self.adapter.head_logits(hidden[start:end]).float()
+            total += torch.nn.functional.cross_entropy(logits, ids[start + 1 : end + 1], reduction="sum").item()
+        return total
 
     # ------------------------------------------------------------------ shared machinery
     def _shared_prefix_length(self, token_lists: list[list[int]]) -> int:
@@ -324,12 +328,8 @@ class Engine:
 
     def _forward_right_padded(self, suffixes: list[list[int]], prefix, prefix_len: int) -> torch.Tensor:
         """Hidden states of right-padded suffixes after the shared prefix (pads come last: causal, harmless)."""
-        width = max(len(s) for s in suffixes)
-        ids = torch.zeros((len(suffixes), width), dtype=torch.long)
-        for row, suffix in enumerate(suffixes):
-            ids[row, : len(suffix)] = torch.tensor(suffix)
-        ids = ids.to(self.device)
-        positions = torch.arange(prefix_len, prefix_len + width, device=self.device).expand(len(suffixes), -1)
+        ids = right_padded(suffixes).to(self.device)
+        positions = torch.arange(prefix_len, prefix_len + ids.shape[1], device=self.device).expand(len(suffixes), -1)
         cache = _expanded_cache(prefix, len(suffixes), self.model.config)
         out = self.adapter.decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=cache is not None)
         return out.last_hidden_state
@@ -349,6 +349,14 @@ def _expanded_cache(prefix: DynamicCache | None, batch: int, config) -> DynamicC
             if hasattr(source, attr):
                 setattr(target, attr, getattr(source, attr))
     return cache
+
+
+def right_padded(suffixes: list[list[int]]) -> torch.Tensor:
+    """Token rows padded on the right with 0: causal attention never lets a real token see a pad."""
+    ids = torch.zeros((len(suffixes), max(len(s) for s in suffixes)), dtype=torch.long)
+    for row, suffix in enumerate(suffixes):
+        ids[row, : len(suffix)] = torch.tensor(suffix)
+    return ids
 
 
 def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
