@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import torch
+
 from prunelab.data import DataSource, Subset, load_hub_split
 from prunelab.engine import Engine
 from prunelab.errors import PrunelabError

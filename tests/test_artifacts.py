@@ -12,6 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+
 from prunelab import artifacts, charts
 from prunelab.errors import PrunelabError
 from prunelab.stats import summarize

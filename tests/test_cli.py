@@ -8,6 +8,7 @@ import sys
 
 import polars as pl
 import pytest
+
 from prunelab.cli import main
 
 from .conftest import DATA

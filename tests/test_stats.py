@@ -7,6 +7,7 @@ import math
 
 import polars as pl
 import pytest
+
 from prunelab.errors import PrunelabError
 from prunelab.stats import (
     bootstrap_perplexity_interval,
