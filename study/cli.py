@@ -170,6 +170,164 @@ def run_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- prune
+def _add_prune(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--method", required=True, help="strategy name: drop-layers, magnitude, ... (see `prunelab plugins`)")
+    parser.add_argument("--layers", default=None, help="drop-layers: indices to remove, e.g. 3,7,12 or 0-3")
+    parser.add_argument("--sparsity", default=None, help="percent in [0, 100] (a fraction < 1 is accepted)")
+    parser.add_argument("--pattern", default=None, help="unstructured, or N:M such as 2:4 / 4:8")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other strategy option (repeatable), e.g. --option order=largest")
+    parser.add_argument("--seed", type=int, default=0, help="seed for calibration sampling / random choices")
+    parser.add_argument("--calibration", default=None, metavar="SOURCE",
+                        help="calibration text for Wanda/SparseGPT/OWL: c4, wikitext2 (Hub) or a local text file")
+    parser.add_argument("--calibration-samples", type=int, default=None, help="calibration samples (default 128)")
+    parser.add_argument("--calibration-seqlen", type=int, default=None, help="tokens per calibration sample (default 2048)")
+    parser.add_argument("--out", required=True, help="folder for the pruned model and prunelab.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument("--no-masks", action="store_true", help="do not write masks.safetensors")
+
+
+def strategy_options_from(args: argparse.Namespace) -> dict[str, str]:
+    """The --layers/--sparsity/--pattern shortcuts and every --option KEY=VALUE, as one mapping."""
+    options: dict[str, str] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise PrunelabError(f"--option {item!r}: expected KEY=VALUE")
+        if key in options:
+            raise PrunelabError(f"option '{key}' given twice")
+        options[key] = value.strip()
+    for key in ("layers", "sparsity", "pattern"):
+        value = getattr(args, key)
+        if value is not None:
+            if key in options:
+                raise PrunelabError(f"option '{key}' given twice (--{key} and --option {key}=...)")
+            options[key] = value
+    return options
+
+
+@command("prune", "prune a model with a strategy and save it as a normal checkpoint", _add_prune)
+def run_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export import save_pruned
+    from .pruning import prune, validate_options
+    from .registry import default_registry
+
+    options = strategy_options_from(args)
+    strategy = default_registry().strategy(args.method)
+    validate_options(strategy, options)  # fail before loading the model
+    calibration = calibration_from(args, strategy)
+    out_dir = Path(args.out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise PrunelabError(f"output folder {out_dir} is not empty (choose another --out, or --overwrite)")
+    loaded = load_from(args)
+    with console.status(f"pruning with {args.method}"):
+        report = prune(loaded, args.method, seed=args.seed, calibration=calibration, **options)
+    with console.status(f"saving to {out_dir}"):
+        path = save_pruned(loaded, out_dir, report, overwrite=args.overwrite, save_masks=not args.no_masks)
+    out.print(prune_table(report, path))
+    return 0
+
+
+def calibration_from(args: argparse.Namespace, strategy) -> dict | None:
+    """The --calibration* arguments as a calibration dict (None: the strategy's defaults)."""
+    values = {"source": args.calibration, "samples": args.calibration_samples, "seqlen": args.calibration_seqlen}
+    given = {key: value for key, value in values.items() if value is not None}
+    if not given:
+        return None
+    if not strategy.needs_calibration:
+        raise PrunelabError(f"strategy '{strategy.name}' uses no calibration data (drop the --calibration* arguments)")
+    from .calibration import CalibrationSpec
+
+    CalibrationSpec.from_mapping(given)  # checks the values before the model is loaded
+    return given
+
+
+def prune_table(report, path) -> Table:
+    table = Table(title=f"{report['strategy']} -> {path}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in report["options"].items():
+        if value is not None and value is not False:
+            table.add_row(f"option {key}", str(value))
+    if "layers_before" in report:
+        table.add_row("decoder layers", f"{report['layers_before']} -> {report['layers_after']}")
+    table.add_row("parameters", f"{report['parameters']['before']:,} -> {report['parameters']['after']:,}")
+    if "sparsity" in report:
+        total = report["sparsity"]["total"]
+        table.add_row("achieved sparsity of targets", f"{total['sparsity_pct']:.2f}% ({total['zeros']:,} / {total['params']:,})")
+    return table
+
+
+# ---------------------------------------------------------------------- study and index
+def _add_study(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="study_action", required=True)
+    run = actions.add_parser("run", help="run (or resume) every variant x task pair of a study file",
+                             description="Run every variant x task pair of a study file; rerunning resumes.")
+    run.add_argument("file", help="study file (TOML), e.g. studies/smoke.toml")
+    run.add_argument("--out", default="artifacts", help="artifacts root (default: artifacts)")
+    run.add_argument("--data-dir", default=None, help="local data folder, overrides the study file's data_dir")
+    run.add_argument("--rerun", action="store_true", help="compute a configuration that already finished again")
+
+
+class StudyProgress:
+    """The runner's reporter: an overall bar with ETA and one bar per pair (lines when not a terminal)."""
+
+    def __init__(self, bars: Progress) -> None:
+        self.bars, self.overall, self.current = bars, None, None
+
+    def message(self, text: str) -> None:
+        console.print(text, highlight=False)
+
+    def start(self, total: int, done: int) -> None:
+        self.overall = self.bars.add_task("study", total=total, completed=done)
+        if done:
+            console.print(f"resuming: {done} of {total} items already evaluated", highlight=False)
+
+    def pair(self, variant: str, task: str, units: int) -> None:
+        if self.current is not None:
+            self.bars.remove_task(self.current)
+        self.current = self.bars.add_task(f"{variant} · {task}", total=units)
+        if not console.is_terminal:
+            console.print(f"evaluating {variant} on {task} ({units} items)", highlight=False)
+
+    def advance(self, units: int) -> None:
+        for bar in (self.overall, self.current):
+            if bar is not None:
+                self.bars.advance(bar, units)
+
+
+@command("study", "run a study file: every strategy x task pair, resumable, into versioned artifacts", _add_study)
+def run_study_command(args: argparse.Namespace) -> int:
+    from .runner import load_study, run_study
+
+    study = load_study(args.file, data_dir=args.data_dir)  # validated before any model is loaded
+    with progress_bars() as bars:
+        run = run_study(study, args.out, rerun=args.rerun, reporter=StudyProgress(bars))
+    out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {run.parent.parent / 'index.html'}", highlight=False)
+    return 0
+
+
+def _add_index(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--root", default="artifacts", help="artifacts root (default: artifacts)")
+
+
+@command("index", "rebuild the artifacts index.html from every run's manifest", _add_index)
+def run_index(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .artifacts import build_index
+
+    if not Path(args.root).is_dir():
+        raise PrunelabError(f"artifacts folder not found: {args.root}")
+    out.print(f"wrote {build_index(args.root)}", highlight=False)
+    return 0
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunelab", description="Prune LLMs and measure what it costs.")

@@ -96,8 +96,8 @@ def test_mmlu_matches_full_sequence_reference(cli_run, hf):
 def test_gsm8k_matches_hf_generate(cli_run, hf):
     model, tokenizer = hf
     _, items = cli_run
-    train = [json.loads(line) for line in open(DATA / "gsm8k" / "train.jsonl")][:5]
-    test = [json.loads(line) for line in open(DATA / "gsm8k" / "test.jsonl")]
+    train = [json.loads(line) for line in (DATA / "gsm8k" / "train.jsonl").read_text().splitlines()][:5]
+    test = [json.loads(line) for line in (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
     shots = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in train)
     for row in items.filter(pl.col("task") == "gsm8k").iter_rows(named=True):
         question = test[int(row["item_id"].split("/")[1])]["question"]
