@@ -328,6 +328,140 @@ def run_index(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- importance
+def _add_importance(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--metric", default="bi,angular,ppl", help="comma-separated metrics: bi, angular, ppl")
+    parser.add_argument("--n", type=int, default=None, help="angular: size of the contiguous block to drop")
+    parser.add_argument("--samples", type=int, default=None, help="calibration samples (default 8)")
+    parser.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sample (default 512)")
+    parser.add_argument("--calibration", default=None, metavar="SOURCE",
+                        help="calibration text: c4, wikitext2 (Hub) or a local text/.jsonl file (default c4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    parser.add_argument("--last-token", action="store_true",
+                        help="average similarities over each sample's last token only (Gromov et al.)")
+    parser.add_argument("--sweep", default=None, metavar="SUMMARY",
+                        help="a layer-sweep study's summary.parquet/.csv: Spearman of each metric vs the measured harm")
+    parser.add_argument("--out", required=True, help="folder for importance.parquet/.csv/.json/.html/.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace earlier importance files in --out")
+
+
+@command("importance", "score every decoder layer (bi, angular, ppl) from calibration text", _add_importance)
+def run_importance(args: argparse.Namespace) -> int:
+    from .importance import (
+        check_output,
+        importance_spec,
+        layer_importance,
+        parse_metrics,
+        read_sweep,
+        sweep_correlations,
+        write_importance,
+    )
+
+    metrics = parse_metrics(args.metric)
+    calibration = {"source": args.calibration, "samples": args.samples, "seqlen": args.seqlen}
+    importance_spec(calibration)  # bad values fail before the model loads
+    check_output(args.out, args.overwrite)
+    sweep = read_sweep(args.sweep) if args.sweep else None
+    loaded = load_from(args)
+    with console.status(f"scoring layers by {', '.join(metrics)}"):
+        result = layer_importance(loaded, metrics, n=args.n, calibration=calibration, seed=args.seed,
+                                  last_token=args.last_token)
+    correlations = sweep_correlations(result.scores, sweep) if sweep is not None else None
+    facts = {"model": args.model, "dtype": loaded.dtype_name, "device": str(loaded.device), "sweep": args.sweep}
+    files = write_importance(result, args.out, correlations=correlations, facts=facts, overwrite=args.overwrite,
+                             title=f"Layer importance: {args.model}")
+    out.print(importance_table(result))
+    if correlations is not None:
+        out.print(correlation_table(correlations))
+    console.print(f"wrote {', '.join(files)} in {args.out}", highlight=False)
+    return 0
+
+
+def importance_table(result) -> Table:
+    table = Table(title="layer importance (rank 1 = drop first)")
+    table.add_column("layer", justify="right")
+    for metric in result.scores:
+        table.add_column(f"{metric} score", justify="right")
+        table.add_column("rank", justify="right")
+    ranks = {m: {layer: r + 1 for r, layer in enumerate(order)} for m, order in result.summary()["order"].items()}
+    for layer in range(len(next(iter(result.scores.values())).scores)):
+        cells = []
+        for metric, scores in result.scores.items():
+            cells += [f"{scores.scores[layer]:.4g}", str(ranks[metric][layer])]
+        table.add_row(str(layer), *cells)
+    best = result.best_block()
+    if best:
+        table.caption = f"best block of {best['n']} by angular distance: layers {best['layers'][0]}-{best['layers'][-1]}"
+    return table
+
+
+def correlation_table(correlations) -> Table:
+    table = Table(title="Spearman rank correlation with the measured harm of removing each layer")
+    for column in ("metric", "task", "task metric", "layers", "spearman"):
+        table.add_column(column, justify="right" if column in {"layers", "spearman"} else "left")
+    for row in correlations.iter_rows(named=True):
+        rho = "—" if row["spearman"] is None else f"{row['spearman']:+.3f}"
+        table.add_row(row["importance_metric"], row["task"], row["task_metric"], str(row["layers"]), rho)
+    return table
+
+
+# ---------------------------------------------------------------------- bench-model
+def _add_bench_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model folder (e.g. a `prunelab prune` output), .gguf file or Hub id")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    parser.add_argument("--prompt-lengths", default="128,512", help="prefill prompt lengths in tokens (batch 1)")
+    parser.add_argument("--batch", default="1,8", help="decode batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is reported")
+    parser.add_argument("--semi-structured", action="store_true",
+                        help="CUDA only: run 2:4-pruned Linear weights on PyTorch's semi-structured sparse kernels")
+    parser.add_argument("--out", default="bench-model.json", help="JSON file for the results")
+
+
+@command("bench-model", "measure a model's size, peak memory, prefill and decode throughput", _add_bench_model)
+def run_bench_model(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .benchmodel import bench_model, parse_int_list
+
+    lengths = parse_int_list(args.prompt_lengths, "--prompt-lengths")
+    batches = parse_int_list(args.batch, "--batch")
+    with console.status(f"benchmarking {args.model}"):
+        result = bench_model(args.model, device=args.device, dtype=args.dtype, prompt_lengths=lengths,
+                             batches=batches, new_tokens=args.new_tokens, repeats=args.repeats,
+                             semi_structured=args.semi_structured)
+    out.print(bench_table(result))
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    console.print(f"wrote {path}", highlight=False)
+    return 0
+
+
+def bench_table(result: dict) -> Table:
+    table = Table(title=f"{result['model']} ({result['dtype']}, {result['device']}"
+                        + (f", {result['threads']} threads)" if result.get("threads") else ")"))
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    mib = 1024 * 1024
+    table.add_row("decoder layers", str(result["decoder_layers"]))
+    table.add_row("parameters", f"{result['parameters']:,}")
+    if result.get("weights_file_bytes") is not None:
+        table.add_row("weight files", f"{result['weights_file_bytes'] / mib:,.1f} MiB")
+    table.add_row("peak memory", f"{result['peak_memory_bytes'] / mib:,.1f} MiB ({result['peak_memory_kind']})")
+    for row in result["prefill"]:
+        table.add_row(f"prefill {row['prompt_length']} tokens", f"{row['tokens_per_s']:,.1f} tok/s")
+    for row in result["decode"]:
+        table.add_row(f"decode batch {row['batch']} ({row['new_tokens']} steps)", f"{row['tokens_per_s']:,.1f} tok/s")
+    if result.get("semi_structured"):
+        table.add_row("2:4 sparse Linears", str(result["semi_structured"]["converted"]))
+    table.caption = f"median of {result['repeats']} runs after {result['warmup']} warm-up"
+    return table
+
+
 # ---------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunelab", description="Prune LLMs and measure what it costs.")
@@ -362,6 +496,9 @@ def _quiet_transformers() -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # offline retries are summarised by our one-line error
     except ImportError:
         pass
 

@@ -1,0 +1,26 @@
+"""Strategy ``drop-layers``: depth pruning, removing whole decoder layers by index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prunelab.hookspecs import Strategy, hookimpl
+from prunelab.options import Option
+from prunelab.pruning import PruneContext
+from prunelab.surgery import check_layer_spec, drop_layers
+
+
+def prune(model, options: dict[str, Any], context: PruneContext) -> dict[str, Any]:
+    """Remove the layers (re-indexing the KV cache slots and the config) and report what went."""
+    return drop_layers(context.adapter, options["layers"])
+
+
+@hookimpl
+def prunelab_strategies() -> list[Strategy]:
+    return [Strategy(
+        name="drop-layers",
+        description="remove whole decoder layers (depth pruning); the rest are re-indexed",
+        prune=prune,
+        options=(Option("layers", str, None, "layer indices to remove, e.g. 3,7,12 or 0-3 (inclusive)",
+                        check=check_layer_spec, required=True),),
+    )]
