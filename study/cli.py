@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -256,6 +257,7 @@ def prune_table(report, path) -> Table:
             table.add_row(f"option {key}", str(value))
     if "layers_before" in report:
         table.add_row("decoder layers", f"{report['layers_before']} -> {report['layers_after']}")
+        table.add_row("removed layers", ", ".join(map(str, report.get("dropped_layers", []))))
     table.add_row("parameters", f"{report['parameters']['before']:,} -> {report['parameters']['after']:,}")
     if "sparsity" in report:
         total = report["sparsity"]["total"]
@@ -281,19 +283,19 @@ class StudyProgress:
         self.bars, self.overall, self.current = bars, None, None
 
     def message(self, text: str) -> None:
-        console.print(text, highlight=False)
+        console.print(text, highlight=False, markup=False)
 
     def start(self, total: int, done: int) -> None:
         self.overall = self.bars.add_task("study", total=total, completed=done)
         if done:
-            console.print(f"resuming: {done} of {total} items already evaluated", highlight=False)
+            console.print(f"resuming: {done} of {total} items already evaluated", highlight=False, markup=False)
 
     def pair(self, variant: str, task: str, units: int) -> None:
         if self.current is not None:
             self.bars.remove_task(self.current)
-        self.current = self.bars.add_task(f"{variant} · {task}", total=units)
+        self.current = self.bars.add_task(escape(f"{variant} · {task}"), total=units)
         if not console.is_terminal:
-            console.print(f"evaluating {variant} on {task} ({units} items)", highlight=False)
+            console.print(f"evaluating {variant} on {task} ({units} items)", highlight=False, markup=False)
 
     def advance(self, units: int) -> None:
         for bar in (self.overall, self.current):
@@ -308,7 +310,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     study = load_study(args.file, data_dir=args.data_dir)  # validated before any model is loaded
     with progress_bars() as bars:
         run = run_study(study, args.out, rerun=args.rerun, reporter=StudyProgress(bars))
-    out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {run.parent.parent / 'index.html'}", highlight=False)
+    out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {run.parent.parent / 'index.html'}",
+              highlight=False, markup=False)
     return 0
 
 
@@ -324,7 +327,7 @@ def run_index(args: argparse.Namespace) -> int:
 
     if not Path(args.root).is_dir():
         raise PrunelabError(f"artifacts folder not found: {args.root}")
-    out.print(f"wrote {build_index(args.root)}", highlight=False)
+    out.print(f"wrote {build_index(args.root)}", highlight=False, markup=False)
     return 0
 
 

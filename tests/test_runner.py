@@ -1,0 +1,367 @@
+"""The study runner: study files, variants, chunked and resumable evaluation, artifacts, the CLI.
+
+The end-to-end test runs a small study on a tiny random model through ``prunelab study run``, kills
+it with SIGKILL half-way, checks that another configuration cannot reuse the unfinished output,
+resumes it and compares every per-item result with an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from prunelab import runner
+from prunelab.data import DataSource, Subset
+from prunelab.engine import Engine
+from prunelab.errors import PrunelabError
+from prunelab.evaluate import prepare_tasks, run_task
+from prunelab.modeling import load_model
+from prunelab.tasks import TaskResult
+
+from .conftest import DATA, ROOT
+
+SUBJECTS = ("abstract_algebra", "anatomy")
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """The shared data with MMLU cut to two subjects and WikiText-2 to its start: a study takes seconds."""
+    root = tmp_path_factory.mktemp("data")
+    for split in ("test", "dev"):
+        (root / "mmlu" / split).mkdir(parents=True)
+        for subject in SUBJECTS:
+            shutil.copy(DATA / "mmlu" / split / f"{subject}_{split}.csv", root / "mmlu" / split)
+    (root / "gsm8k").symlink_to(DATA / "gsm8k")
+    (root / "wikitext-2").mkdir()  # the first 300 lines: tokenizing the whole test set takes seconds
+    lines = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(lines[:300]), encoding="utf-8")
+    return root
+
+
+def study_text(model: Path, data: Path, *, strategies: str | None = None, evaluation: str = "") -> str:
+    default = """
+[[strategies]]
+name = "drop-layers"
+layers = [1, 3]
+
+[[strategies]]
+name = "magnitude"
+sparsity = [50]
+order = ["smallest"]
+"""
+    return f"""name = "tiny"
+model = "{model}"
+dtype = "float32"
+
+[evaluation]
+tasks = ["mmlu", "gsm8k", "wikitext"]
+limit = 2
+sample = "first"
+seqlen = 64
+max_new_tokens = 4
+chunk_items = 1
+data_dir = "{data}"
+{evaluation}
+{default if strategies is None else strategies}"""
+
+
+def prunelab(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prunelab.cli", *args], capture_output=True, text=True,
+                          timeout=600, env=ENV, **kwargs)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads on a busy machine
+
+
+def chunk_files(out: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "tiny" / runner.WORK).rglob("*.parquet")}
+
+
+def run_folder(out: Path) -> Path:
+    (folder,) = [p for p in (out / "tiny").iterdir() if not p.name.startswith(".")]
+    return folder
+
+
+def sorted_items(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(folder / "items.parquet").sort("variant", "task", "metric", "item_id")
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs like the subprocesses: one torch thread (restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """``prunelab ARGS`` in this process (no interpreter start-up): exit status and stderr."""
+    from prunelab.cli import main
+
+    capsys.readouterr()
+    status = main(list(args))
+    return status, capsys.readouterr().err
+
+
+def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_data, tmp_path, capsys, one_thread):
+    study = tmp_path / "tiny.toml"
+    study.write_text(study_text(tiny_qwen3, small_data))
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+
+    # 1. start through the CLI, and SIGKILL it once some chunks are on disk
+    process = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "study", "run", str(study), "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    deadline = time.monotonic() + 300
+    while len(chunk_files(killed) if (killed / "tiny" / runner.WORK).is_dir() else {}) < 6:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no chunk written in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    before = chunk_files(killed)
+    saved = {path: pl.read_parquet(path) for path in before}
+    plan = json.loads((killed / "tiny" / runner.WORK / "plan.json").read_text())
+    total_chunks = len(plan["variants"]) * sum(len(r) for r in plan["chunks"].values())
+    assert len(plan["variants"]) == 4 and len(before) < total_chunks, "killed too late: the run had finished"
+
+    # 2. another configuration must not mix its results into the unfinished work
+    other = tmp_path / "other.toml"
+    other.write_text(study_text(tiny_qwen3, small_data).replace("sparsity = [50]", "sparsity = [60]"))
+    status, err = cli(capsys, "study", "run", str(other), "--out", str(killed))
+    assert status == 2 and "different configuration" in err and len(err.strip().splitlines()) == 1, err
+    assert chunk_files(killed) == before
+
+    # 3. resume through the CLI, and run the same study uninterrupted through the Python API
+    resumed = prunelab("study", "run", str(study), "--out", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {len(before)} of {total_chunks} items already evaluated" in resumed.stderr
+    runner.run_study(runner.load_study(study), whole)
+
+    folder = run_folder(killed)
+    assert sorted_items(folder).equals(sorted_items(run_folder(whole)))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    sessions = manifest["timings"]["sessions"]
+    assert len(sessions) == 2
+    assert sessions[0]["chunks"] == len(before)  # every chunk the killed session finished was kept ...
+    assert sessions[1]["chunks"] == total_chunks - len(before)  # ... and the resumed one computed only the rest
+    items = pl.read_parquet(folder / "items.parquet")
+    keys = ["variant", "task", "metric", "item_id"]
+    for path, frame in saved.items():  # the kept chunks' rows are in the final table unchanged
+        final = items.join(frame.select(keys), on=keys, how="semi").select(frame.columns)
+        assert final.equals(frame), path
+    assert not (killed / "tiny" / runner.WORK).exists(), "the work folder is removed once the run is written"
+
+    # 4. what the run folder holds
+    variants = ["dense", "drop-layers[layers=1]", "drop-layers[layers=3]", "magnitude[sparsity=50,order=smallest]"]
+    assert list(dict.fromkeys(items["variant"])) == variants
+    counts = dict(((task, metric), n) for task, metric, n in items.group_by("task", "metric").len().iter_rows())
+    assert counts == {("mmlu", "acc"): 4 * 4, ("gsm8k", "exact_match_strict"): 4 * 2,
+                      ("gsm8k", "exact_match_flexible"): 4 * 2, ("wikitext", "perplexity"): 4 * 2}
+    wikitext = items.filter(pl.col("task") == "wikitext")
+    assert wikitext["correct"].null_count() == 8 and (wikitext["tokens"] == 63).all()
+    for row in items.filter(pl.col("task") == "mmlu").iter_rows(named=True):  # rows are the evaluator's records
+        lls = json.loads(row["loglikelihoods"])
+        assert row["prediction"] == "ABCD"[max(range(4), key=lambda j: lls[j])]
+        assert row["correct"] == (row["prediction"] == row["target"])
+    summary = pl.read_parquet(folder / "summary.parquet")
+    dense_mmlu = summary.filter(variant="dense", task="mmlu").row(0, named=True)
+    assert dense_mmlu["accuracy"] == items.filter(variant="dense", task="mmlu")["correct"].mean()
+    for name in ("report.html", "items.csv", "summary.csv", "charts/layer_sweep.html", "charts/sparsity_sweep.png"):
+        assert (folder / name).is_file(), name
+    assert manifest["study_file"] == study.read_text()
+    assert manifest["model"] == tiny_qwen3.name and manifest["model_hash"] and manifest["device"] == "cpu"
+    assert manifest["config"]["evaluation"]["chunk_items"] == 1
+    assert manifest["variants"]["drop-layers[layers=3]"]["dropped_layers"] == [3]
+    total = manifest["variants"]["magnitude[sparsity=50,order=smallest]"]["sparsity"]["total"]
+    assert total["sparsity_pct"] == pytest.approx(50, abs=0.01)
+    assert folder.name in (killed / "index.html").read_text()
+
+    # 5. a finished configuration is not computed again; `prunelab index` rebuilds the index
+    status, err = cli(capsys, "study", "run", str(study), "--out", str(killed))
+    assert status == 0 and "already finished" in err
+    assert run_folder(killed) == folder
+    (killed / "index.html").unlink()
+    assert cli(capsys, "index", "--root", str(killed))[0] == 0
+    assert folder.name in (killed / "index.html").read_text()
+    status, err = cli(capsys, "index", "--root", str(tmp_path / "nothing"))
+    assert status == 2 and "artifacts folder not found" in err
+
+
+# ------------------------------------------------------------------------------------ study files
+def write_study(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return path
+
+
+BAD_STUDIES = [
+    ("unknown strategy", '[[strategies]]\nname = "nosuch"\n', "unknown strategy 'nosuch'"),
+    ("bad option type", '[[strategies]]\nname = "magnitude"\nsparsity = ["lots"]\n', "option 'sparsity' expects"),
+    ("bad choice in a grid", '[[strategies]]\nname = "magnitude"\norder = ["smallest", "biggest"]\n',
+     "option 'order' must be one of"),
+    ("unknown option", '[[strategies]]\nname = "magnitude"\norderr = "largest"\n', "unknown option(s) orderr"),
+    ("bad layers", '[[strategies]]\nname = "drop-layers"\nlayers = "3-1"\n', "empty range"),
+    ("strategy without name", '[[strategies]]\nsparsity = 50\n', "has no name"),
+    ("empty grid", '[[strategies]]\nname = "magnitude"\nsparsity = []\n', "empty list"),
+    ("contradicting pattern", '[[strategies]]\nname = "magnitude"\nsparsity = 30\npattern = "2:4"\n',
+     "contradicts sparsity"),
+    ("calibration unused", '[calibration]\nsamples = 8\n', "no strategy uses calibration"),
+]
+
+
+@pytest.mark.parametrize(("case", "extra", "fragment"), BAD_STUDIES, ids=[c[0] for c in BAD_STUDIES])
+def test_bad_study_files_fail_in_one_line_before_any_model(tmp_path, monkeypatch, case, extra, fragment):
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    path = write_study(tmp_path, f'model = "{tmp_path}/missing-model"\n\n{extra}')
+    with pytest.raises(PrunelabError) as error:
+        runner.load_study(path)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(("text", "fragment"), [
+    ('model = "x"\nmodle = "y"\n', "unknown key(s) modle"),
+    ('name = "x"\n', "no model"),
+    ('model = "x"\n[evaluation]\ntasks = ["mmlu", "nosuchtask"]\n', "unknown task 'nosuchtask'"),
+    ('model = "x"\n[evaluation]\nfraction = 2\n', "fraction must be in (0, 1]"),
+    ('model = "x"\n[evaluation]\nlimit = "3"\n', "limit must be int"),
+    ('model = "x"\n[evaluation]\nnum_fewshot = 9\n', "between 0 and 5"),
+    ('model = "x"\n[evaluation]\nchunk_items = 0\n', "chunk_items must be a positive integer"),
+    ('model = "x"\n[evaluation]\nseqlenn = 64\n', "unknown key(s) seqlenn"),
+    ('model = "x"\ndevice = "cuda:7"\n', "cuda"),
+    ('model = "x"\nname = "../up"\n', "not a plain folder name"),
+    ('model = "x\n', "invalid TOML"),
+    ('model = "${PRUNELAB_SURELY_UNSET_VARIABLE}/m.gguf"\n', "PRUNELAB_SURELY_UNSET_VARIABLE is not set"),
+])
+def test_bad_study_settings(tmp_path, text, fragment):
+    if fragment == "cuda":
+        pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is present")
+    with pytest.raises(PrunelabError) as error:
+        runner.load_study(write_study(tmp_path, text))
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_bad_study_through_the_cli_is_one_line(tmp_path):
+    path = write_study(tmp_path, 'model = "x"\n[[strategies]]\nname = "magnitude"\nsparsity = "lots"\n')
+    result = prunelab("study", "run", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "option 'sparsity' expects" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_grids_expand_to_the_dense_baseline_then_each_point(tmp_path):
+    path = write_study(tmp_path, """model = "Qwen/Qwen3-0.6B"
+[[strategies]]
+name = "drop-layers"
+layers = "each"
+[[strategies]]
+name = "drop-layers"
+layers = ["0-1", "1-3"]
+[[strategies]]
+name = "magnitude"
+sparsity = [10, 20]
+order = ["smallest", "largest"]
+scope = "row"
+""")
+    names = [v.name for v in runner.expand_variants(runner.load_study(path), num_layers=4)]
+    assert names == [
+        "dense", "drop-layers[layers=0]", "drop-layers[layers=1]", "drop-layers[layers=2]", "drop-layers[layers=3]",
+        "drop-layers[layers=0-1]", "drop-layers[layers=1-3]",
+        "magnitude[sparsity=10,order=smallest,scope=row]", "magnitude[sparsity=10,order=largest,scope=row]",
+        "magnitude[sparsity=20,order=smallest,scope=row]", "magnitude[sparsity=20,order=largest,scope=row]",
+    ]
+
+
+def test_duplicate_variants_and_layers_beyond_the_model_are_errors(tmp_path):
+    twice = write_study(tmp_path, 'model = "m"\n[[strategies]]\nname = "drop-layers"\nlayers = ["each", 2]\n')
+    with pytest.raises(PrunelabError, match=r"variant drop-layers\[layers=2\] appears twice"):
+        runner.expand_variants(runner.load_study(twice), num_layers=4)
+    beyond = write_study(tmp_path, 'model = "m"\n[[strategies]]\nname = "drop-layers"\nlayers = [1, "2-5"]\n')
+    with pytest.raises(PrunelabError, match=r"layers \[4, 5\] out of range, the model has layers 0-3"):
+        runner.expand_variants(runner.load_study(beyond), num_layers=4)
+
+
+def test_paths_are_relative_to_the_study_file_and_variables_expand(tmp_path, monkeypatch):
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("PRUNELAB_TEST_DIR", str(tmp_path / "models"))
+    monkeypatch.delenv("PRUNELAB_UNSET_FOR_TEST", raising=False)
+    path = folder / "s.toml"
+    path.write_text('model = "${PRUNELAB_TEST_DIR}/m.gguf"\n[evaluation]\ndata_dir = "../data"\n')
+    study = runner.load_study(path)
+    assert study.model == str(tmp_path / "models" / "m.gguf")
+    assert study.data_dir.resolve() == (tmp_path / "data").resolve()
+    assert study.settings["model"] == "${PRUNELAB_TEST_DIR}/m.gguf"  # the hash does not depend on this machine
+    assert runner.expand("${PRUNELAB_UNSET_FOR_TEST:-~/x}/y") == os.path.expanduser("~/x/y")
+    assert runner.load_study(path, data_dir=tmp_path).data_dir == tmp_path  # --data-dir wins
+    path.write_text('model = "./here/model"\n')
+    assert runner.load_study(path).model == str(folder / "here" / "model")
+    path.write_text('model = "Qwen/Qwen3-0.6B"\n')
+    assert runner.load_study(path).model == "Qwen/Qwen3-0.6B"  # a Hub id is left alone
+
+
+@pytest.mark.parametrize("name", ["seed", "smoke"])
+def test_shipped_studies_validate(name):
+    study = runner.load_study(ROOT / "studies" / f"{name}.toml")
+    assert study.name == name
+    variants = runner.expand_variants(study, num_layers=28 if name == "seed" else 30)
+    strategies = {v.strategy for v in variants}
+    assert {"dense", "drop-layers", "magnitude"} <= strategies
+    if name == "seed":
+        assert study.model == "Qwen/Qwen3-0.6B"
+        assert {s.fraction for s in study.subsets.values()} == {0.1}
+        assert study.tasks == ["mmlu", "gsm8k", "wikitext"]
+        assert sum(v.strategy == "drop-layers" for v in variants) == 28
+        assert {(v.params["sparsity"], v.params["order"]) for v in variants if v.strategy == "magnitude"} == \
+            {(s, o) for s in range(10, 90, 10) for o in ("smallest", "largest")}
+
+
+# ------------------------------------------------------------------------------------ per-item rows
+def test_item_rows_map_each_task_to_its_metrics():
+    variant = runner.Variant("magnitude[sparsity=50]", "magnitude", {"sparsity": 50})
+    gsm8k = TaskResult("gsm8k", {"n": 2, "exact_match_strict": 0.5, "exact_match_strict_stderr": 0.5,
+                                 "exact_match_flexible": 1.0, "exact_match_flexible_stderr": 0.0}, [
+        {"item_id": "test/0", "generated": "#### 4", "correct_strict": True, "correct_flexible": True, "correct": True},
+        {"item_id": "test/1", "generated": "5", "correct_strict": False, "correct_flexible": True, "correct": False},
+    ])
+    rows = runner.item_rows(variant, "gsm8k", gsm8k)
+    assert rows.select("metric", "item_id", "correct").rows() == [
+        ("exact_match_strict", "test/0", True), ("exact_match_flexible", "test/0", True),
+        ("exact_match_strict", "test/1", False), ("exact_match_flexible", "test/1", True)]
+    assert set(rows["params"]) == {'{"sparsity": 50}'} and set(rows["generated"]) == {"#### 4", "5"}
+    mmlu = TaskResult("mmlu", {"n": 1, "acc": 1.0, "acc_stderr": float("nan")},
+                      [{"item_id": "x/0", "correct": True, "loglikelihoods": [-1.0, -2.0, -3.0, -4.0]}])
+    rows = runner.item_rows(variant, "mmlu", mmlu)
+    assert rows.select("metric", "correct").rows() == [("acc", True)]
+    assert json.loads(rows["loglikelihoods"][0]) == [-1.0, -2.0, -3.0, -4.0]  # CSV-safe
+    wiki = TaskResult("wikitext", {"n": 1, "perplexity": 9.0}, [{"item_id": "window/3", "nll_sum": 2.5, "tokens": 63,
+                                                                 "correct": None}])
+    rows = runner.item_rows(variant, "wikitext", wiki)
+    assert rows.select("metric", "correct", "nll_sum", "tokens").rows() == [("perplexity", None, 2.5, 63)]
+    assert rows.schema["correct"] == pl.Boolean
+
+
+def test_window_chunks_score_the_same_windows_as_one_pass(tiny_qwen3, small_data):
+    """WikiText is one document whose windows are chosen once the tokenizer is known; chunks slice them."""
+    (task,) = prepare_tasks(["wikitext"], DataSource.resolve(small_data), Subset(limit=7, seed=7), {"seqlen": 64})
+    loaded = load_model(str(tiny_qwen3), dtype="float32")
+    engine = Engine(loaded.model, loaded.tokenizer, loaded.adapter)
+    whole = run_task(engine, task).records
+    ranges = runner.chunk_ranges(task, engine, 3)
+    assert ranges[0] == (0, 3) and ranges[-1][1] == len(whole) and len(ranges) == -(-len(whole) // 3)
+    chunked = [r for start, stop in ranges for r in run_task(engine, runner.chunk_task(task, start, stop)).records]
+    assert [r["item_id"] for r in chunked] == [r["item_id"] for r in whole]
+    assert [r["nll_sum"] for r in chunked] == pytest.approx([r["nll_sum"] for r in whole], rel=1e-6)
