@@ -187,7 +187,8 @@ def main() -> None:
         tokenizer = load_model(args.model, dtype=args.dtype, device=args.device).tokenizer
     windows, total = wikitext_windows(tokenizer, args.seqlen, args.windows)
     settings = {
-        "model": args.model, "seqlen": args.seqlen, "windows": len(windows), "windows_available": total,
+        "model": args.model, "seqlen": args.seqlen, "windows": 0 if args.no_eval else len(windows),
+        "windows_available": total,
         "calibration": args.calibration, "samples": args.samples, "calibration_seqlen": args.calibration_seqlen,
         "seed": args.seed, "sparsity": args.sparsity, "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",

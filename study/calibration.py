@@ -45,6 +45,7 @@ from torch import nn
 from .adapter import Adapter
 from .errors import PrunelabError
 from .options import Option
+from .pruning import MaskSet, apply_mask, as_adapter, layer_index_of, resolve_sparsity, sparsity_report
 
 DEFAULT_SOURCE = "c4"
 DEFAULT_SAMPLES = 128
@@ -595,8 +596,6 @@ def target_fractions(names, per_layer: Sequence[float], default: float) -> dict[
     For strategies that prune a dict of targets at once (magnitude): ``layer_sparsities`` gives the
     per-layer list, this maps it onto the adapter-relative target names.
     """
-    from .pruning import layer_index_of
-
     fractions = {}
     for name in names:
         index = layer_index_of(name)
@@ -626,8 +625,6 @@ def calibrated_prune(
     the per-layer allocation (OWL), runs the driver, keeps the masks in ``context.masks`` and
     reports the achieved sparsity, the calibration used and the time taken.
     """
-    from .pruning import MaskSet, apply_mask, as_adapter, resolve_sparsity, sparsity_report
-
     adapter = context.adapter if getattr(context, "adapter", None) is not None else as_adapter(model)
     sparsity, nm = resolve_sparsity(options)
     start = time.perf_counter()
