@@ -103,6 +103,7 @@ def prunelab_evaluators() -> list[Evaluator]:
         description="GSM8K grade-school math, lm-eval format, greedy, strict and flexible exact match",
         load_items=load_items,
         evaluate=evaluate,
+        generates=True,
         options=(
             Option("num_fewshot", int, 5, "few-shot examples (first k of train)",
                    check=lambda v: None if 0 <= v <= 5 else "must be between 0 and 5"),

@@ -42,10 +42,29 @@ def load_items(source: DataSource, subset: Subset) -> list[Item]:
     return [Item("document", "wikitext", {"text": text, "subset": subset})]
 
 
+_TOKENIZED: dict[tuple[int, int], tuple[Any, str, torch.Tensor]] = {}
+
+
+def tokenized(tokenizer, text: str) -> torch.Tensor:
+    """The text's token ids, computed once per tokenizer and text.
+
+    A study evaluates the same document for every variant and chunk; tokenizing 1.3 MB again each
+    time costs seconds per call. Entries keep the tokenizer and text alive, so an id is never reused.
+    """
+    key = (id(tokenizer), hash(text))
+    hit = _TOKENIZED.get(key)
+    if hit is None or hit[0] is not tokenizer or hit[1] != text:
+        if len(_TOKENIZED) >= 4:
+            _TOKENIZED.clear()
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        hit = _TOKENIZED[key] = (tokenizer, text, ids)
+    return hit[2]
+
+
 def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> TaskResult:
     seqlen = options["seqlen"]
     data = items[0].data
-    ids = engine.tokenizer(data["text"], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    ids = tokenized(engine.tokenizer, data["text"])
     count = ids.numel() // seqlen
     if count == 0:
         raise PrunelabError(f"WikiText-2 has {ids.numel()} tokens, fewer than one window of {seqlen}")

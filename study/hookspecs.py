@@ -56,6 +56,10 @@ class Evaluator:
     load_items: Callable[[DataSource, Subset], list[Item]]
     evaluate: Callable[[Engine, list[Item], dict[str, Any]], TaskResult]
     options: tuple[Option, ...] = field(default_factory=tuple)
+    #: True when the task asks the engine to generate text. A layer sweep shares work between
+    #: variants only for scoring (log-likelihoods, perplexity); generation diverges after the
+    #: prompt, so the runner evaluates generating tasks one pruned model at a time.
+    generates: bool = False
 
     @property
     def option_set(self) -> OptionSet:

@@ -48,6 +48,11 @@ class LayerSweep:
         self._memo: dict[str, dict[Variant, object]] = {}
         self._pruned_models: dict[int, nn.Module] = {}
 
+    @staticmethod
+    def supports(adapter) -> bool:
+        """Whether the decoder has the final norm the sweep hooks (every HF decoder-only LM here does)."""
+        return getattr(adapter.decoder, "norm", None) is not None
+
     def variants(self) -> list[Variant]:
         return [None, *self.removed]
 

@@ -47,10 +47,12 @@ from .data import DataSource, Subset
 from .engine import Engine
 from .errors import PrunelabError
 from .evaluate import PreparedTask, prepare_tasks, run_task
+from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import prune, validate_options
 from .registry import Registry, default_registry
 from .stats import DENSE
+from .surgery import parse_layer_indices
 from .tasks import Item, TaskResult
 
 try:
@@ -328,8 +330,6 @@ def expand_variants(study: Study, num_layers: int) -> list[Variant]:
 
 def _check_layers(strategy: str, point: dict[str, Any], num_layers: int) -> None:
     """Layer indices beyond the model fail before any variant runs, not half-way through the study."""
-    from .surgery import parse_layer_indices
-
     if "layers" in point:
         try:
             beyond = [i for i in parse_layer_indices(point["layers"]) if i >= num_layers]
@@ -566,8 +566,13 @@ def finished_run(study_dir: Path, digest: str) -> Path | None:
 
 
 def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool = False,
-              reporter: Reporter | None = None) -> Path:
-    """Run (or resume) every variant x task pair and write the run's artifacts; returns the run folder."""
+              reporter: Reporter | None = None, layer_sweep: bool = True) -> Path:
+    """Run (or resume) every variant x task pair and write the run's artifacts; returns the run folder.
+
+    ``layer_sweep``: when the study removes single layers, score them (and the dense model) through
+    one ``LayerSweep`` per chunk instead of one pruned model each -- the same per-item results
+    (to float rounding), about half the compute. Off only to measure or debug that.
+    """
     reporter = reporter or Reporter()
     started = time.perf_counter()
     data = DataSource.resolve(study.data_dir)
@@ -584,7 +589,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
         return done
     work.claim(config, digest)
     with work.locked():
-        state = _Session(study, tasks, work, reporter)
+        state = _Session(study, tasks, work, reporter, layer_sweep)
         plan = work.load_plan() or state.plan()
         state.evaluate(plan)
         items = collect_items(work, plan)
@@ -603,8 +608,10 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
 class _Session:
     """One invocation's model and engine: loads the dense model only if something is left to compute."""
 
-    def __init__(self, study: Study, tasks: list[PreparedTask], work: WorkFolder, reporter: Reporter) -> None:
+    def __init__(self, study: Study, tasks: list[PreparedTask], work: WorkFolder, reporter: Reporter,
+                 layer_sweep: bool = True) -> None:
         self.study, self.tasks, self.work, self.reporter = study, {t.evaluator.name: t for t in tasks}, work, reporter
+        self.layer_sweep = layer_sweep
         self.dense: LoadedModel | None = None
 
     def load(self) -> LoadedModel:
@@ -634,6 +641,11 @@ class _Session:
         pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.chunk(v, t, i).is_file()]
         units = sum(b[1] - b[0] for *_, b in plan.pairs())
         self.reporter.start(units, units - sum(b[1] - b[0] for *_, b in pending))
+        if pending and self.layer_sweep and any(removed_layer(v) is not None for v in plan.variants):
+            swept = [p for p in pending if self.sweepable(p[0], p[1])]
+            if swept and LayerSweep.supports(self.load().adapter):
+                self.evaluate_sweep(swept)
+                pending = [p for p in pending if p not in swept]
         for variant, group in itertools.groupby(pending, key=lambda p: p[0]):
             chunks = list(group)
             loaded = self.variant_model(variant)
@@ -644,6 +656,32 @@ class _Session:
                 for _, _, index, (start, stop) in task_chunks:
                     self.run_chunk(engine, variant, task, index, start, stop)
             del loaded, engine
+
+    def sweepable(self, variant: Variant, task: str) -> bool:
+        """Can this pair share a layer sweep: dense or one removed layer, on a scoring task."""
+        if self.tasks[task].evaluator.generates:
+            return False
+        return variant.strategy == DENSE or removed_layer(variant) is not None
+
+    def evaluate_sweep(self, pairs: list[tuple[Variant, str, int, tuple[int, int]]]) -> None:
+        """Single-layer removals (and the dense model) chunk by chunk through one ``LayerSweep``.
+
+        Layers below the removed one compute what the dense model computes, so each chunk is run
+        once through the dense model, recording every layer's input, and each variant runs only
+        the layers after its removed one. Every variant's rows of a chunk are written when the
+        chunk is done: a kill loses that chunk, nothing finished.
+        """
+        engine = self.engine(self.load())
+        self.reporter.message(f"layer sweep: {len({p[0].name for p in pairs})} variants share the layers "
+                              "below each removed one")
+        by_chunk = sorted(pairs, key=lambda p: (p[1], p[2]))
+        for (task, index), group in itertools.groupby(by_chunk, key=lambda p: (p[1], p[2])):
+            group = list(group)
+            layers = sorted({layer for v, *_ in group if (layer := removed_layer(v)) is not None})
+            sweep = LayerSweep(engine, layers)
+            for variant, _, _, (start, stop) in group:
+                self.reporter.pair(variant.name, task, stop - start)
+                self.run_chunk(sweep.view(removed_layer(variant)), variant, task, index, start, stop, swept=True)
 
     def variant_model(self, variant: Variant) -> LoadedModel:
         """The dense model itself, or a pruned deep copy of it (the dense one is never changed)."""
@@ -660,13 +698,22 @@ class _Session:
                       report=compact_report(report))
         return loaded
 
-    def run_chunk(self, engine: Engine, variant: Variant, task: str, index: int, start: int, stop: int) -> None:
+    def run_chunk(self, engine: Engine, variant: Variant, task: str, index: int, start: int, stop: int,
+                  swept: bool = False) -> None:
         begun = time.perf_counter()
         result = run_task(engine, chunk_task(self.tasks[task], start, stop), self.reporter.advance)
         path = self.work.chunk(variant, task, index)
         self.work.write_chunk(path, item_rows(variant, task, result))
         self.work.log(event="chunk", variant=variant.name, task=task, chunk=index, items=stop - start,
-                      seconds=round(time.perf_counter() - begun, 3))
+                      seconds=round(time.perf_counter() - begun, 3), swept=swept)
+
+
+def removed_layer(variant: Variant) -> int | None:
+    """The one layer a ``drop-layers`` variant removes, or None for any other variant."""
+    if variant.strategy != "drop-layers":
+        return None
+    layers = parse_layer_indices(variant.params["layers"])
+    return layers[0] if len(layers) == 1 else None
 
 
 def model_label(model: str) -> str:
@@ -698,12 +745,13 @@ def timings(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
     pairs: dict[str, dict[str, float]] = {}
     sessions: dict[str, dict[str, int]] = {}
     for e in events:
-        session = sessions.setdefault(e.get("session", "?"), {"chunks": 0, "items": 0})
+        session = sessions.setdefault(e.get("session", "?"), {"chunks": 0, "items": 0, "swept_chunks": 0})
         if e.get("event") == "chunk":
             task_seconds = pairs.setdefault(e["variant"], {})
             task_seconds[e["task"]] = round(task_seconds.get(e["task"], 0.0) + e["seconds"], 3)
             session["chunks"] += 1
             session["items"] += e["items"]
+            session["swept_chunks"] += bool(e.get("swept"))
     return {
         "wall_s": round(wall, 3),  # the last session's, from start to artifacts
         "load_s": round(math.fsum(e["seconds"] for e in events if e.get("event") == "load"), 3),

@@ -365,3 +365,30 @@ def test_window_chunks_score_the_same_windows_as_one_pass(tiny_qwen3, small_data
     chunked = [r for start, stop in ranges for r in run_task(engine, runner.chunk_task(task, start, stop)).records]
     assert [r["item_id"] for r in chunked] == [r["item_id"] for r in whole]
     assert [r["nll_sum"] for r in chunked] == pytest.approx([r["nll_sum"] for r in whole], rel=1e-6)
+
+
+def test_layer_sweep_in_the_runner_equals_one_pruned_model_per_variant(tiny_qwen3, small_data, tmp_path, one_thread):
+    """The runner's shared layer sweep gives every item the result of evaluating each pruned model alone."""
+    strategies = '[[strategies]]\nname = "drop-layers"\nlayers = "each"\n\n[[strategies]]\nname = "drop-layers"\nlayers = ["1-2"]\n'
+    study = tmp_path / "tiny.toml"
+    study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace("chunk_items = 1", "chunk_items = 3"))
+    swept = runner.run_study(runner.load_study(study), tmp_path / "swept")
+    naive = runner.run_study(runner.load_study(study), tmp_path / "naive", layer_sweep=False)
+
+    events = json.loads((swept / "manifest.json").read_text())["timings"]
+    # dense and the 4 single-layer variants on mmlu (4 items: chunks of 3 and 1) and wikitext (2 windows)
+    assert [s["swept_chunks"] for s in events["sessions"]] == [5 * 3]
+    assert [s["swept_chunks"] for s in json.loads((naive / "manifest.json").read_text())["timings"]["sessions"]] == [0]
+    assert set(events["evaluate_s"]) == {"dense", *(f"drop-layers[layers={i}]" for i in range(4)), "drop-layers[layers=1-2]"}
+    got, expected = sorted_items(swept), sorted_items(naive)
+    assert got.select("variant", "task", "metric", "item_id", "prediction", "correct").equals(
+        expected.select("variant", "task", "metric", "item_id", "prediction", "correct"))
+    mmlu = got["task"] == "mmlu"
+    lls = [json.loads(x) for x in got.filter(mmlu)["loglikelihoods"]]
+    reference = [json.loads(x) for x in expected.filter(mmlu)["loglikelihoods"]]
+    assert len(lls) == 6 * 4 and lls == [pytest.approx(r, abs=1e-5) for r in reference]
+    windows = got["task"] == "wikitext"
+    assert got.filter(windows)["nll_sum"].to_list() == pytest.approx(expected.filter(windows)["nll_sum"].to_list(), rel=1e-6)
+    gsm8k = got["task"] == "gsm8k"  # generated, one pruned model at a time either way
+    assert got.filter(gsm8k)["generated"].to_list() == expected.filter(gsm8k)["generated"].to_list()
+    assert len(set(lls[4 * k][0] for k in range(6))) == 6, "variants must differ from each other"
