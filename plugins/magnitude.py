@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from prunelab.calibration import allocation_options, layer_sparsities, target_fractions
+from prunelab.errors import PrunelabError
 from prunelab.hookspecs import Strategy, hookimpl
 from prunelab.options import Option
 from prunelab.pruning import (
@@ -23,20 +25,31 @@ from prunelab.pruning import (
 
 
 def prune(model, options: dict[str, Any], context: PruneContext) -> dict[str, Any]:
-    """Mask the chosen targets by |w|; with an N:M pattern the scope is the group of M weights."""
+    """Mask the chosen targets by |w|; with an N:M pattern the scope is the group of M weights.
+
+    With ``allocation = "owl"`` each decoder layer gets its own sparsity (OWL: layers with more
+    activation outliers keep more weights), which needs calibration text; the threshold is then
+    per layer or per row, never global (a global threshold would override the allocation).
+    """
     targets = targets_from_options(context.adapter, options)
     fraction, nm = resolve_sparsity(options)
     order, scope = options["order"], options["scope"]
+    owl = options.get("allocation") == "owl"
+    if owl and scope == "global":
+        raise PrunelabError("magnitude: allocation 'owl' sets each layer's sparsity; use scope 'layer' or 'row'")
+    per_layer, allocation = layer_sparsities(context.adapter, options, fraction, nm, context=context)
+    fractions = target_fractions(targets, per_layer, fraction)
     if nm is not None:
         masks = {name: nm_mask(magnitude_scores(p), *nm, order=order) for name, p in targets.items()}
     elif scope == "global":
         masks = mask_from_scores({name: magnitude_scores(p) for name, p in targets.items()}, fraction, scope, order)
     else:  # one tensor at a time: no copy of every weight at once
-        masks = {name: mask_from_scores(magnitude_scores(p), fraction, scope, order) for name, p in targets.items()}
+        masks = {name: mask_from_scores(magnitude_scores(p), fractions[name], scope, order)
+                 for name, p in targets.items()}
     for name, keep in masks.items():
         apply_mask(targets[name], keep)
     context.masks = MaskSet(masks)
-    return {"sparsity": sparsity_report(targets)}
+    return {"sparsity": sparsity_report(targets), **allocation}
 
 
 @hookimpl
@@ -51,5 +64,6 @@ def prunelab_strategies() -> list[Strategy]:
             Option("scope", str, "layer",
                    "rank globally, per layer (each Linear weight) or per output row; ignored for N:M",
                    choices=SCOPES),
+            *allocation_options(),
         ),
     )]

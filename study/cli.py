@@ -221,7 +221,7 @@ def run_prune(args: argparse.Namespace) -> int:
     options = strategy_options_from(args)
     strategy = default_registry().strategy(args.method)
     validate_options(strategy, options)  # fail before loading the model
-    calibration = calibration_from(args, strategy)
+    calibration = calibration_from(args, strategy, options)
     out_dir = Path(args.out)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise PrunelabError(f"output folder {out_dir} is not empty (choose another --out, or --overwrite)")
@@ -234,14 +234,15 @@ def run_prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def calibration_from(args: argparse.Namespace, strategy) -> dict | None:
+def calibration_from(args: argparse.Namespace, strategy, options: dict) -> dict | None:
     """The --calibration* arguments as a calibration dict (None: the strategy's defaults)."""
     values = {"source": args.calibration, "samples": args.calibration_samples, "seqlen": args.calibration_seqlen}
     given = {key: value for key, value in values.items() if value is not None}
     if not given:
         return None
-    if not strategy.needs_calibration:
-        raise PrunelabError(f"strategy '{strategy.name}' uses no calibration data (drop the --calibration* arguments)")
+    if not strategy.uses_calibration(options):
+        raise PrunelabError(f"strategy '{strategy.name}' uses no calibration data with these options "
+                            "(drop the --calibration* arguments)")
     from .calibration import CalibrationSpec
 
     CalibrationSpec.from_mapping(given)  # checks the values before the model is loaded

@@ -7,7 +7,7 @@ same group). It implements one or both hooks and returns descriptions of what it
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,10 @@ class Strategy:
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"strategy '{self.name}'", self.options)
+
+    def uses_calibration(self, options: Mapping[str, Any]) -> bool:
+        """Whether these options need calibration text: OWL's allocation does, even for magnitude."""
+        return self.needs_calibration or options.get("allocation") == "owl"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from prunelab.calibration import (
 )
 from prunelab.errors import PrunelabError
 from prunelab.modeling import load_model
+from prunelab.pruning import prune
 from tests.conftest import DATA, QWEN3_TOKENIZER, tiny_config
 
 CALIBRATION_FILE = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
@@ -214,7 +215,7 @@ def test_owl_allocation_follows_the_paper_formula():
 
 
 def test_owl_allocation_through_the_core_helpers_for_magnitude_style_pruning(tiny_models, tmp_path):
-    """What a non-calibrated strategy (magnitude) does for allocation=owl: per-layer fractions by name."""
+    """Magnitude with allocation=owl: per-layer fractions by name, plugin == the core helpers by hand."""
     from prunelab.calibration import layer_sparsities, target_fractions
     from prunelab.pruning import PruneContext, apply_mask, magnitude_scores, mask_from_scores, select_targets
 
@@ -237,6 +238,17 @@ def test_owl_allocation_through_the_core_helpers_for_magnitude_style_pruning(tin
         zeros = sum(int((m.weight == 0).sum()) for m in lm.adapter.linear_modules(index).values())
         total = sum(m.weight.numel() for m in lm.adapter.linear_modules(index).values())
         assert zeros / total == pytest.approx(fraction, abs=1e-3)
+    # the magnitude plugin with allocation=owl does exactly this
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plugin = load_model(str(tiny_models["qwen3"]), dtype="float32")
+    calibration = {"source": str(source), "samples": 2, "seqlen": 24}
+    report = prune(plugin, "magnitude", sparsity=50, calibration=calibration, **options)
+    assert report["layer_sparsity_pct"] == pytest.approx([100 * f for f in per_layer], abs=1e-3)
+    for (name, expected), got in zip(lm.model.named_parameters(), plugin.model.parameters(), strict=True):
+        assert torch.equal(expected, got), name
+    with pytest.raises(PrunelabError, match="scope"):
+        prune(plugin, "magnitude", sparsity=50, scope="global", calibration=calibration, **options)
     uniform, info = layer_sparsities(lm.adapter, {"allocation": "uniform"}, 0.3, None)
     assert uniform == [0.3] * 4 and info == {"allocation": "uniform"}
     with pytest.raises(PrunelabError, match="N:M"):

@@ -117,6 +117,9 @@ def test_cli_prune_then_eval_the_output_folder(tiny_qwen3, tmp_path):
     (["--method", "no-such-method"], "unknown strategy 'no-such-method'"),
     (["--method", "drop-layers"], "option 'layers' is required"),
     (["--method", "magnitude", "--calibration", "c4"], "strategy 'magnitude' uses no calibration data"),
+    # OWL's allocation makes magnitude use calibration: past that check, the bad value is what fails
+    (["--method", "magnitude", "--option", "allocation=owl", "--calibration", "c4", "--calibration-samples", "0"],
+     "calibration samples must be a positive integer"),
 ])
 def test_cli_bad_options_fail_fast_in_one_line(tmp_path, capsys, args, fragment):
     """In-process (a subprocess per case costs seconds of imports); the model is never loaded."""
