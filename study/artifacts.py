@@ -17,7 +17,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def git_commit(repo: str | os.PathLike | None = None) -> str | None:
 def version_id(config_digest: str, commit: str | None, now: datetime) -> str:
     """``<UTC time>-<7-char commit or 'nogit'>-<8-char config hash>``; sorts by time."""
     short = (commit or "nogit").split("+")[0][:7]
-    return f"{now.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}-{short}-{config_digest[:8]}"
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{short}-{config_digest[:8]}"
 
 
 def write_run(
@@ -81,7 +81,7 @@ def write_run(
     digest = manifest.get("config_hash") or (config_hash(manifest["config"]) if "config" in manifest else None)
     if not digest:
         raise PrunelabError("the run manifest needs a config_hash (or the config to hash)")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     commit = commit or git_commit()
     summary = summary if summary is not None else summarize(items)
     version = version_id(digest, commit, now)
@@ -96,7 +96,7 @@ def write_run(
     specs = {name: chart.to_dict() for name, chart in build_charts(summary).items()}
     files += write_charts(staging / "charts", specs)
     full_manifest = {
-        **manifest, "study": study, "version": version, "created": f"{now.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}",
+        **manifest, "study": study, "version": version, "created": f"{now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
         "config_hash": digest, "git_commit": commit,
         "container_image": manifest.get("container_image") or os.environ.get(CONTAINER_IMAGE_ENV),
         "packages": manifest.get("packages") or package_versions(),

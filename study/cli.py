@@ -271,7 +271,7 @@ def _add_study(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="study_action", required=True)
     run = actions.add_parser("run", help="run (or resume) every variant x task pair of a study file",
                              description="Run every variant x task pair of a study file; rerunning resumes.")
-    run.add_argument("file", help="study file (TOML), e.g. studies/smoke.toml")
+    run.add_argument("file", help="study file (TOML or YAML), e.g. studies/smoke.toml")
     run.add_argument("--out", default="artifacts", help="artifacts root (default: artifacts)")
     run.add_argument("--data-dir", default=None, help="local data folder, overrides the study file's data_dir")
     run.add_argument("--rerun", action="store_true", help="compute a configuration that already finished again")

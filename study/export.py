@@ -51,7 +51,7 @@ def build_recipe(loaded, report: Mapping[str, Any]) -> dict[str, Any]:
         fingerprint = None
     return {
         "format": "prunelab-recipe/1",
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "source": {"model": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint},
         "dtype": loaded.dtype_name,
         **dict(report),

@@ -1,6 +1,6 @@
 """Run a study: every variant x task pair, resumable, handed over to the versioned artifacts folder.
 
-A study file (TOML) names the model, the evaluation settings and the strategies with their grids;
+A study file (TOML, or YAML with the same keys) names the model, the evaluation settings and the strategies with their grids;
 ``load_study`` validates all of it -- tasks, task options, every grid point against the strategy's
 declared options -- before any model is loaded. ``run_study`` then
 
@@ -34,12 +34,14 @@ import os
 import re
 import shutil
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import yaml
 
 from . import artifacts
 from .adapter import adapt
@@ -54,14 +56,6 @@ from .registry import Registry, default_registry
 from .stats import DENSE
 from .surgery import parse_layer_indices
 from .tasks import Item, TaskResult
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    try:
-        import tomli as tomllib
-    except ModuleNotFoundError:
-        tomllib = None
 
 EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
 CHUNK_ITEMS = 32
@@ -128,7 +122,7 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
     """Read and validate a study file; every mistake is a one-line ``PrunelabError``, no model needed."""
     registry = registry or default_registry()
     path = Path(path)
-    text, raw = _read_toml(path)
+    text, raw = _read_study_file(path)
     _check_keys(raw, TOP_KEYS, f"{path}")
     evaluation = raw.get("evaluation", {})
     _check_keys(evaluation, EVALUATION_KEYS | set(registry.evaluators), f"{path} [evaluation]")
@@ -176,14 +170,22 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
     )
 
 
-def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
-    if tomllib is None:
-        raise PrunelabError("study files need Python 3.11+ (or `pip install tomli`)")
+def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """The file's text and its table: YAML for ``.yaml``/``.yml``, TOML otherwise (same keys either way)."""
     try:
         text = path.read_text(encoding="utf-8")
-        return text, tomllib.loads(text)
     except OSError as exc:
         raise PrunelabError(f"cannot read study file {path}: {exc.strerror or exc}") from None
+    if path.suffix.lower() in {".yaml", ".yml"}:
+        try:
+            raw = yaml.safe_load(text)  # plain data only: no tags that construct objects
+        except yaml.YAMLError as exc:
+            raise PrunelabError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
+        if not isinstance(raw, dict):
+            raise PrunelabError(f"{path}: a study file is a mapping of settings (model, evaluation, strategies)")
+        return text, raw
+    try:
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise PrunelabError(f"{path}: invalid TOML ({exc})") from None
 
@@ -596,7 +598,8 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
         manifest = {
             "config_hash": digest, "config": config, "study_file": study.text, "model": model_label(study.model),
             "model_path": study.model,
-            "model_hash": config["model_hash"], "device": config["device"], "dtype": config["dtype"],
+            "model_hash": config["model_hash"], "model_revision": model_revision(state.dense),
+            "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
             "variants": prune_reports(work.events()),
         }
@@ -714,6 +717,15 @@ def removed_layer(variant: Variant) -> int | None:
         return None
     layers = parse_layer_indices(variant.params["layers"])
     return layers[0] if len(layers) == 1 else None
+
+
+def model_revision(loaded: LoadedModel | None) -> str | None:
+    """The Hub commit the weights came from (transformers records it on the config); None otherwise.
+
+    A Hub id alone does not pin the weights (``model_hash`` is ``hub:<id>``), so the manifest keeps
+    the commit of the snapshot this session loaded.
+    """
+    return getattr(loaded.model.config, "_commit_hash", None) if loaded is not None else None
 
 
 def model_label(model: str) -> str:

@@ -7,7 +7,7 @@ import random
 import re
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -17,7 +17,7 @@ from prunelab import artifacts, charts
 from prunelab.errors import PrunelabError
 from prunelab.stats import summarize
 
-NOW = datetime(2026, 11, 28, 14, 30, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 28, 14, 30, 0, tzinfo=UTC)
 LIBRARY_DEFINITION = "window.vegaEmbed="  # occurs once in vl-convert's bundle
 
 

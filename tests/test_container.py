@@ -13,19 +13,14 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import sysconfig
+import tomllib
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

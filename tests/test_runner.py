@@ -231,6 +231,30 @@ def test_bad_study_files_fail_in_one_line_before_any_model(tmp_path, monkeypatch
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
+def test_yaml_study_reads_like_the_same_toml_study(tmp_path):
+    """YAML and TOML are two spellings of one study: the same settings, hence the same configuration."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    toml = tmp_path / "a" / "grid.toml"
+    toml.write_text('model = "Qwen/Qwen3-0.6B"\ndtype = "float32"\n[evaluation]\ntasks = ["mmlu", "wikitext"]\n'
+                    'limit = 3\n[evaluation.wikitext]\nseqlen = 128\n[[strategies]]\nname = "magnitude"\n'
+                    'sparsity = [10, 50]\norder = ["smallest", "largest"]\n[[strategies]]\nname = "drop-layers"\n'
+                    'layers = "each"\n')
+    yml = tmp_path / "b" / "grid.yaml"
+    yml.write_text("model: Qwen/Qwen3-0.6B\ndtype: float32\nevaluation:\n  tasks: [mmlu, wikitext]\n  limit: 3\n"
+                   "  wikitext:\n    seqlen: 128\nstrategies:\n  - name: magnitude\n    sparsity: [10, 50]\n"
+                   "    order: [smallest, largest]\n  - name: drop-layers\n    layers: each\n")
+    a, b = runner.load_study(toml), runner.load_study(yml)
+    assert a.settings == b.settings and a.name == b.name == "grid"
+    assert [v.name for v in runner.expand_variants(a, 4)] == [v.name for v in runner.expand_variants(b, 4)]
+    for text, fragment in [("model: [unclosed\n", "invalid YAML"), ("- just\n- a list\n", "a mapping"),
+                           ("model: !!python/object/apply:os.system ['true']\n", "invalid YAML")]:
+        yml.write_text(text)
+        with pytest.raises(PrunelabError, match=fragment) as error:
+            runner.load_study(yml)
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize(("text", "fragment"), [
     ('model = "x"\nmodle = "y"\n', "unknown key(s) modle"),
     ('name = "x"\n', "no model"),
