@@ -19,6 +19,7 @@ import polars as pl
 from .stats import DENSE
 
 LAYER_STRATEGY = "drop-layers"
+SWEPT = {"sparsity", "k"}  # the x axis of a sweep, never part of a series' label
 PANEL_WIDTH = 360
 PANEL_HEIGHT = 240
 SIGNIFICANT = "significant drop (p<0.05)"
@@ -37,6 +38,7 @@ def build_charts(summary: pl.DataFrame, layer_strategy: str = LAYER_STRATEGY) ->
     charts = {
         "layer_sweep": layer_sweep_chart(rows, layer_strategy),
         "sparsity_sweep": sparsity_chart(rows),
+        "removal_plans": removal_plans_chart(rows),
         "dense_vs_pruned": dense_vs_pruned_chart(rows),
     }
     return {name: chart for name, chart in charts.items() if chart is not None}
@@ -52,7 +54,8 @@ def chart_rows(summary: pl.DataFrame) -> list[dict[str, Any]]:
         rows.append({
             **{k: _finite(row[k]) for k in CHART_FIELDS}, "value": _finite(value),
             "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(params),
-            "sparsity": sparsity_percent(params), "verdict": verdict(row),
+            "sparsity": sparsity_percent(params), "layers_removed": layers_removed(params),
+            "verdict": verdict(row),
             "series": series_label(row["strategy"], params, varying.get(row["strategy"], set())),
         })
     return rows
@@ -85,6 +88,12 @@ def removed_layer(params: dict[str, Any]) -> int | None:
         return None
 
 
+def layers_removed(params: dict[str, Any]) -> int | None:
+    """K of a removal plan (``drop-least-important``, ``drop-block``, ``drop-greedy``: option ``k``)."""
+    k = params.get("k")
+    return k if isinstance(k, int) and not isinstance(k, bool) else None
+
+
 def sparsity_percent(params: dict[str, Any]) -> float | None:
     """Sparsity in percent: ``sparsity`` (a fraction below 1 is scaled) or 1 - N/M of an N:M pattern."""
     sparsity = params.get("sparsity")
@@ -99,12 +108,12 @@ def sparsity_percent(params: dict[str, Any]) -> float | None:
 
 
 def series_label(strategy: str, params: dict[str, Any], keys: set[str] | None = None) -> str:
-    """One line per strategy and setting other than the swept sparsity, e.g. ``magnitude order=largest``.
+    """One line per strategy and setting other than the swept one, e.g. ``magnitude order=largest``.
 
     ``keys`` limits the label to those settings (the ones that vary in the study).
     """
     settings = [f"{k}={v}" for k, v in sorted(params.items())
-                if k != "sparsity" and (keys is None or k in keys)]
+                if k not in SWEPT and (keys is None or k in keys)]
     return " ".join([strategy, *settings])
 
 
@@ -143,6 +152,26 @@ def sparsity_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
         panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "series", kind, title))
     return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(
         title="Prune weights: effect of sparsity on each task (95% CI bands, dashed = dense)")
+
+
+def removal_plans_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+    """Each task vs the number of layers removed (K): one line per removal plan, dense as a rule.
+
+    Answers "which K layers can go together": the plans (least important by a metric, best block,
+    greedy) are compared at the same K on the same items.
+    """
+    sweep = [r for r in rows if r["strategy"] != DENSE and r["layers_removed"] is not None]
+    if not sweep:
+        return None
+    x = alt.X("layers_removed:Q", title="layers removed (K)", axis=alt.Axis(tickMinStep=1, format="d"))
+    panels = []
+    for panel in dict.fromkeys(r["panel"] for r in sweep):
+        points = [r for r in sweep if r["panel"] == panel]
+        kind = points[0]["kind"]
+        title = f"{panel} (log scale)" if kind == "perplexity" else panel
+        panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "series", kind, title))
+    return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(
+        title="Remove K layers together: each plan's effect on each task (95% CI bands, dashed = dense)")
 
 
 def dense_vs_pruned_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:

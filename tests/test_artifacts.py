@@ -251,3 +251,23 @@ def test_pages_render_their_charts_in_headless_chromium(runs, tmp_path):
         assert 'data-charts-failed="0"' in dom, page
         assert dom.count('class="marks"') >= expected, f"{page.name}: no chart SVG in the DOM"
         assert console == [], f"{page.name} logged to the console: {console}"
+
+
+def test_removal_plans_chart_has_one_line_per_plan_over_k():
+    def rows(variant, strategy, params, correct):
+        return [{"variant": variant, "strategy": strategy, "params": json.dumps(params), "task": "mmlu",
+                 "metric": "acc", "item_id": f"q{i}", "correct": i < correct, "nll_sum": None, "tokens": None}
+                for i in range(10)]
+    plans = [("drop-least-important", {"metric": m}) for m in ("bi", "angular")] + [("drop-block", {})]
+    items = pl.DataFrame(rows("dense", "dense", {}, 8) + [
+        row for strategy, extra in plans for k in (1, 2, 3)
+        for row in rows(f"{strategy}{extra}[k={k}]", strategy, {**extra, "k": k}, 8 - k)
+    ], infer_schema_length=None)
+    summary = summarize(items)
+    spec = charts.build_charts(summary)["removal_plans"].to_dict()
+    points = [r for r in inline_values(spec) if r["strategy"] != "dense"]
+    assert sorted((p["series"], p["layers_removed"], p["value"]) for p in points) == sorted(
+        (label, k, (8 - k) / 10) for label in ("drop-least-important metric=bi", "drop-least-important metric=angular",
+                                               "drop-block") for k in (1, 2, 3))
+    assert {r["value"] for r in inline_values(spec) if r["strategy"] == "dense"} == {0.8}
+    assert "layer_sweep" not in charts.build_charts(summary)  # K-layer plans are not a single-layer sweep
