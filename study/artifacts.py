@@ -66,6 +66,7 @@ def write_run(
     manifest: Mapping[str, Any],
     *,
     summary: pl.DataFrame | None = None,
+    bench: pl.DataFrame | None = None,
     now: datetime | None = None,
     commit: str | None = None,
 ) -> Path:
@@ -75,6 +76,8 @@ def write_run(
     — ``study_file`` (the file's text), ``model``, ``model_hash``, ``device``, ``timings``,
     ``packages``, ``container_image``. Identity fields (study, version, created, git commit) and the
     headline numbers are added here; the container image falls back to ``$PRUNELAB_CONTAINER_IMAGE``.
+    ``bench`` (``benchmodel.bench_rows``): each variant's measured size and speed, written as a table
+    and charted against its accuracy.
     """
     if not STUDY_NAME.match(study):
         raise PrunelabError(f"study name {study!r} is not a plain folder name (letters, digits, . _ -)")
@@ -92,8 +95,8 @@ def write_run(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
 
-    files = write_tables(staging, items, summary)
-    specs = {name: chart.to_dict() for name, chart in build_charts(summary).items()}
+    files = write_tables(staging, items, summary, bench)
+    specs = {name: chart.to_dict() for name, chart in build_charts(summary, bench=bench).items()}
     files += write_charts(staging / "charts", specs)
     full_manifest = {
         **manifest, "study": study, "version": version, "created": f"{now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
@@ -104,17 +107,20 @@ def write_run(
         "headline": headline(summary), "files": {f: _sha256(staging / f) for f in files},
     }
     _write_text(staging / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
-    report = pages.report_page(full_manifest, summary.to_dicts(), specs, [*files, "manifest.json"])
+    report = pages.report_page(full_manifest, summary.to_dicts(), specs, [*files, "manifest.json"],
+                               bench.to_dicts() if bench is not None else None)
     _write_text(staging / "report.html", report)
     os.replace(staging, final)
     build_index(root)
     return final
 
 
-def write_tables(folder: Path, items: pl.DataFrame, summary: pl.DataFrame) -> list[str]:
-    """items and summary as parquet (exact types) and CSV (for spreadsheets); returns relative paths."""
+def write_tables(folder: Path, items: pl.DataFrame, summary: pl.DataFrame,
+                 bench: pl.DataFrame | None = None) -> list[str]:
+    """items, summary (and bench) as parquet (exact types) and CSV (for spreadsheets); relative paths."""
     written = []
-    for name, frame in (("items", items), ("summary", summary)):
+    tables = [("items", items), ("summary", summary)] + ([("bench", bench)] if bench is not None else [])
+    for name, frame in tables:
         frame.write_parquet(folder / f"{name}.parquet")
         frame.write_csv(folder / f"{name}.csv")
         written += [f"{name}.parquet", f"{name}.csv"]

@@ -326,3 +326,36 @@ def bench_model(model, *, device: str = "auto", dtype: str = "auto",
     results = measure(adapter, prompt_lengths=prompt_lengths, batches=batches, new_tokens=new_tokens,
                       repeats=repeats, warmup=warmup, seed=seed)
     return {**facts, **results}
+
+
+# --------------------------------------------------------------------------------------------
+# One table for a study's variants
+# --------------------------------------------------------------------------------------------
+
+
+def bench_rows(measured: Sequence[tuple[str, str, str, dict[str, Any]]]):
+    """A Polars table, one row per ``(variant, strategy, params_json, measure() result)``.
+
+    Columns: parameters, decoder layers, peak memory (MiB), prefill tokens/s per prompt length,
+    decode tokens/s per batch size, and the speedup of each against the dense variant's (when the
+    study measured it): ``prefill_speedup`` at the longest prompt, ``decode_speedup`` at the first
+    batch size -- the numbers to read against each variant's accuracy.
+    """
+    import polars as pl
+
+    rows = []
+    for variant, strategy, params, result in measured:
+        row = {"variant": variant, "strategy": strategy, "params": params, "parameters": result["parameters"],
+               "decoder_layers": result["decoder_layers"],
+               "peak_memory_mib": result["peak_memory_bytes"] / 2**20 if result.get("peak_memory_bytes") else None}
+        row |= {f"prefill_tokens_per_s_len{r['prompt_length']}": r["tokens_per_s"] for r in result["prefill"]}
+        row |= {f"decode_tokens_per_s_batch{r['batch']}": r["tokens_per_s"] for r in result["decode"]}
+        rows.append(row)
+    frame = pl.DataFrame(rows, infer_schema_length=None)
+    prefill = max((c for c in frame.columns if c.startswith("prefill_")), key=lambda c: int(c.rsplit("len", 1)[1]))
+    decode = next(c for c in frame.columns if c.startswith("decode_"))
+    dense = frame.filter(pl.col("strategy") == "dense")
+    for name, column in (("prefill_speedup", prefill), ("decode_speedup", decode)):
+        base = dense[column][0] if len(dense) else None
+        frame = frame.with_columns((pl.col(column) / base if base else pl.lit(None, pl.Float64)).alias(name))
+    return frame

@@ -32,14 +32,16 @@ VERDICTS = alt.Scale(domain=[SIGNIFICANT, NOT_SIGNIFICANT, NO_BASELINE],
                      range=["triangle-down", "circle", "square"])
 
 
-def build_charts(summary: pl.DataFrame, layer_strategy: str = LAYER_STRATEGY) -> dict[str, alt.TopLevelMixin]:
-    """Every chart the summary has data for, keyed by a file-name-safe name."""
+def build_charts(summary: pl.DataFrame, layer_strategy: str = LAYER_STRATEGY,
+                 bench: pl.DataFrame | None = None) -> dict[str, alt.TopLevelMixin]:
+    """Every chart the summary (and the bench table, when measured) has data for, by file-name-safe name."""
     rows = chart_rows(summary)
     charts = {
         "layer_sweep": layer_sweep_chart(rows, layer_strategy),
         "sparsity_sweep": sparsity_chart(rows),
         "removal_plans": removal_plans_chart(rows),
         "dense_vs_pruned": dense_vs_pruned_chart(rows),
+        "quality_vs_speed": quality_vs_speed_chart(rows, bench),
     }
     return {name: chart for name, chart in charts.items() if chart is not None}
 
@@ -172,6 +174,35 @@ def removal_plans_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
         panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "series", kind, title))
     return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(
         title="Remove K layers together: each plan's effect on each task (95% CI bands, dashed = dense)")
+
+
+def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | None) -> alt.TopLevelMixin | None:
+    """Each task's value against the variant's measured decode speedup over dense (x = 1 is dense).
+
+    What a deployer weighs: a variant up and to the right is both faster and as good. Unstructured
+    sparsity sits at x ~ 1 (zeros in dense matrices cost the same); layer removal moves right.
+    """
+    if bench is None or bench["decode_speedup"].null_count() == len(bench):
+        return None
+    speed = {r["variant"]: r for r in bench.select("variant", "decode_speedup", "prefill_speedup", "parameters")
+             .iter_rows(named=True)}
+    points = [{**r, **speed[r["variant"]]} for r in rows if r["variant"] in speed]
+    if not points:
+        return None
+    x = alt.X("decode_speedup:Q", title="decode speedup vs dense (batch 1)", scale=alt.Scale(zero=False))
+    tooltip = [*_tooltip(), alt.Tooltip("decode_speedup:Q", format=".3f"), alt.Tooltip("prefill_speedup:Q", format=".3f"),
+               alt.Tooltip("parameters:Q", format=",")]
+    panels = []
+    for panel in dict.fromkeys(r["panel"] for r in points):
+        data = [r for r in points if r["panel"] == panel]
+        kind = data[0]["kind"]
+        title = f"{panel} (log scale)" if kind == "perplexity" else panel
+        panels.append(alt.Chart(alt.Data(values=data)).mark_point(filled=True, size=60).encode(
+            x=x, y=_y(kind, title), color=alt.Color("strategy:N", legend=alt.Legend(orient="bottom")),
+            shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
+            tooltip=tooltip).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT))
+    return alt.concat(*panels, columns=2).properties(
+        title="Quality against measured speed: every variant (shape = paired test vs dense)")
 
 
 def dense_vs_pruned_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:

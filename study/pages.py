@@ -125,7 +125,7 @@ METHODS_NOTE = (
 
 
 def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], chart_specs: dict[str, dict[str, Any]],
-                files: list[str]) -> str:
+                files: list[str], bench_rows: list[dict[str, Any]] | None = None) -> str:
     """The page of one run: what ran, the charts, the full summary with CIs and tests, the files."""
     title = f"{manifest['study']} — {manifest['version']}"
     charts_html = "\n".join(
@@ -142,11 +142,19 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         "<h2>Headline</h2>", headline_list(manifest.get("headline", [])),
         "<h2>Charts</h2>", charts_html or '<p class="muted">no chart has data in this run</p>',
         "<h2>Summary</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
+        *(["<h2>Size and speed</h2>", bench_table(bench_rows)] if bench_rows else []),
         "<h2>Files</h2>", f"<p>{_links(files)}</p>",
         "<h2>Study file</h2>",
         f"<pre>{html.escape(study_file)}</pre>" if study_file else '<p class="muted">not recorded</p>',
     ])
     return page(title, body, {f"chart-{name}": spec for name, spec in chart_specs.items()})
+
+
+def bench_table(rows: list[dict[str, Any]]) -> str:
+    """Each variant's measured size and speed (``benchmodel.bench_rows``), every column as measured."""
+    columns = [c for c in rows[0] if c not in {"strategy", "params"}]
+    return table(columns, [[html.escape(str(r[c])) if isinstance(r[c], str) else fmt(r[c]) for c in columns]
+                           for r in rows], numeric=set(range(1, len(columns))))
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:

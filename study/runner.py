@@ -45,6 +45,7 @@ import yaml
 
 from . import artifacts
 from .adapter import adapt
+from .benchmodel import bench_rows, measure, parameter_count
 from .data import DataSource, Subset
 from .engine import Engine
 from .errors import PrunelabError
@@ -61,7 +62,8 @@ EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known
 CHUNK_ITEMS = 32
 WORK = ".work"
 TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
-            "strategies"}
+            "strategies", "bench"}
+BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
 TASK_OPTION_KEYS = {"num_fewshot", "seqlen", "max_new_tokens"}  # common settings, for the tasks that declare them
 EVALUATION_KEYS = SUBSET_KEYS | TASK_OPTION_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
@@ -99,6 +101,7 @@ class Study:
     calibration: dict[str, Any] | None
     strategies: list[StrategyGrid]
     settings: dict[str, Any] = field(default_factory=dict)
+    bench: dict[str, Any] | None = None  # ``[bench]``: measure each variant's speed (prunelab.benchmodel)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
         raise PrunelabError(f"{path} [evaluation] chunk_items must be a positive integer, got {chunk!r}")
     strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(_blocks(raw, path))]
     calibration = _calibration(raw.get("calibration"), strategies, registry, where, path)
+    bench = _bench_settings(raw.get("bench"), path)
     chosen_data = Path(data_dir).expanduser() if data_dir else (
         _resolve_path(evaluation["data_dir"], where) if "data_dir" in evaluation else None)
     device = _typed(raw, "device", str, "auto", f"{path}")
@@ -160,13 +164,14 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
                        "chunk_items": chunk, **engine},
         "calibration": raw.get("calibration"),
         "strategies": [{"name": s.name, **s.grid} for s in strategies],
+        **({"bench": bench} if bench else {}),
     }
     return Study(
         name=name, path=path, text=text, model=_model_path(str(raw["model"]), where),
         device=device, dtype=dtype, trust_remote_code=settings["trust_remote_code"],
         prune_seed=settings["prune_seed"], tasks=tasks, subsets={t: s for t, (s, _) in per_task.items()},
         task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
-        strategies=strategies, settings=settings,
+        strategies=strategies, settings=settings, bench=bench,
     )
 
 
@@ -284,6 +289,28 @@ def _calibration(value: Any, strategies: list[StrategyGrid], registry: Registry,
     if not any(registry.strategy(s.name).uses_calibration(point) for s in strategies for point in grid_points(s.grid)):
         raise PrunelabError(f"{path}: [calibration] is given but no strategy uses calibration data")
     return spec
+
+
+def _bench_settings(value: Any, path: Path) -> dict[str, Any] | None:
+    """``[bench]`` (``bench = true`` for the defaults): prompt lengths, batch sizes, new tokens, repeats."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    where = f"{path} [bench]"
+    if not isinstance(value, dict):
+        raise PrunelabError(f"{where}: expected a table (or bench = true)")
+    _check_keys(value, set(BENCH_DEFAULTS), where)
+    settings = {**BENCH_DEFAULTS, **value}
+    for key in ("prompt_lengths", "batches"):
+        values = settings[key] if isinstance(settings[key], list) else [settings[key]]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise PrunelabError(f"{where} {key} must be positive integers, got {settings[key]!r}")
+        settings[key] = values
+    for key in ("new_tokens", "repeats"):
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 1:
+            raise PrunelabError(f"{where} {key} must be a positive integer, got {settings[key]!r}")
+    return settings
 
 
 _VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
@@ -482,9 +509,15 @@ class WorkFolder:
                 raise PrunelabError(f"another prunelab process is running this study ({self.root})") from None
             yield
 
-    def chunk(self, variant: Variant, task: str, index: int) -> Path:
+    def variant_folder(self, variant: Variant) -> Path:
         slug = re.sub(r"[^\w.=,-]+", "_", variant.name)[:80]
-        return self.root / f"{slug}-{hashlib.sha1(variant.name.encode()).hexdigest()[:8]}" / f"{task}-{index:04d}.parquet"
+        return self.root / f"{slug}-{hashlib.sha1(variant.name.encode()).hexdigest()[:8]}"
+
+    def chunk(self, variant: Variant, task: str, index: int) -> Path:
+        return self.variant_folder(variant) / f"{task}-{index:04d}.parquet"
+
+    def bench(self, variant: Variant) -> Path:
+        return self.variant_folder(variant) / "bench.json"
 
     def write_chunk(self, path: Path, frame: pl.DataFrame) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -603,7 +636,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             "timings": timings(work.events(), time.perf_counter() - started),
             "variants": prune_reports(work.events()),
         }
-        run = artifacts.write_run(out, study.name, items, manifest)
+        run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))
     shutil.rmtree(work.root, ignore_errors=True)
     return run
 
@@ -652,6 +685,7 @@ class _Session:
         for variant, group in itertools.groupby(pending, key=lambda p: p[0]):
             chunks = list(group)
             loaded = self.variant_model(variant)
+            self.bench(variant, loaded)
             engine = self.engine(loaded)
             for task, task_chunks in itertools.groupby(chunks, key=lambda p: p[1]):
                 task_chunks = list(task_chunks)
@@ -659,6 +693,21 @@ class _Session:
                 for _, _, index, (start, stop) in task_chunks:
                     self.run_chunk(engine, variant, task, index, start, stop)
             del loaded, engine
+        for variant in plan.variants:  # swept variants, and any killed between evaluation and bench
+            if self.study.bench and not self.work.bench(variant).is_file():
+                self.bench(variant, self.variant_model(variant))
+
+    def bench(self, variant: Variant, loaded: LoadedModel) -> None:
+        """Measure the variant's size and speed once (``[bench]``), before evaluating it."""
+        path = self.work.bench(variant)
+        if not self.study.bench or path.is_file():
+            return
+        self.reporter.message(f"benchmarking: {variant.name}")
+        result = {"parameters": parameter_count(loaded.model), "decoder_layers": loaded.adapter.num_layers,
+                  **measure(loaded.adapter, **self.study.bench)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic(path, lambda staging: staging.write_text(json.dumps(result, default=str), encoding="utf-8"))
+        self.work.log(event="bench", variant=variant.name)
 
     def sweepable(self, variant: Variant, task: str) -> bool:
         """Can this pair share a layer sweep: dense or one removed layer, on a scoring task."""
@@ -732,6 +781,15 @@ def model_label(model: str) -> str:
     """A Hub id as is; a local file or folder by its name (the index has no room for home paths)."""
     path = Path(model)
     return path.name if path.exists() else model
+
+
+def collect_bench(work: WorkFolder, plan: Plan) -> pl.DataFrame | None:
+    """One row per variant of what ``[bench]`` measured (None when the study measures nothing)."""
+    found = [(v, work.bench(v)) for v in plan.variants if work.bench(v).is_file()]
+    if not found:
+        return None
+    return bench_rows([(v.name, v.strategy, v.params_json, json.loads(path.read_text(encoding="utf-8")))
+                       for v, path in found])
 
 
 def collect_items(work: WorkFolder, plan: Plan) -> pl.DataFrame:

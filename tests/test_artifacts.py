@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from prunelab import artifacts, charts
+from prunelab.benchmodel import bench_rows
 from prunelab.errors import PrunelabError
 from prunelab.stats import summarize
 
@@ -41,6 +42,18 @@ def synthetic_items(seed: int = 0, questions: int = 30, windows: int = 8) -> pl.
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
+def synthetic_bench(items: pl.DataFrame) -> pl.DataFrame:
+    """Made-up measurements per variant: layer removal gets faster, weight pruning does not."""
+    measured = []
+    for variant, strategy, params in items.select("variant", "strategy", "params").unique(maintain_order=True).rows():
+        layers = 3 if strategy == "drop-layers" else 4
+        result = {"parameters": 1000 * layers, "decoder_layers": layers, "peak_memory_bytes": 2**20,
+                  "prefill": [{"prompt_length": 64, "tokens_per_s": 100.0 * 4 / layers}],
+                  "decode": [{"batch": 1, "tokens_per_s": 10.0 * 4 / layers}]}
+        measured.append((variant, strategy, params, result))
+    return bench_rows(measured)
+
+
 MANIFEST = {
     "config": {"model": "tiny", "tasks": ["mmlu", "gsm8k", "wikitext"]},
     "study_file": '[study]\nname = "synthetic"  # <b>not html</b>\n',
@@ -54,7 +67,8 @@ def runs(tmp_path_factory):
     """Two runs of one study under one root: (root, first run folder, second run folder, items)."""
     root = tmp_path_factory.mktemp("artifacts")
     items = synthetic_items()
-    first = artifacts.write_run(root, "synthetic", items, MANIFEST, now=NOW, commit="abc1234def")
+    first = artifacts.write_run(root, "synthetic", items, MANIFEST, now=NOW, commit="abc1234def",
+                                bench=synthetic_bench(items))
     later = NOW.replace(hour=15)
     dense_only = synthetic_items(seed=1).filter(pl.col("strategy") == "dense")  # a run without charts
     second = artifacts.write_run(root, "synthetic", dense_only,
@@ -142,7 +156,7 @@ def test_every_page_inlines_the_vega_libraries_exactly_once(runs):
         assert not re.search(r"<script[^>]+src=|<link[^>]+href=\"?https?:", text), f"{page} loads from the network"
     report = (first / "report.html").read_text()
     assert len(report) < 1.5 * len(first.joinpath("charts/layer_sweep.html").read_text())
-    assert report.count('class="chart"') == 3
+    assert report.count('class="chart"') == 4  # layer sweep, sparsity, dense vs pruned, quality vs speed
     assert "no chart has data" in (second.joinpath("report.html").read_text())
     assert "&lt;b&gt;not html&lt;/b&gt;" in report  # the study file is shown, not interpreted
 
@@ -170,7 +184,11 @@ def test_index_lists_every_version_with_links_and_survives_a_broken_manifest(run
 def test_charts_derive_from_the_stored_summary_alone(runs):
     _, first, _, items = runs
     stored = pl.read_csv(first / "summary.csv", schema=summarize(items).schema)
-    specs = {name: chart.to_dict() for name, chart in charts.build_charts(stored).items()}
+    bench = pl.read_parquet(first / "bench.parquet")
+    specs = {name: chart.to_dict() for name, chart in charts.build_charts(stored, bench=bench).items()}
+    assert "quality_vs_speed" in specs
+    speedups = {r["variant"]: r["decode_speedup"] for r in inline_values(specs["quality_vs_speed"])}
+    assert speedups["dense"] == 1.0 and speedups["drop-layers[layers=1]"] == pytest.approx(4 / 3)
     report = (first / "report.html").read_text()
     embedded = json.loads(re.search(r'id="prunelab-chart-specs">(.*?)</script>', report, re.S).group(1))
     assert embedded == {f"chart-{name}": spec for name, spec in specs.items()}

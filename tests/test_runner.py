@@ -219,6 +219,9 @@ BAD_STUDIES = [
     ("contradicting pattern", '[[strategies]]\nname = "magnitude"\nsparsity = 30\npattern = "2:4"\n',
      "contradicts sparsity"),
     ("calibration unused", '[calibration]\nsamples = 8\n', "no strategy uses calibration"),
+    ("bench unknown key", '[bench]\nbatch = [1]\n', "unknown key(s) batch"),
+    ("bench bad lengths", '[bench]\nprompt_lengths = [0]\n', "prompt_lengths must be positive integers"),
+    ("bench bad repeats", '[bench]\nrepeats = "3"\n', "repeats must be a positive integer"),
 ]
 
 
@@ -418,3 +421,31 @@ def test_layer_sweep_in_the_runner_equals_one_pruned_model_per_variant(tiny_qwen
     gsm8k = got["task"] == "gsm8k"  # generated, one pruned model at a time either way
     assert got.filter(gsm8k)["generated"].to_list() == expected.filter(gsm8k)["generated"].to_list()
     assert len(set(lls[4 * k][0] for k in range(6))) == 6, "variants must differ from each other"
+
+
+def test_bench_records_each_variants_size_and_speed(tiny_qwen3, small_data, tmp_path, one_thread):
+    """``[bench]``: every variant measured once (swept ones too), as a table, a chart and a report section."""
+    strategies = '[[strategies]]\nname = "drop-layers"\nlayers = [0, 2]\n\n[[strategies]]\nname = "magnitude"\nsparsity = 50\n'
+    bench = "\n[bench]\nprompt_lengths = [8, 16]\nbatches = [1, 2]\nnew_tokens = 2\nrepeats = 1\n"
+    study = tmp_path / "tiny.toml"
+    study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace(
+        'tasks = ["mmlu", "gsm8k", "wikitext"]', 'tasks = ["wikitext"]') + bench)
+    run = runner.run_study(runner.load_study(study), tmp_path / "out")
+    table = pl.read_parquet(run / "bench.parquet")
+    assert table["variant"].to_list() == ["dense", "drop-layers[layers=0]", "drop-layers[layers=2]",
+                                          "magnitude[sparsity=50]"]
+    rows = {r["variant"]: r for r in table.iter_rows(named=True)}
+    dense = load_model(str(tiny_qwen3), dtype="float32")
+    layer_params = sum(p.numel() for p in dense.adapter.layers[0].parameters())
+    assert rows["dense"]["parameters"] == sum(p.numel() for p in dense.model.parameters())
+    assert rows["drop-layers[layers=0]"]["parameters"] == rows["dense"]["parameters"] - layer_params
+    assert rows["drop-layers[layers=2]"]["decoder_layers"] == 3 and rows["magnitude[sparsity=50]"]["decoder_layers"] == 4
+    assert rows["dense"]["decode_speedup"] == 1.0 and rows["dense"]["prefill_speedup"] == 1.0
+    for row in rows.values():
+        assert row["prefill_tokens_per_s_len8"] > 0 and row["prefill_tokens_per_s_len16"] > 0
+        assert row["decode_tokens_per_s_batch1"] > 0 and row["decode_tokens_per_s_batch2"] > 0
+        assert row["decode_speedup"] == pytest.approx(row["decode_tokens_per_s_batch1"]
+                                                      / rows["dense"]["decode_tokens_per_s_batch1"])
+    assert (run / "bench.csv").is_file() and (run / "charts" / "quality_vs_speed.html").is_file()
+    assert "Size and speed" in (run / "report.html").read_text()
+    assert json.loads((run / "manifest.json").read_text())["config"]["bench"]["batches"] == [1, 2]
