@@ -113,6 +113,7 @@ def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> Task
         records.append({
             "item_id": item.id, "subject": item.group, "category": SUBJECT_CATEGORY.get(item.group, "other"),
             "prediction": LETTERS[predicted], "target": LETTERS[item.data["answer"]],
+            "target_index": item.data["answer"],
             "correct": predicted == item.data["answer"], "loglikelihoods": lls,
         })
     acc, stderr = mean_and_stderr([float(r["correct"]) for r in records])

@@ -36,14 +36,19 @@ class Strategy:
     description: str
     prune: Callable[..., dict[str, Any]]
     options: tuple[Option, ...] = field(default_factory=tuple)
-    needs_calibration: bool = False
+    needs_calibration: bool | Callable[[Mapping[str, Any]], bool] = False
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"strategy '{self.name}'", self.options)
 
     def uses_calibration(self, options: Mapping[str, Any]) -> bool:
-        """Whether these options need calibration text: OWL's allocation does, even for magnitude."""
+        """Whether these options need calibration text: OWL's allocation does, even for magnitude.
+
+        ``needs_calibration`` may be a function of the options (drop-greedy guided by a task needs none).
+        """
+        if callable(self.needs_calibration):
+            return bool(self.needs_calibration(options))
         return self.needs_calibration or options.get("allocation") == "owl"
 
 

@@ -32,7 +32,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,11 +266,19 @@ def score_layers(adapter: Adapter, samples: torch.Tensor, metric: str,
 
 
 def plan_greedy(adapter: Adapter, samples: torch.Tensor, k: int) -> dict[str, Any]:
-    """Remove ``k`` layers one at a time, each time the one whose removal raises calibration perplexity least.
+    """Remove ``k`` layers one at a time, each time the one whose removal raises calibration perplexity least."""
+    return greedy_removal(adapter, k, lambda a: removal_perplexities(a, samples),
+                          calibration_perplexity(adapter, samples), "perplexity")
 
-    Every step re-scores the remaining layers on the model as it is now, and removes the chosen layer
-    for real (``surgery.drop_layers``), so later steps never pay for it again. Returns the surgery's
-    numbers with the original indices of the removed layers and every step's choice.
+
+def greedy_removal(adapter: Adapter, k: int, score_removals: Callable[[Adapter], dict[int, float]],
+                   baseline: float, score_name: str) -> dict[str, Any]:
+    """Remove ``k`` layers one at a time, each time the one with the lowest ``score_removals`` score.
+
+    Every step re-scores the remaining layers on the model as it is now (``score_removals`` maps each
+    current layer position to the score of the model without it; lower is better), and removes the
+    chosen layer for real (``surgery.drop_layers``), so later steps never pay for it again. Returns
+    the surgery's numbers with the original indices of the removed layers and every step's choice.
     """
     from .surgery import drop_layers
 
@@ -278,16 +286,59 @@ def plan_greedy(adapter: Adapter, samples: torch.Tensor, k: int) -> dict[str, An
     check_removal_count(k, before)
     alive = list(range(before))  # original index of each current layer
     steps = []
-    baseline = calibration_perplexity(adapter, samples)
     for _ in range(k):
-        ppl = removal_perplexities(adapter, samples)
-        position = min(ppl, key=lambda i: (ppl[i], i))
-        steps.append({"removed": alive[position], "perplexity": ppl[position]})
+        scores = score_removals(adapter)
+        position = min(scores, key=lambda i: (scores[i], i))
+        steps.append({"removed": alive[position], score_name: scores[position]})
         drop_layers(adapter, [position])
         del alive[position]
     dropped = sorted(step["removed"] for step in steps)
     return {"dropped_layers": dropped, "layers_before": before, "layers_after": len(adapter.layers),
-            "baseline_perplexity": baseline, "steps": steps}
+            f"baseline_{score_name}": baseline, "steps": steps}
+
+
+def task_loss(records: Sequence[Mapping[str, Any]]) -> float:
+    """A smooth lower-is-better number from a scoring task's per-item records, to rank removals.
+
+    On the handful of items a greedy step can afford, accuracy ties all the time; a loss does not.
+    Perplexity windows (``nll_sum``/``tokens``): the mean token NLL. Multiple choice
+    (``loglikelihoods`` and ``target_index``): the mean negative log-probability of the correct
+    choice among the choices (a softmax over their log-likelihoods).
+    """
+    if not records:
+        raise PrunelabError("the guide task selected no items")
+    first = records[0]
+    if first.get("nll_sum") is not None:
+        return sum(r["nll_sum"] for r in records) / sum(r["tokens"] for r in records)
+    if "loglikelihoods" in first and "target_index" in first:
+        losses = [-torch.log_softmax(torch.tensor(r["loglikelihoods"], dtype=torch.float64), 0)[r["target_index"]]
+                  for r in records]
+        return float(sum(losses) / len(losses))
+    raise PrunelabError("the guide task must score items (log-likelihoods or perplexity), not generate text")
+
+
+def task_removal_losses(adapter: Adapter, tokenizer, task, candidates: Iterable[int] | None = None,
+                        ) -> tuple[float, dict[int, float]]:
+    """The guide task's loss on the model as it is, and with each candidate layer (default: all) removed.
+
+    One ``LayerSweep`` over every layer: layers below the removed one are computed once for all
+    candidates, so a greedy step costs about half of evaluating each candidate on its own.
+    """
+    from .engine import Engine
+    from .evaluate import run_task
+    from .layersweep import LayerSweep
+
+    chosen = range(len(adapter.layers)) if candidates is None else candidates
+    sweep = LayerSweep(Engine(adapter.model, tokenizer, adapter), list(chosen))
+    losses = {i: task_loss(run_task(sweep.view(i), task).records) for i in sweep.removed}
+    return task_loss(run_task(sweep.view(None), task).records), losses
+
+
+def plan_greedy_by_task(adapter: Adapter, tokenizer, task, k: int) -> dict[str, Any]:
+    """Greedy removal guided by a small evaluation subset (``task``: a ``PreparedTask``) instead of calibration text."""
+    baseline, _ = task_removal_losses(adapter, tokenizer, task, candidates=[])
+    report = greedy_removal(adapter, k, lambda a: task_removal_losses(a, tokenizer, task)[1], baseline, "task_loss")
+    return {**report, "guide": task.evaluator.name, "guide_items": [item.id for item in task.items]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,3 +190,59 @@ def test_a_study_sweeps_k_for_each_plan(tiny_qwen3, tmp_path):
     path.write_text(study_text(tiny_qwen3, "[0, 1]"))
     with pytest.raises(PrunelabError, match="option 'k': must be at least 1"):
         load_study(path)
+
+
+def test_greedy_guided_by_an_evaluation_subset_follows_the_task_loss(tiny_loaded, tmp_path):
+    """Each step removes the layer whose removal gives the lowest MMLU choice loss, computed here by
+    evaluating every candidate as its own pruned model (no layer sweep) on the same guide items."""
+    import shutil
+
+    from prunelab.engine import Engine
+    from prunelab.evaluate import run_task
+    from prunelab.importance import task_loss
+    from prunelab.registry import default_registry
+    from prunelab.surgery import drop_layers
+    from prunelab_plugins.drop_greedy import guide_task
+
+    for split in ("test", "dev"):
+        (tmp_path / "mmlu" / split).mkdir(parents=True)
+        for subject in ("anatomy", "astronomy"):
+            shutil.copy(DATA / "mmlu" / split / f"{subject}_{split}.csv", tmp_path / "mmlu" / split)
+    options = {"guide": "mmlu", "guide_limit": 2, "guide_seqlen": 512, "data_dir": str(tmp_path)}
+    loaded = fresh(tiny_loaded)
+    report = prune(loaded, "drop-greedy", k=2, **options)  # no calibration needed with a task guide
+    task = guide_task(options, seed=0)
+    assert report["guide"] == "mmlu" and report["guide_items"] == [i.id for i in task.items] and len(task.items) == 4
+
+    reference = fresh(tiny_loaded)
+    alive = list(range(4))
+    for step in report["steps"]:
+        losses = {}
+        for position in range(len(alive)):
+            model = copy.deepcopy(reference.model)
+            drop_layers(model, [position])
+            losses[alive[position]] = task_loss(run_task(Engine(model, reference.tokenizer, adapt(model)), task).records)
+        assert step["removed"] == min(losses, key=lambda i: (losses[i], i)), losses
+        assert step["task_loss"] == pytest.approx(losses[step["removed"]], rel=1e-5)
+        position = alive.index(step["removed"])
+        drop_layers(reference.model, [position])
+        reference = dataclasses.replace(reference, adapter=adapt(reference.model))
+        del alive[position]
+    assert report["layers_after"] == 2 and sorted(s["removed"] for s in report["steps"]) == report["dropped_layers"]
+
+    strategy = default_registry().strategy("drop-greedy")
+    assert strategy.uses_calibration({"k": 2}) and not strategy.uses_calibration({"k": 2, "guide": "mmlu"})
+
+
+def test_task_loss_by_hand():
+    import math
+
+    from prunelab.importance import task_loss
+    lls = [math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.125)]  # already normalised
+    assert task_loss([{"loglikelihoods": lls, "target_index": 1}]) == pytest.approx(-math.log(0.25))
+    shifted = [x - 3 for x in lls]  # a softmax over the choices ignores a common shift
+    assert task_loss([{"loglikelihoods": shifted, "target_index": 0}, {"loglikelihoods": lls, "target_index": 1}]) \
+        == pytest.approx((-math.log(0.5) - math.log(0.25)) / 2)
+    assert task_loss([{"nll_sum": 6.0, "tokens": 3}, {"nll_sum": 2.0, "tokens": 1}]) == pytest.approx(2.0)
+    with pytest.raises(PrunelabError, match="generate"):
+        task_loss([{"generated": "42", "correct": True}])
