@@ -142,18 +142,9 @@ def layer_sweep_chart(rows: list[dict[str, Any]], strategy: str = LAYER_STRATEGY
 
 def sparsity_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
     """Accuracy and perplexity (log scale) vs sparsity per task: one line per strategy/order/pattern."""
-    sweep = [r for r in rows if r["strategy"] != DENSE and r["sparsity"] is not None]
-    if not sweep:
-        return None
     x = alt.X("sparsity:Q", title="sparsity (%)", scale=alt.Scale(domain=[0, 100]))
-    panels = []
-    for panel in dict.fromkeys(r["panel"] for r in sweep):
-        points = [r for r in sweep if r["panel"] == panel]
-        kind = points[0]["kind"]
-        title = f"{panel} (log scale)" if kind == "perplexity" else panel
-        panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "series", kind, title))
-    return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(
-        title="Prune weights: effect of sparsity on each task (95% CI bands, dashed = dense)")
+    return _series_sweep(rows, "sparsity", x,
+                         "Prune weights: effect of sparsity on each task (95% CI bands, dashed = dense)")
 
 
 def removal_plans_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
@@ -162,18 +153,23 @@ def removal_plans_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
     Answers "which K layers can go together": the plans (least important by a metric, best block,
     greedy) are compared at the same K on the same items.
     """
-    sweep = [r for r in rows if r["strategy"] != DENSE and r["layers_removed"] is not None]
+    x = alt.X("layers_removed:Q", title="layers removed (K)", axis=alt.Axis(tickMinStep=1, format="d"))
+    return _series_sweep(rows, "layers_removed", x,
+                         "Remove K layers together: each plan's effect on each task (95% CI bands, dashed = dense)")
+
+
+def _series_sweep(rows: list[dict[str, Any]], field: str, x: alt.X, title: str) -> alt.TopLevelMixin | None:
+    """One panel per task and metric, one line per series over ``field`` (the non-dense rows that have it)."""
+    sweep = [r for r in rows if r["strategy"] != DENSE and r[field] is not None]
     if not sweep:
         return None
-    x = alt.X("layers_removed:Q", title="layers removed (K)", axis=alt.Axis(tickMinStep=1, format="d"))
     panels = []
     for panel in dict.fromkeys(r["panel"] for r in sweep):
         points = [r for r in sweep if r["panel"] == panel]
         kind = points[0]["kind"]
-        title = f"{panel} (log scale)" if kind == "perplexity" else panel
-        panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "series", kind, title))
-    return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(
-        title="Remove K layers together: each plan's effect on each task (95% CI bands, dashed = dense)")
+        panel_title = f"{panel} (log scale)" if kind == "perplexity" else panel
+        panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "series", kind, panel_title))
+    return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(title=title)
 
 
 def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | None) -> alt.TopLevelMixin | None:
