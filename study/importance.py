@@ -201,15 +201,30 @@ def calibration_perplexity(adapter: Adapter, samples: torch.Tensor, skip: Iterab
     engine = Engine(adapter.model, None, adapter)
     with skipping(adapter, list(skip)):
         sums, counts = engine.window_nll(samples)
-    mean = sum(sums) / sum(counts)
-    return math.exp(mean) if mean < 700 else math.inf
+    return _perplexity(sums, counts)
 
 
 def removal_perplexities(adapter: Adapter, samples: torch.Tensor, candidates: Iterable[int] | None = None,
                          skip: Sequence[int] = ()) -> dict[int, float]:
-    """Calibration perplexity with each candidate layer skipped (on top of ``skip``), by layer index."""
-    chosen = range(len(adapter.layers)) if candidates is None else candidates
-    return {i: calibration_perplexity(adapter, samples, [*skip, i]) for i in chosen if i not in skip}
+    """Calibration perplexity with each candidate layer removed (on top of ``skip``), by layer index.
+
+    Without ``skip`` this runs one ``LayerSweep`` (layers below each candidate are computed once for
+    all candidates: about half the cost of a full pass per candidate); with ``skip``, a full pass per
+    candidate with the skipped layers made identities.
+    """
+    chosen = [i for i in (range(len(adapter.layers)) if candidates is None else candidates) if i not in skip]
+    if skip:
+        return {i: calibration_perplexity(adapter, samples, [*skip, i]) for i in chosen}
+    from .engine import Engine
+    from .layersweep import LayerSweep
+
+    sweep = LayerSweep(Engine(adapter.model, None, adapter), chosen)
+    return {i: _perplexity(*sweep.view(i).window_nll(samples)) for i in chosen}
+
+
+def _perplexity(sums: Sequence[float], counts: Sequence[int]) -> float:
+    mean = sum(sums) / sum(counts)
+    return math.exp(mean) if mean < 700 else math.inf
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from prunelab.importance import (
     importance_samples,
     importance_spec,
     layer_importance,
+    removal_perplexities,
     representation_stats,
     score_layers,
     spearman,
@@ -166,6 +167,9 @@ def test_skipping_equals_removing_the_layer(tiny, samples):
     from prunelab.surgery import drop_layers
 
     skipped = calibration_perplexity(tiny.adapter, samples, skip=[1])
+    swept = removal_perplexities(tiny.adapter, samples)  # the layer sweep, every layer at once
+    assert swept == pytest.approx({i: calibration_perplexity(tiny.adapter, samples, skip=[i]) for i in range(4)},
+                                  rel=1e-5)
     drop_layers(tiny, [1])
     assert skipped == pytest.approx(calibration_perplexity(tiny.adapter, samples), rel=1e-6)
 
