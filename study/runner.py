@@ -828,5 +828,7 @@ def timings(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
         "prune_s": {e["variant"]: e["seconds"] for e in events if e.get("event") == "prune"},
         "evaluate_s": pairs,
         "evaluate_total_s": round(math.fsum(s for tasks in pairs.values() for s in tasks.values()), 3),
+        # a layer-swept chunk computes every variant on its first one: that variant carries the time
+        "layer_sweep_s": round(math.fsum(e["seconds"] for e in events if e.get("event") == "chunk" and e.get("swept")), 3),
         "sessions": [{"id": key, **counts} for key, counts in sessions.items()],
     }
