@@ -215,11 +215,22 @@ def removal_perplexities(adapter: Adapter, samples: torch.Tensor, candidates: It
     chosen = [i for i in (range(len(adapter.layers)) if candidates is None else candidates) if i not in skip]
     if skip:
         return {i: calibration_perplexity(adapter, samples, [*skip, i]) for i in chosen}
+    return swept_perplexities(adapter, samples, chosen)[1]
+
+
+def swept_perplexities(adapter: Adapter, samples: torch.Tensor, candidates: Iterable[int] | None = None,
+                       ) -> tuple[float, dict[int, float]]:
+    """Calibration perplexity of the model as it is, and with each candidate (default: all) removed.
+
+    One ``LayerSweep``: its dense pass gives the first number, so no separate full pass is needed.
+    """
     from .engine import Engine
     from .layersweep import LayerSweep
 
+    chosen = list(range(len(adapter.layers)) if candidates is None else candidates)
     sweep = LayerSweep(Engine(adapter.model, None, adapter), chosen)
-    return {i: _perplexity(*sweep.view(i).window_nll(samples)) for i in chosen}
+    return (_perplexity(*sweep.view(None).window_nll(samples)),
+            {i: _perplexity(*sweep.view(i).window_nll(samples)) for i in chosen})
 
 
 def _perplexity(sums: Sequence[float], counts: Sequence[int]) -> float:
@@ -270,8 +281,7 @@ def score_layers(adapter: Adapter, samples: torch.Tensor, metric: str,
     if problem := check_metric(metric):
         raise PrunelabError(f"importance metric {metric!r}: {problem}")
     if metric == "ppl":
-        baseline = calibration_perplexity(adapter, samples)
-        removed = removal_perplexities(adapter, samples)
+        baseline, removed = swept_perplexities(adapter, samples)
         ppl = [removed[i] for i in range(len(adapter.layers))]
         return LayerScores("ppl", [p - baseline for p in ppl], {"baseline_perplexity": baseline, "perplexity": ppl})
     stats = stats or representation_stats(adapter, samples)
@@ -282,18 +292,18 @@ def score_layers(adapter: Adapter, samples: torch.Tensor, metric: str,
 
 def plan_greedy(adapter: Adapter, samples: torch.Tensor, k: int) -> dict[str, Any]:
     """Remove ``k`` layers one at a time, each time the one whose removal raises calibration perplexity least."""
-    return greedy_removal(adapter, k, lambda a: removal_perplexities(a, samples),
-                          calibration_perplexity(adapter, samples), "perplexity")
+    return greedy_removal(adapter, k, lambda a: swept_perplexities(a, samples), "perplexity")
 
 
-def greedy_removal(adapter: Adapter, k: int, score_removals: Callable[[Adapter], dict[int, float]],
-                   baseline: float, score_name: str) -> dict[str, Any]:
-    """Remove ``k`` layers one at a time, each time the one with the lowest ``score_removals`` score.
+def greedy_removal(adapter: Adapter, k: int, score_model: Callable[[Adapter], tuple[float, dict[int, float]]],
+                   score_name: str) -> dict[str, Any]:
+    """Remove ``k`` layers one at a time, each time the one with the lowest removal score.
 
-    Every step re-scores the remaining layers on the model as it is now (``score_removals`` maps each
-    current layer position to the score of the model without it; lower is better), and removes the
-    chosen layer for real (``surgery.drop_layers``), so later steps never pay for it again. Returns
-    the surgery's numbers with the original indices of the removed layers and every step's choice.
+    Every step re-scores the remaining layers on the model as it is now (``score_model`` returns the
+    model's own score and a map from each current layer position to the score without it; lower is
+    better; the first step's own score is the report's baseline), and removes the chosen layer for
+    real (``surgery.drop_layers``), so later steps never pay for it again. Returns the surgery's
+    numbers with the original indices of the removed layers and every step's choice.
     """
     from .surgery import drop_layers
 
@@ -301,8 +311,10 @@ def greedy_removal(adapter: Adapter, k: int, score_removals: Callable[[Adapter],
     check_removal_count(k, before)
     alive = list(range(before))  # original index of each current layer
     steps = []
+    baseline = None
     for _ in range(k):
-        scores = score_removals(adapter)
+        current, scores = score_model(adapter)
+        baseline = current if baseline is None else baseline
         position = min(scores, key=lambda i: (scores[i], i))
         steps.append({"removed": alive[position], score_name: scores[position]})
         drop_layers(adapter, [position])
@@ -332,9 +344,8 @@ def task_loss(records: Sequence[Mapping[str, Any]]) -> float:
     raise PrunelabError("the guide task must score items (log-likelihoods or perplexity), not generate text")
 
 
-def task_removal_losses(adapter: Adapter, tokenizer, task, candidates: Iterable[int] | None = None,
-                        ) -> tuple[float, dict[int, float]]:
-    """The guide task's loss on the model as it is, and with each candidate layer (default: all) removed.
+def task_removal_losses(adapter: Adapter, tokenizer, task) -> tuple[float, dict[int, float]]:
+    """The guide task's loss on the model as it is, and with each layer removed.
 
     One ``LayerSweep`` over every layer: layers below the removed one are computed once for all
     candidates, so a greedy step costs about half of evaluating each candidate on its own.
@@ -343,16 +354,14 @@ def task_removal_losses(adapter: Adapter, tokenizer, task, candidates: Iterable[
     from .evaluate import run_task
     from .layersweep import LayerSweep
 
-    chosen = range(len(adapter.layers)) if candidates is None else candidates
-    sweep = LayerSweep(Engine(adapter.model, tokenizer, adapter), list(chosen))
+    sweep = LayerSweep(Engine(adapter.model, tokenizer, adapter), range(len(adapter.layers)))
     losses = {i: task_loss(run_task(sweep.view(i), task).records) for i in sweep.removed}
     return task_loss(run_task(sweep.view(None), task).records), losses
 
 
 def plan_greedy_by_task(adapter: Adapter, tokenizer, task, k: int) -> dict[str, Any]:
     """Greedy removal guided by a small evaluation subset (``task``: a ``PreparedTask``) instead of calibration text."""
-    baseline, _ = task_removal_losses(adapter, tokenizer, task, candidates=[])
-    report = greedy_removal(adapter, k, lambda a: task_removal_losses(a, tokenizer, task)[1], baseline, "task_loss")
+    report = greedy_removal(adapter, k, lambda a: task_removal_losses(a, tokenizer, task), "task_loss")
     return {**report, "guide": task.evaluator.name, "guide_items": [item.id for item in task.items]}
 
 
