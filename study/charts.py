@@ -17,6 +17,7 @@ import altair as alt
 import polars as pl
 
 from .stats import DENSE
+from .surgery import single_layer
 
 LAYER_STRATEGY = "drop-layers"
 SWEPT = {"sparsity", "k"}  # the x axis of a sweep, never part of a series' label
@@ -79,15 +80,7 @@ def _finite(value: Any) -> Any:
 
 def removed_layer(params: dict[str, Any]) -> int | None:
     """The one removed layer of a single-layer removal, else None (multi-layer removals are not a sweep)."""
-    layers = params.get("layers")
-    if isinstance(layers, str):
-        layers = [part for part in layers.split(",") if part.strip()]
-    if isinstance(layers, list):
-        layers = layers[0] if len(layers) == 1 else None
-    try:
-        return int(layers) if layers is not None else None
-    except (TypeError, ValueError):
-        return None
+    return single_layer(params.get("layers"))
 
 
 def layers_removed(params: dict[str, Any]) -> int | None:

@@ -55,7 +55,7 @@ from .modeling import LoadedModel, choose_device, choose_dtype, load_model, sour
 from .pruning import prune, validate_options
 from .registry import Registry, default_registry
 from .stats import DENSE
-from .surgery import parse_layer_indices
+from .surgery import parse_layer_indices, single_layer
 from .tasks import Item, TaskResult
 
 EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
@@ -762,10 +762,7 @@ class _Session:
 
 def removed_layer(variant: Variant) -> int | None:
     """The one layer a ``drop-layers`` variant removes, or None for any other variant."""
-    if variant.strategy != "drop-layers":
-        return None
-    layers = parse_layer_indices(variant.params["layers"])
-    return layers[0] if len(layers) == 1 else None
+    return single_layer(variant.params.get("layers")) if variant.strategy == "drop-layers" else None
 
 
 def model_revision(loaded: LoadedModel | None) -> str | None:

@@ -80,6 +80,17 @@ def parse_layer_indices(spec: str | Iterable[int]) -> LayerIndices:
         raise PrunelabError(f"layers {spec!r}: {exc}") from None
 
 
+def single_layer(spec: Any) -> int | None:
+    """The index when ``spec`` names exactly one layer (``3``, ``[3]``, ``"3"``), else None (also for bad specs)."""
+    if spec is None:
+        return None
+    try:
+        indices = LayerIndices(spec)
+    except ValueError:
+        return None
+    return indices[0] if len(indices) == 1 else None
+
+
 def check_layer_spec(spec: str) -> str | None:
     """Option check: the message for an unreadable index list, or None (for ``Option(check=...)``)."""
     try:
