@@ -357,5 +357,8 @@ def bench_rows(measured: Sequence[tuple[str, str, str, dict[str, Any]]]):
     dense = frame.filter(pl.col("strategy") == "dense")
     for name, column in (("prefill_speedup", prefill), ("decode_speedup", decode)):
         base = dense[column][0] if len(dense) else None
-        frame = frame.with_columns((pl.col(column) / base if base else pl.lit(None, pl.Float64)).alias(name))
+        # Divided in Python, not as a Polars expression: Polars multiplies by 1/base, which leaves
+        # the dense row at 0.9999999999999999 instead of exactly 1.
+        ratios = [value / base if base and value is not None else None for value in frame[column].to_list()]
+        frame = frame.with_columns(pl.Series(name, ratios, dtype=pl.Float64))
     return frame
