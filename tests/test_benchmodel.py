@@ -115,6 +115,41 @@ def test_semi_structured_refuses_on_cpu(tiny_qwen3, capsys):
     assert len([line for line in err.splitlines() if line.strip()]) == 1
 
 
+def test_semi_structured_converts_exactly_the_2_4_linears(tiny_qwen3, monkeypatch):
+    """Which weights go to the 2:4 kernels, checked on CPU with a stand-in for the CUDA-only converter.
+
+    The real ``to_sparse_semi_structured`` needs a GPU; the selection around it (2:4 weights
+    converted, others kept dense and listed, a kernel refusal kept dense with its reason) does not.
+    """
+    import prunelab.benchmodel as benchmodel
+
+    loaded = load_model(str(tiny_qwen3), dtype="float32")
+    adapter = loaded.adapter
+    prune(loaded.model, "magnitude", sparsity=50, pattern="2:4")
+    dense_name = "mlp.down_proj"
+    torch.nn.init.normal_(adapter.linear_modules(1)[dense_name].weight)  # layer 1's down_proj: dense again
+    refused = adapter.linear_modules(2)["self_attn.q_proj"].weight
+
+    def fake_converter(weight):
+        if weight.data_ptr() == refused.data_ptr():
+            raise RuntimeError("shape not supported by the kernel\nsecond line")
+        return weight.clone()
+
+    monkeypatch.setattr(benchmodel, "_device", lambda adapter: torch.device("cuda"))
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", fake_converter)
+    linears = sum(len(adapter.linear_modules(i)) for i in range(adapter.num_layers))
+    report = convert_semi_structured(adapter)
+    assert report["skipped"] == {f"layers.1.{dense_name}": "not 2:4 sparse",
+                                 "layers.2.self_attn.q_proj": "shape not supported by the kernel"}
+    assert report["converted"] == linears - 2
+
+    for index in range(adapter.num_layers):
+        for module in adapter.linear_modules(index).values():
+            torch.nn.init.normal_(module.weight)
+    with pytest.raises(PrunelabError, match="prune with --pattern 2:4 first"):
+        convert_semi_structured(adapter)
+
+
 def test_bench_model_cli_writes_json(tiny_qwen3, tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench-model", str(tiny_qwen3), "--device", "cpu", "--dtype", "float32", "--prompt-lengths", "8",
