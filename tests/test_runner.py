@@ -340,14 +340,15 @@ def test_paths_are_relative_to_the_study_file_and_variables_expand(tmp_path, mon
     assert runner.load_study(path).model == "Qwen/Qwen3-0.6B"  # a Hub id is left alone
 
 
-@pytest.mark.parametrize("name", ["seed", "smoke", "qwen2.5-layers", "qwen2.5-sparsity"])
+@pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "studies").glob("*.toml")))
 def test_shipped_studies_validate(name):
     study = runner.load_study(ROOT / "studies" / f"{name}.toml")
     assert study.name == name
     variants = runner.expand_variants(study, num_layers=28 if name == "seed" else 30)
     strategies = {v.strategy for v in variants}
     expected = {"qwen2.5-layers": {"dense", "drop-layers"},
-                "qwen2.5-sparsity": {"dense", "magnitude", "wanda", "sparsegpt"}}
+                "qwen2.5-sparsity": {"dense", "magnitude", "wanda", "sparsegpt"},
+                "qwen2.5-mmlu": {"dense", "drop-layers", "magnitude", "wanda"}}
     assert expected.get(name, {"dense", "drop-layers", "magnitude"}) <= strategies
     if name == "seed":
         assert study.model == "Qwen/Qwen3-0.6B"
