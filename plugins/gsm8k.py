@@ -13,7 +13,7 @@ from typing import Any
 
 from prunelab.data import DataSource, Subset, load_hub_split, read_jsonl
 from prunelab.engine import Engine, GenerationRequest
-from prunelab.hookspecs import Evaluator, hookimpl
+from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
 from prunelab.options import Option
 from prunelab.tasks import Item, TaskResult, mean_and_stderr
 
@@ -104,6 +104,8 @@ def prunelab_evaluators() -> list[Evaluator]:
         load_items=load_items,
         evaluate=evaluate,
         generates=True,
+        metrics=(MetricSpec("exact_match_strict", "accuracy", "correct_strict", label="exact match (strict)"),
+                 MetricSpec("exact_match_flexible", "accuracy", "correct_flexible", label="exact match (flexible)")),
         options=(
             Option("num_fewshot", int, 5, "few-shot examples (first k of train)",
                    check=lambda v: None if 0 <= v <= 5 else "must be between 0 and 5"),

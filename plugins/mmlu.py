@@ -14,7 +14,7 @@ from typing import Any
 from prunelab.data import DataSource, Subset, load_hub_split, read_csv_rows
 from prunelab.engine import Engine, LoglikelihoodRequest
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Evaluator, hookimpl
+from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
 from prunelab.options import Option
 from prunelab.tasks import Item, TaskResult, mean_and_stderr
 
@@ -142,6 +142,7 @@ def prunelab_evaluators() -> list[Evaluator]:
         description="MMLU multiple choice, lm-eval format, k-shot from the dev split (accuracy)",
         load_items=load_items,
         evaluate=evaluate,
+        metrics=(MetricSpec("acc", "accuracy", "correct", label="accuracy"),),
         options=(Option("num_fewshot", int, 5, "few-shot examples per subject (first k of dev)",
                         check=lambda v: None if 0 <= v <= 5 else "must be between 0 and 5"),),
     )]

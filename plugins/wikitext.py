@@ -16,7 +16,7 @@ import torch
 from prunelab.data import DataSource, Subset, load_hub_split
 from prunelab.engine import Engine
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Evaluator, hookimpl
+from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
 from prunelab.options import Option
 from prunelab.tasks import Item, TaskResult
 
@@ -87,6 +87,7 @@ def prunelab_evaluators() -> list[Evaluator]:
         description="WikiText-2 test perplexity over non-overlapping windows",
         load_items=load_items,
         evaluate=evaluate,
+        metrics=(MetricSpec("perplexity", "perplexity", higher_is_better=False, label="perplexity"),),
         options=(Option("seqlen", int, 2048, "window length in tokens",
                         check=lambda v: None if v >= 2 else "must be at least 2"),),
     )]

@@ -50,6 +50,7 @@ from .data import DataSource, Subset
 from .engine import Engine
 from .errors import PrunelabError
 from .evaluate import PreparedTask, prepare_tasks, run_task
+from .hookspecs import MetricSpec
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import prune, validate_options
@@ -69,8 +70,8 @@ TASK_OPTION_KEYS = {"num_fewshot", "seqlen", "max_new_tokens"}  # common setting
 EVALUATION_KEYS = SUBSET_KEYS | TASK_OPTION_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
                                                     "data_dir", "chunk_items"}
 CORE_COLUMNS = {"variant": pl.String, "strategy": pl.String, "params": pl.String, "task": pl.String,
-                "metric": pl.String, "item_id": pl.String, "correct": pl.Boolean, "nll_sum": pl.Float64,
-                "tokens": pl.Int64}
+                "metric": pl.String, "item_id": pl.String, "correct": pl.Boolean, "value": pl.Float64,
+                "nll_sum": pl.Float64, "tokens": pl.Int64}
 
 
 # ---------------------------------------------------------------------------------------- study files
@@ -424,26 +425,35 @@ def chunk_task(task: PreparedTask, start: int, stop: int) -> PreparedTask:
 
 
 # ---------------------------------------------------------------------------------------- per-item rows
-def item_rows(variant: Variant, task: str, result: TaskResult) -> pl.DataFrame:
-    """The runner's per-item table rows of one chunk: one row per item and metric (see ``stats``)."""
+def item_rows(variant: Variant, task: str, result: TaskResult, metrics: tuple[MetricSpec, ...] = ()) -> pl.DataFrame:
+    """The runner's per-item table rows of one chunk: one row per item and metric (see ``stats``).
+
+    ``metrics``: what the evaluator declares (``Evaluator.metrics``); without a declaration the
+    metrics are guessed from the record keys, as for plugins written before declarations existed.
+    """
     if not result.records:
         return pl.DataFrame(schema=CORE_COLUMNS)
-    metrics = metric_columns(task, result)
+    specs = metrics or metric_columns(task, result)
+    fields = {spec.field for spec in specs if spec.field}
     rows = []
     for record in result.records:
         extras = {k: _flat(v) for k, v in record.items()
-                  if k not in CORE_COLUMNS and not k.startswith("correct")}
-        for metric, column in metrics.items():
+                  if k not in CORE_COLUMNS and k not in fields and not k.startswith("correct")}
+        for spec in specs:
+            per_item = record.get(spec.field) if spec.field else None
             rows.append({**extras, "variant": variant.name, "strategy": variant.strategy,
-                         "params": variant.params_json, "task": task, "metric": metric,
-                         "item_id": str(record["item_id"]), "correct": record.get(column) if column else None,
-                         "nll_sum": record.get("nll_sum"), "tokens": record.get("tokens")})
+                         "params": variant.params_json, "task": task, "metric": spec.name,
+                         "item_id": str(record["item_id"]),
+                         "correct": per_item if spec.kind == "accuracy" else None,
+                         "value": float(per_item) if spec.kind == "mean" and per_item is not None else None,
+                         "nll_sum": record.get("nll_sum") if spec.kind == "perplexity" else None,
+                         "tokens": record.get("tokens") if spec.kind == "perplexity" else None})
     frame = pl.DataFrame(rows, infer_schema_length=None, schema_overrides=CORE_COLUMNS)
     return frame.select(*CORE_COLUMNS, pl.exclude(*CORE_COLUMNS))
 
 
-def metric_columns(task: str, result: TaskResult) -> dict[str, str | None]:
-    """Metric name -> the record field holding per-item correctness (None: a perplexity window).
+def metric_columns(task: str, result: TaskResult) -> tuple[MetricSpec, ...]:
+    """The metrics of an evaluator that declares none, guessed from its records.
 
     ``correct_<x>`` fields (GSM8K's strict/flexible) map to the task metric ending in ``_<x>``;
     otherwise ``correct`` maps to the task's first metric (MMLU's ``acc``); NLL windows to perplexity.
@@ -453,11 +463,12 @@ def metric_columns(task: str, result: TaskResult) -> dict[str, str | None]:
     named = [k for k in first if k.startswith("correct_")]
     if named:
         suffixes = [k.removeprefix("correct_") for k in named]
-        return {next((m for m in names if m.endswith(f"_{s}")), f"correct_{s}"): k for s, k in zip(suffixes, named, strict=True)}
+        return tuple(MetricSpec(next((m for m in names if m.endswith(f"_{s}")), f"correct_{s}"), "accuracy", k)
+                     for s, k in zip(suffixes, named, strict=True))
     if first.get("correct") is not None:
-        return {names[0] if names else "acc": "correct"}
+        return (MetricSpec(names[0] if names else "acc", "accuracy", "correct"),)
     if "nll_sum" in first and "tokens" in first:
-        return {"perplexity": None}
+        return (MetricSpec("perplexity", "perplexity", higher_is_better=False),)
     raise PrunelabError(f"task {task}: its records have neither 'correct' nor 'nll_sum'/'tokens'")
 
 
@@ -755,7 +766,7 @@ class _Session:
         begun = time.perf_counter()
         result = run_task(engine, chunk_task(self.tasks[task], start, stop), self.reporter.advance)
         path = self.work.chunk(variant, task, index)
-        self.work.write_chunk(path, item_rows(variant, task, result))
+        self.work.write_chunk(path, item_rows(variant, task, result, self.tasks[task].evaluator.metrics))
         self.work.log(event="chunk", variant=variant.name, task=task, chunk=index, items=stop - start,
                       seconds=round(time.perf_counter() - begun, 3), swept=swept)
 

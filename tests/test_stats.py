@@ -1,22 +1,31 @@
-"""Statistics against hand-computed and published values (Wilson CI, exact McNemar, summary)."""
+"""Statistics against hand-computed, published and scipy values (Wilson CI, exact McNemar, sign-flip, summary)."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import polars as pl
 import pytest
+from scipy import stats as sps
 
 from prunelab.errors import PrunelabError
 from prunelab.stats import (
-    bootstrap_perplexity_interval,
+    SIGN_FLIP_EXACT,
+    SIGN_FLIP_MC,
+    UNDERPOWERED,
+    format_p,
+    harm_order,
     holm_adjust,
     mcnemar_exact,
-    paired_bootstrap_p_value,
+    newcombe_paired_interval,
     paired_comparison,
     perplexity,
+    sign_flip_min_p,
+    sign_flip_test,
     summarize,
+    t_interval,
     wilson_interval,
 )
 
@@ -93,15 +102,60 @@ def test_perplexity_is_token_weighted():
     assert perplexity([2.0, 40.0], [2, 20]) == pytest.approx(math.exp(42 / 22))
 
 
-def test_perplexity_bootstrap_interval_and_paired_test():
-    nll = [2.0 * 64, 2.2 * 64, 1.9 * 64, 2.4 * 64, 2.1 * 64]
-    tokens = [64] * 5
-    low, high = bootstrap_perplexity_interval(nll, tokens)
-    assert low < perplexity(nll, tokens) < high
-    assert math.exp(1.9) <= low and high <= math.exp(2.4)
-    assert paired_bootstrap_p_value(nll, nll, tokens) == 1.0
-    worse = [x + 0.1 * 64 for x in nll]  # every window worse: every resample says so
-    assert paired_bootstrap_p_value(nll, worse, tokens, samples=1000) == pytest.approx(1 / 1000)
+@pytest.mark.parametrize("n", [2, 5, 8, 12])
+def test_exact_sign_flip_matches_scipy_permutation_test(n):
+    d = np.random.default_rng(n).normal(0.3, 1.0, size=n)
+    p, exact = sign_flip_test(d)
+    reference = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue
+    assert exact and p == pytest.approx(reference, rel=1e-12)
+
+
+def test_exact_sign_flip_hand_values():
+    # every window worse: only the observed pattern (and its mirror) is as extreme, p = 2 / 2^8
+    assert sign_flip_test(np.full(8, 0.1)) == (pytest.approx(2 / 256), True)
+    assert sign_flip_min_p(8) == 2 / 256 and sign_flip_min_p(20) == 2 / 2**20
+    # 7 of 8 the same size up, one down: 1 + 8 patterns with sum >= 6 of 256, doubled
+    assert sign_flip_test(np.array([1.0] * 7 + [-1.0]))[0] == pytest.approx(2 * 9 / 256)
+    assert sign_flip_test(np.zeros(8))[0] == 1.0  # no difference at all
+    assert sign_flip_test(np.array([3.0]))[0] == 1.0  # one window can never be significant
+
+
+def test_monte_carlo_sign_flip_above_twenty_pairs():
+    d = np.random.default_rng(3).normal(0.4, 1.0, size=30)
+    p, exact = sign_flip_test(d, resamples=9999)
+    assert not exact
+    assert (p * 10000 / 2) == pytest.approx(round(p * 10000 / 2))  # p = 2 (k+1) / (B+1)
+    reference = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999, rng=1).pvalue
+    assert p == pytest.approx(reference, abs=0.006)  # two Monte-Carlo estimates of the same p
+    assert sign_flip_test(np.ones(30), resamples=999)[0] == pytest.approx(2 / 1000)  # never below (k+1)/(B+1)
+    assert sign_flip_min_p(30, 999) == pytest.approx(2 / 1000)
+
+
+def test_t_interval_matches_scipy():
+    x = np.array([2.1, 2.4, 1.9, 2.6, 2.2, 2.0, 2.3, 2.8])
+    reference = sps.ttest_1samp(x, 0).confidence_interval(0.95)
+    assert t_interval(x) == pytest.approx((reference.low, reference.high), rel=1e-12)
+    assert t_interval([1.0]) == (None, None) and t_interval([2.0, 2.0]) == (2.0, 2.0)
+
+
+def test_newcombe_paired_interval():
+    # no discordant pairs and no spread: the difference 0 lies inside a narrow interval
+    low, high = newcombe_paired_interval(30, 0, 0, 27)
+    assert low < 0 < high and high - low < 0.15
+    low, high = newcombe_paired_interval(20, 9, 1, 10)  # dense 29/40, variant 21/40
+    assert low < -8 / 40 < high < 0  # a drop: the whole interval below zero
+    low2, high2 = newcombe_paired_interval(20, 1, 9, 10)  # the mirror image
+    assert (low2, high2) == pytest.approx((-high, -low))
+
+
+@pytest.mark.parametrize(("p", "text"), [
+    (0.0004, "< 0.001"), (1e-30, "< 0.001"), (2 / 256, "0.0078"), (0.0312, "0.031"), (0.25, "0.25"),
+    (1.0, "1"), (None, "—"),
+])
+def test_p_values_are_never_printed_below_their_resolution(p, text):
+    assert format_p(p) == text
+    assert format_p(2 / 10000, at_floor=True) == "< 0.001"
+    assert format_p(2 / 1000, at_floor=True) == "≤ 0.002"
 
 
 def item_rows(variant, strategy, params, task, metric, correct_by_id):
@@ -157,9 +211,16 @@ def test_summary_of_a_hand_made_table():
     assert dense_ppl["perplexity"] == pytest.approx(math.exp(630 / 300))
     assert pruned_ppl["perplexity"] == pytest.approx(math.exp(780 / 300))
     assert pruned_ppl["diff_vs_dense"] == pytest.approx(math.exp(780 / 300) - math.exp(630 / 300))
+    assert pruned_ppl["rel_change"] == pytest.approx(math.exp(150 / 300) - 1)
     assert pruned_ppl["ci_low"] <= pruned_ppl["perplexity"] <= pruned_ppl["ci_high"]
-    assert pruned_ppl["significant_drop"] is True  # worse on every window
-    assert pruned_ppl["test"].startswith("paired bootstrap")
+    assert pruned_ppl["rel_ci_low"] - 1e-12 <= pruned_ppl["rel_change"] <= pruned_ppl["rel_ci_high"] + 1e-12
+    # worse on every window, but 3 windows have only 8 sign patterns: p = 2/8 at best
+    assert pruned_ppl["p_value"] == pytest.approx(0.25) and pruned_ppl["min_p"] == pytest.approx(0.25)
+    assert pruned_ppl["test"] == SIGN_FLIP_EXACT
+    assert pruned_ppl["underpowered"] is True and pruned_ppl["verdict"] == UNDERPOWERED
+    assert pruned_ppl["significant_drop"] is False
+    assert pruned["verdict"] == "worse" and pruned["underpowered"] is False
+    assert pruned["diff_ci_low"] <= pruned["diff_vs_dense"] <= pruned["diff_ci_high"] < 0
 
 
 def test_summary_adjusts_p_values_across_the_variants_of_a_task():
@@ -175,7 +236,9 @@ def test_summary_adjusts_p_values_across_the_variants_of_a_task():
     assert summary["p_value"].to_list() == pytest.approx([1.0, 22 / 1024, 0.5, 0.453125])
     # sorted: 3 x 22/1024, 2 x 0.453125, max(1 x 0.5, 0.90625)
     assert summary["p_holm"].to_list()[1:] == pytest.approx([66 / 1024, 0.90625, 0.90625])
-    assert summary["significant_drop"].to_list() == [False, True, False, False]
+    # Holm decides: 66/1024 > 0.05, so no variant is significantly worse
+    assert summary["significant_drop"].to_list() == [False, False, False, False]
+    assert summary["verdict"].to_list() == ["dense baseline"] + ["no detectable change"] * 3
 
 
 def test_summary_without_dense_leaves_the_comparison_empty():
@@ -197,3 +260,64 @@ def test_summary_without_dense_leaves_the_comparison_empty():
 def test_summary_rejects_inconsistent_tables(mutate, message):
     with pytest.raises(PrunelabError, match=message):
         summarize(mutate(hand_table()))
+
+
+def test_perplexity_verdicts_follow_holm_and_power():
+    """8 windows cannot survive Holm over 24 variants (24 x 2/256 > 0.05); 12 windows can."""
+    def table(windows, variants):
+        rows = ppl_rows("dense", "dense", {}, {f"w{i}": 200.0 + i for i in range(windows)})
+        for v in range(variants):
+            rows += ppl_rows(f"drop-layers[layers={v}]", "drop-layers", {"layers": v},
+                             {f"w{i}": 260.0 + i + v for i in range(windows)})
+        return summarize(frame(rows))
+
+    eight = table(8, 24).filter(pl.col("strategy") != "dense")
+    assert eight["p_value"].to_list() == pytest.approx([2 / 256] * 24)
+    assert set(eight["verdict"]) == {UNDERPOWERED} and not eight["significant_drop"].any()
+    twelve = table(12, 24).filter(pl.col("strategy") != "dense")
+    assert set(twelve["verdict"]) == {"worse"} and twelve["significant_drop"].all()
+    assert twelve["mdd"].drop_nulls().len() == 24
+
+
+def test_gsm8k_with_eight_problems_and_dense_one_right_is_underpowered():
+    dense = {f"q{i}": i == 0 for i in range(8)}
+    variant = {f"q{i}": False for i in range(8)}  # lost the only one: still p = 1
+    row = summarize(frame(item_rows("dense", "dense", {}, "gsm8k", "exact_match_strict", dense)
+                          + item_rows("x", "magnitude", {"sparsity": 50}, "gsm8k", "exact_match_strict", variant))).row(1, named=True)
+    assert row["min_p"] == 1.0 and row["underpowered"] is True and row["verdict"] == UNDERPOWERED
+    assert row["mdd"] is None  # no drop could be detected at all
+
+
+def test_accuracy_minimum_detectable_drop():
+    dense = {f"q{i}": i < 40 for i in range(57)}
+    rows = item_rows("dense", "dense", {}, "mmlu", "acc", dense)
+    for v in range(3):
+        rows += item_rows(f"v{v}", "magnitude", {"sparsity": v}, "mmlu", "acc", dense)
+    summary = summarize(frame(rows)).filter(pl.col("strategy") != "dense")
+    # 3 comparisons: 3 x 2/2^b <= 0.05 needs b >= 7 lost items (3 x 2/128 = 0.047)
+    assert summary["mdd"].to_list() == pytest.approx([-7 / 57] * 3)
+    assert set(summary["verdict"]) == {"no detectable change"}
+
+
+def test_a_declared_mean_metric_is_compared_generically():
+    """A third-party evaluator's float per item (lower is better here): sign-flip test and t intervals."""
+    def rows(variant, strategy, values):
+        return [dict(variant=variant, strategy=strategy, params="{}", task="fake", metric="kl_mean",
+                     item_id=f"i{i}", correct=None, value=v, nll_sum=None, tokens=None) for i, v in enumerate(values)]
+    dense = [0.0] * 10
+    worse = [0.5, 0.7, 0.4, 0.9, 0.6, 0.5, 0.8, 0.3, 0.6, 0.7]
+    same = [0.01, -0.01, 0.02, -0.02, 0.0, 0.01, -0.01, 0.0, 0.02, -0.02]
+    summary = summarize(frame(rows("dense", "dense", dense) + rows("a", "x", worse) + rows("b", "x", same)),
+                        metrics={("fake", "kl_mean"): {"kind": "mean", "higher_is_better": False, "label": "KL"}})
+    dense_row, a, b = summary.iter_rows(named=True)
+    assert (a["kind"], a["label"], a["higher_is_better"]) == ("mean", "KL", False)
+    assert a["value"] == pytest.approx(np.mean(worse)) and a["diff_vs_dense"] == pytest.approx(np.mean(worse))
+    reference = sps.ttest_1samp(worse, 0).confidence_interval(0.95)
+    assert (a["diff_ci_low"], a["diff_ci_high"]) == pytest.approx((reference.low, reference.high))
+    assert a["p_value"] == pytest.approx(2 / 1024) and a["p_holm"] == pytest.approx(4 / 1024)
+    assert a["verdict"] == "worse" and a["significant_drop"] is True
+    assert b["verdict"] == "no detectable change" and a["rel_change"] is None  # dense is 0: no relative change
+    assert harm_order(summary)["variant"].to_list() == ["dense", "a", "b"]
+    # without the declaration the kind follows the filled column; the direction defaults to higher = better
+    guessed = summarize(frame(rows("dense", "dense", dense) + rows("a", "x", worse)))
+    assert guessed["kind"].to_list() == ["mean", "mean"] and guessed["verdict"][1] == "better"
