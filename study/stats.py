@@ -74,48 +74,60 @@ SUMMARY_SCHEMA = {
 
 
 # ------------------------------------------------------------------------------------------ accuracy
-def wilson_interval(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval for k successes in n trials (scipy's ``binomtest``).
+def wilson_interval(k: Any, n: Any, confidence: float = CONFIDENCE) -> tuple[Any, Any]:
+    """Wilson score interval for k successes in n trials (scalars, or arrays element-wise).
 
     Unlike the normal (Wald) interval it stays inside [0, 1] and does not collapse to a point at
-    0/n or n/n, which matters for pruned models that score near zero.
+    0/n or n/n, which matters for pruned models that score near zero. The closed form, so it
+    vectorises; the tests check it against scipy's ``binomtest(...).proportion_ci("wilson")``.
     """
-    if n <= 0 or not 0 <= k <= n:
+    k_arr, n_arr = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    if np.any(n_arr <= 0) or np.any(k_arr < 0) or np.any(k_arr > n_arr):
         raise ValueError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
-    ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence, method="wilson")
-    return max(0.0, float(ci.low)), min(1.0, float(ci.high))
+    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    p, z2 = k_arr / n_arr, z * z
+    denominator = 1 + z2 / n_arr
+    centre = (p + z2 / (2 * n_arr)) / denominator
+    half = z * np.sqrt(p * (1 - p) / n_arr + z2 / (4 * n_arr * n_arr)) / denominator
+    low, high = np.maximum(0.0, centre - half), np.minimum(1.0, centre + half)
+    return (float(low), float(high)) if low.ndim == 0 else (low, high)
 
 
-def mcnemar_exact(b: int, c: int) -> float:
+def mcnemar_exact(b: Any, c: Any) -> Any:
     """Two-sided exact McNemar p-value: binomial test of b vs c discordant pairs at p = 1/2.
 
-    No discordant pairs means no evidence, p = 1.
+    2 x the smaller binomial tail, capped at 1 (what scipy's ``binomtest`` gives at p = 1/2;
+    scalars or arrays). No discordant pairs means no evidence, p = 1.
     """
-    if b < 0 or c < 0:
+    b_arr, c_arr = np.asarray(b), np.asarray(c)
+    if np.any(b_arr < 0) or np.any(c_arr < 0):
         raise ValueError(f"discordant counts must be non-negative, got b={b}, c={c}")
-    if b + c == 0:
-        return 1.0
-    return float(sps.binomtest(int(b), int(b + c), 0.5).pvalue)
+    p = np.minimum(1.0, 2 * sps.binom.cdf(np.minimum(b_arr, c_arr), b_arr + c_arr, 0.5))
+    p = np.where(b_arr + c_arr == 0, 1.0, p)
+    return float(p) if p.ndim == 0 else p
 
 
-def newcombe_paired_interval(both: int, lost: int, gained: int, neither: int,
-                             confidence: float = CONFIDENCE) -> tuple[float, float]:
+def newcombe_paired_interval(both: Any, lost: Any, gained: Any, neither: Any,
+                             confidence: float = CONFIDENCE) -> tuple[Any, Any]:
     """Interval for other - base accuracy on paired items: Newcombe (1998) method 10.
 
     Combines the two Wilson intervals with the correlation of the pairs; unlike a Wald interval it
-    keeps its coverage at small n and near 0 or 1. ``lost``: base right, other wrong.
+    keeps its coverage at small n and near 0 or 1. ``lost``: base right, other wrong. Scalars or arrays.
     """
-    n = both + lost + gained + neither
-    base, other = (both + lost) / n, (both + gained) / n
-    l1, u1 = wilson_interval(both + lost, n, confidence)
-    l2, u2 = wilson_interval(both + gained, n, confidence)
-    denominator = (both + lost) * (gained + neither) * (both + gained) * (lost + neither)
-    phi = (both * neither - lost * gained) / math.sqrt(denominator) if denominator else 0.0
+    a, b, c, d = (np.asarray(x, dtype=float) for x in (both, lost, gained, neither))
+    n = a + b + c + d
+    base, other = (a + b) / n, (a + c) / n
+    l1, u1 = wilson_interval(a + b, n, confidence)
+    l2, u2 = wilson_interval(a + c, n, confidence)
+    denominator = (a + b) * (c + d) * (a + c) * (b + d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        phi = np.where(denominator > 0, (a * d - b * c) / np.sqrt(np.where(denominator > 0, denominator, 1)), 0.0)
     # interval for base - other, then flipped
-    delta = math.sqrt(max(0.0, (base - l1) ** 2 - 2 * phi * (base - l1) * (u2 - other) + (u2 - other) ** 2))
-    epsilon = math.sqrt(max(0.0, (u1 - base) ** 2 - 2 * phi * (u1 - base) * (other - l2) + (other - l2) ** 2))
+    delta = np.sqrt(np.maximum(0.0, (base - l1) ** 2 - 2 * phi * (base - l1) * (u2 - other) + (u2 - other) ** 2))
+    epsilon = np.sqrt(np.maximum(0.0, (u1 - base) ** 2 - 2 * phi * (u1 - base) * (other - l2) + (other - l2) ** 2))
     diff = other - base
-    return max(-1.0, diff - epsilon), min(1.0, diff + delta)
+    low, high = np.maximum(-1.0, diff - epsilon), np.minimum(1.0, diff + delta)
+    return (float(low), float(high)) if low.ndim == 0 else (low, high)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,16 @@ def test_wilson_interval_matches_published_values(k, n, low, high):
     assert got == pytest.approx((low, high), abs=5e-5)
 
 
+def test_wilson_interval_matches_scipy_and_vectorises():
+    for k, n in ((0, 7), (3, 57), (40, 57), (351, 1404), (1404, 1404)):
+        ci = sps.binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), rel=1e-9, abs=1e-12)
+    low, high = wilson_interval(np.array([0, 5]), np.array([10, 10]))
+    assert (low[1], high[1]) == pytest.approx(wilson_interval(5, 10))
+    assert mcnemar_exact(np.array([1, 0, 19]), np.array([9, 0, 6])).tolist() == pytest.approx(
+        [22 / 1024, 1.0, sps.binomtest(19, 25).pvalue])
+
+
 def test_wilson_interval_is_symmetric_and_rejects_bad_counts():
     low, high = wilson_interval(3, 17)
     assert wilson_interval(14, 17) == pytest.approx((1 - high, 1 - low))
