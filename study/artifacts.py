@@ -27,7 +27,8 @@ import vl_convert as vlc
 from . import pages
 from .charts import baseline_history_chart, build_charts
 from .errors import PrunelabError
-from .stats import ALPHA, DENSE, summarize
+from .findings import findings, headline
+from .stats import harm_order, statistics_manifest, summarize
 
 CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -54,9 +55,42 @@ def git_commit(repo: str | os.PathLike | None = None) -> str | None:
 
 
 def version_id(config_digest: str, commit: str | None, now: datetime) -> str:
-    """``<UTC time>-<7-char commit or 'nogit'>-<8-char config hash>``; sorts by time."""
-    short = (commit or "nogit").split("+")[0][:7]
+    """``<UTC time>-<7-char commit or 'nogit'>[+dirty]-<8-char config hash>``; sorts by time.
+
+    ``+dirty`` stays: a run made with uncommitted edits says so in its name.
+    """
+    head, _, dirty = (commit or "nogit").partition("+")
+    short = head[:7] + ("+dirty" if dirty else "")
     return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{short}-{config_digest[:8]}"
+
+
+def code_version(commit: str | None = None) -> dict[str, str | None]:
+    """What the configuration hash records of the code: prunelab's version and git commit."""
+    from . import __version__
+
+    return {"prunelab": __version__, "commit": commit if commit is not None else git_commit()}
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model, core count and torch's thread count: what CPU timings and float sums depend on."""
+    import platform
+
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
 
 def write_run(
@@ -86,7 +120,6 @@ def write_run(
         raise PrunelabError("the run manifest needs a config_hash (or the config to hash)")
     now = now or datetime.now(UTC)
     commit = commit or git_commit()
-    summary = summary if summary is not None else summarize(items)
     version = version_id(digest, commit, now)
     final = Path(root) / study / version
     if final.exists():
@@ -94,32 +127,83 @@ def write_run(
     staging = final.with_name(f".{version}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-
-    files = write_tables(staging, items, summary, bench)
-    specs = {name: chart.to_dict() for name, chart in build_charts(summary, bench=bench).items()}
-    files += write_charts(staging / "charts", specs)
-    full_manifest = {
+    identity = {
         **manifest, "study": study, "version": version, "created": f"{now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
         "config_hash": digest, "git_commit": commit,
         "container_image": manifest.get("container_image") or os.environ.get(CONTAINER_IMAGE_ENV),
         "packages": manifest.get("packages") or package_versions(),
-        "strategies": sorted(set(summary["strategy"])), "tasks": list(dict.fromkeys(summary["task"])),
-        "headline": headline(summary), "files": {f: _sha256(staging / f) for f in files},
+        "machine": manifest.get("machine") or machine(),
     }
-    _write_text(staging / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
-    report = pages.report_page(full_manifest, summary.to_dicts(), specs, [*files, "manifest.json"],
-                               bench.to_dicts() if bench is not None else None)
-    _write_text(staging / "report.html", report)
+    render_run(staging, items, identity, summary=summary, bench=bench, write_items=True)
     os.replace(staging, final)
     build_index(root)
     return final
 
 
-def write_tables(folder: Path, items: pl.DataFrame, summary: pl.DataFrame,
+def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *,
+               summary: pl.DataFrame | None = None, bench: pl.DataFrame | None = None,
+               write_items: bool = False) -> dict[str, Any]:
+    """Everything derived from a run's items: summary, charts, manifest (headline, tests), report.
+
+    ``manifest`` holds the run's identity; its ``metrics`` (the evaluators' declarations) tell the
+    statistics each metric's kind and direction. Returns the manifest written.
+    """
+    metric_specs = {(m["task"], m["name"]): m for m in manifest.get("metrics") or []}
+    summary = summary if summary is not None else summarize(items, metrics=metric_specs)
+    files = write_tables(folder, items if write_items else None, summary, bench)
+    specs = {name: chart.to_dict() for name, chart in build_charts(summary, bench=bench).items()}
+    files += write_charts(folder / "charts", specs)
+    full_manifest = {
+        **manifest, "strategies": sorted(set(summary["strategy"])), "tasks": list(dict.fromkeys(summary["task"])),
+        "statistics": statistics_manifest(summary), "headline": headline(summary),
+        "files": {f: _sha256(folder / f) for f in files},
+    }
+    _write_text(folder / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
+    report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
+                               bench.to_dicts() if bench is not None else None, findings=findings(summary))
+    _write_text(folder / "report.html", report)
+    return full_manifest
+
+
+def rebuild_run(run_dir: str | os.PathLike) -> Path:
+    """Rebuild a finished run's summary, charts, manifest and report from its stored items, then the index.
+
+    No model is loaded: everything derives from ``items.parquet`` (and ``bench.parquet``) with the
+    current statistics. The items and the run's identity stay; the manifest notes the rebuild.
+    """
+    folder = Path(run_dir)
+    items_path, manifest_path = folder / "items.parquet", folder / "manifest.json"
+    for path in (items_path, manifest_path):
+        if not path.is_file():
+            raise PrunelabError(f"{folder} is not a run folder: {path.name} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        items = pl.read_parquet(items_path)
+        bench = pl.read_parquet(folder / "bench.parquet") if (folder / "bench.parquet").is_file() else None
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+        raise PrunelabError(f"{folder}: cannot read the stored run ({' '.join(str(exc).split())[:200]})") from None
+    stale = [f for f in (manifest.get("files") or {}) if f.startswith("charts/")]
+    for name in stale:
+        (folder / name).unlink(missing_ok=True)
+    manifest["report_rebuilt"] = {"created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", **code_version()}
+    files = dict(manifest.get("files") or {})
+    written = render_run(folder, items, manifest, bench=bench)
+    kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
+    manifest_out = {**written, "files": {**kept, **written["files"]}}
+    _write_text(manifest_path, json.dumps(manifest_out, indent=2, default=str) + "\n")
+    build_index(folder.parent.parent)
+    return folder
+
+
+def write_tables(folder: Path, items: pl.DataFrame | None, summary: pl.DataFrame,
                  bench: pl.DataFrame | None = None) -> list[str]:
-    """items, summary (and bench) as parquet (exact types) and CSV (for spreadsheets); relative paths."""
+    """items, summary (and bench) as parquet (exact types) and CSV (for spreadsheets); relative paths.
+
+    ``items`` None: a rebuild, the stored items stay as they are.
+    """
     written = []
-    tables = [("items", items), ("summary", summary)] + ([("bench", bench)] if bench is not None else [])
+    tables = ([("items", items)] if items is not None else []) + [("summary", summary)] + (
+        [("bench", bench)] if bench is not None else [])
     for name, frame in tables:
         frame.write_parquet(folder / f"{name}.parquet")
         frame.write_csv(folder / f"{name}.csv")
@@ -140,28 +224,6 @@ def write_charts(folder: Path, specs: Mapping[str, dict[str, Any]]) -> list[str]
     return written
 
 
-def headline(summary: pl.DataFrame) -> list[dict[str, Any]]:
-    """Per task and metric: dense value and CI, variant count, significant drops, best and worst variant."""
-    lines = []
-    for (task, metric), group in summary.group_by(["task", "metric"], maintain_order=True):
-        kind = group["kind"][0]
-        column = "accuracy" if kind == "accuracy" else "perplexity"
-        dense = group.filter(pl.col("strategy") == DENSE)
-        pruned = group.filter(pl.col("strategy") != DENSE).sort(column, descending=kind == "accuracy")
-        line = {
-            "task": task, "metric": metric, "kind": kind,
-            "dense": dense[column][0] if dense.height else None,
-            "dense_ci": [dense["ci_low"][0], dense["ci_high"][0]] if dense.height else None,
-            "variants": pruned.height, "significant_drops": int(pruned["significant_drop"].sum() or 0),
-            "significant_drops_holm": pruned.filter(pl.col("significant_drop") & (pl.col("p_holm") < ALPHA)).height,
-        }
-        if pruned.height:
-            line["best"] = {"variant": pruned["variant"][0], "value": pruned[column][0]}
-            line["worst"] = {"variant": pruned["variant"][-1], "value": pruned[column][-1]}
-        lines.append(line)
-    return lines
-
-
 def package_versions() -> dict[str, str]:
     """The evaluation's package versions plus the ones that drew the artifacts."""
     from importlib import metadata
@@ -169,7 +231,7 @@ def package_versions() -> dict[str, str]:
     from .evaluate import versions
 
     found = versions()
-    for package in ("numpy", "pyarrow", "vl-convert-python"):
+    for package in ("numpy", "scipy", "pyarrow", "gguf", "vl-convert-python"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -183,6 +245,9 @@ def build_index(root: str | os.PathLike) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     runs = [_index_entry(root, path) for path in sorted(root.glob("*/*/manifest.json"))
             if not path.parent.name.startswith(".")]
+    runs += [_importance_entry(root, path) for path in sorted([*root.glob("*/importance.json"),
+                                                               *root.glob("*/*/importance.json")])
+             if not path.parent.name.startswith(".")]
     runs.sort(key=lambda run: (run["study"], run["version"]), reverse=True)
     runs.sort(key=lambda run: run["study"])  # studies A-Z, newest version first within each
     history = [
@@ -208,6 +273,30 @@ def _index_entry(root: Path, manifest_path: Path) -> dict[str, Any]:
         return {**entry, "error": f"unreadable manifest.json: {err}"}
     keep = ("created", "model", "strategies", "tasks", "headline")
     return {**entry, **{k: manifest[k] for k in keep if k in manifest}}
+
+
+def _importance_entry(root: Path, summary_path: Path) -> dict[str, Any]:
+    """An importance run (``prunelab importance --out``): its folder, or ``<study>/<version>/`` when versioned."""
+    folder = summary_path.parent
+    nested = folder.parent != root
+    study = folder.parent.name if nested else folder.name
+    created = datetime.fromtimestamp(summary_path.stat().st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entry: dict[str, Any] = {"study": study, "version": folder.name if nested else "(unversioned)",
+                             "created": created, "kind": "importance",
+                             "report": str((folder / "importance.html").relative_to(root))}
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return {**entry, "error": f"unreadable importance.json: {err}"}
+    manifest = summary.get("manifest") or {}
+    entry.update({k: manifest[k] for k in ("version", "created") if manifest.get(k)})
+    model = summary.get("model")
+    order = summary.get("order") or {}
+    ranked = "; ".join(f"{metric}: drop first {', '.join(map(str, layers[:4]))}" for metric, layers in order.items())
+    rho = [f"{c.get('importance_metric')} vs {c.get('task')} ρ={c['spearman']:+.2f}"
+           for c in summary.get("spearman_vs_sweep") or [] if c.get("spearman") is not None]
+    return {**entry, "model": Path(model).name if model else None,
+            "summary": "Layer importance. " + ranked + (f". Spearman with the measured sweep: {'; '.join(rho)}" if rho else "")}
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -23,14 +23,18 @@ LAYER_STRATEGY = "drop-layers"
 SWEPT = {"sparsity", "k"}  # the x axis of a sweep, never part of a series' label
 PANEL_WIDTH = 360
 PANEL_HEIGHT = 240
-SIGNIFICANT = "significant drop (p<0.05)"
-NOT_SIGNIFICANT = "no significant drop"
+SIGNIFICANT = "worse (Holm p<0.05)"
+BETTER = "better (Holm p<0.05)"
+NOT_SIGNIFICANT = "no detectable change"
+UNDERPOWERED = "underpowered"
 NO_BASELINE = "no dense baseline"
 CHART_FIELDS = ("variant", "strategy", "kind", "n", "ci_low", "ci_high", "dense_value", "diff_vs_dense", "p_value",
-                "p_holm")
+                "p_holm", "rel_change", "rel_ci_low", "rel_ci_high", "diff_ci_low", "diff_ci_high")
 LOG_AXIS = alt.Axis(labelOverlap="greedy", labelSeparation=6, format="~g")
-VERDICTS = alt.Scale(domain=[SIGNIFICANT, NOT_SIGNIFICANT, NO_BASELINE],
-                     range=["triangle-down", "circle", "square"])
+VERDICT_DOMAIN = [SIGNIFICANT, BETTER, NOT_SIGNIFICANT, UNDERPOWERED, NO_BASELINE]
+VERDICTS = alt.Scale(domain=VERDICT_DOMAIN, range=["triangle-down", "triangle-up", "circle", "diamond", "square"])
+VERDICT_COLOURS = alt.Scale(domain=VERDICT_DOMAIN, range=["#c0392b", "#27ae60", "#2c3e50", "#b7950b", "#7f8c8d"])
+OUTLIER_IQRS = 3.0  # a layer further than this many interquartile ranges out is clipped and labelled
 
 
 def build_charts(summary: pl.DataFrame, layer_strategy: str = LAYER_STRATEGY,
@@ -53,7 +57,7 @@ def chart_rows(summary: pl.DataFrame) -> list[dict[str, Any]]:
     varying = varying_settings([(row["strategy"], params) for row, params in records])
     rows = []
     for row, params in records:
-        value = row["accuracy"] if row["kind"] == "accuracy" else row["perplexity"]
+        value = row["value"] if "value" in row else row["accuracy"] if row["kind"] == "accuracy" else row["perplexity"]
         rows.append({
             **{k: _finite(row[k]) for k in CHART_FIELDS}, "value": _finite(value),
             "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(params),
@@ -113,24 +117,99 @@ def series_label(strategy: str, params: dict[str, Any], keys: set[str] | None = 
 
 
 def verdict(row: dict[str, Any]) -> str:
-    if row["significant_drop"] is None:
-        return NO_BASELINE
-    return SIGNIFICANT if row["significant_drop"] else NOT_SIGNIFICANT
+    """The Holm-adjusted paired test's verdict as a legend entry (``stats`` decides it)."""
+    decided = row.get("verdict")
+    if decided is None or decided == "no dense baseline" or row.get("p_value") is None:
+        return NO_BASELINE if row["strategy"] != DENSE else NOT_SIGNIFICANT
+    return {"worse": SIGNIFICANT, "better": BETTER, "underpowered": UNDERPOWERED}.get(decided, NOT_SIGNIFICANT)
 
 
 def layer_sweep_chart(rows: list[dict[str, Any]], strategy: str = LAYER_STRATEGY) -> alt.TopLevelMixin | None:
-    """Accuracy (and perplexity, log scale) vs the removed layer: one line per task, dense as rules."""
-    sweep = [r for r in rows if r["strategy"] == strategy and r["layer"] is not None]
+    """Relative change vs dense against the removed layer, one panel per task and metric.
+
+    On relative change every metric reads the same way (0 = dense). An extreme layer (removing
+    layer 0 can multiply perplexity by 10^5) would squeeze all the others into a thin strip, so a
+    layer more than ``OUTLIER_IQRS`` interquartile ranges out is drawn at the panel's edge with its
+    value written next to it.
+    """
+    sweep = [r for r in rows if r["strategy"] == strategy and r["layer"] is not None and r["p_value"] is not None]
     if not sweep:
         return None
     x = alt.X("layer:Q", title="removed layer", axis=alt.Axis(tickMinStep=1, format="d"))
-    panels = []
-    for kind, title in (("accuracy", "accuracy"), ("perplexity", "perplexity (log scale)")):
-        points = [r for r in sweep if r["kind"] == kind]
-        if points:
-            panels.append(_sweep_panel(points, _dense_rows(rows, points), x, "panel", kind, title))
-    return alt.hconcat(*panels).resolve_scale(color="independent").properties(
-        title="Remove one decoder layer: effect on each task (95% CI bands, dashed = dense)")
+    panels = [_relative_panel([r for r in sweep if r["panel"] == panel], x, panel)
+              for panel in dict.fromkeys(r["panel"] for r in sweep)]
+    return alt.concat(*panels, columns=2).properties(
+        title="Remove one decoder layer: change vs dense (95% CI bands; shape = Holm-adjusted paired test)")
+
+
+def relative_points(points: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str, list[float]]:
+    """Points with ``shown``/``low``/``high`` on the panel's axis, clipped outliers labelled; (points, title, domain).
+
+    The axis is the relative change in percent, or the plain difference where dense is 0.
+    """
+    relative = any(p["rel_change"] is not None for p in points)
+    keys = ("rel_change", "rel_ci_low", "rel_ci_high") if relative else ("diff_vs_dense", "diff_ci_low", "diff_ci_high")
+    scale = 100.0 if relative else 1.0
+    values = [p[keys[0]] * scale for p in points if p[keys[0]] is not None]
+    inliers = values
+    if len(values) >= 4:
+        q1, q3 = _quantile(values, 0.25), _quantile(values, 0.75)
+        spread = max(q3 - q1, 1e-9 * max(1.0, abs(q3)))
+        inliers = [v for v in values if q1 - OUTLIER_IQRS * spread <= v <= q3 + OUTLIER_IQRS * spread]
+    lows = [p[keys[1]] * scale for p in points if p[keys[1]] is not None and p[keys[0]] * scale in inliers]
+    highs = [p[keys[2]] * scale for p in points if p[keys[2]] is not None and p[keys[0]] * scale in inliers]
+    bottom, top = min([0.0, *inliers, *lows]), max([0.0, *inliers, *highs])
+    pad = 0.08 * (top - bottom or 1.0)
+    domain = [bottom - pad, top + pad]
+    shown = []
+    for p in points:
+        value = None if p[keys[0]] is None else p[keys[0]] * scale
+        clipped = value is not None and not domain[0] <= value <= domain[1]
+        low = None if p[keys[1]] is None else min(max(p[keys[1]] * scale, domain[0]), domain[1])
+        high = None if p[keys[2]] is None else min(max(p[keys[2]] * scale, domain[0]), domain[1])
+        shown.append({**p, "change": value, "shown": min(max(value, domain[0]), domain[1]) if value is not None else None,
+                      "low": low, "high": high, "clipped": clipped,
+                      "note": (f"{p['layer'] if p.get('layer') is not None else p['variant']}: "
+                               f"{_short(value, relative)} (off scale)") if clipped else ""})
+    title = "change vs dense (%)" if relative else "change vs dense"
+    return shown, title, domain
+
+
+def _short(value: float, relative: bool) -> str:
+    if relative and abs(value) >= 1000:
+        return f"×{value / 100 + 1:.3g}"
+    return f"{value:+.3g}%" if relative else f"{value:+.3g}"
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _relative_panel(points: list[dict[str, Any]], x: alt.X, panel: str) -> alt.LayerChart:
+    """CI band, line and verdict-shaped points on change vs dense; 0 (dense) as a dashed rule."""
+    data, title, domain = relative_points(points)
+    scale = alt.Scale(domain=domain, clamp=True, nice=False)
+    y = alt.Y("shown:Q", title=title, scale=scale)
+    tooltip = [*_tooltip(), alt.Tooltip("change:Q", format="+.4g", title=title)]
+    base = alt.Chart()
+    layers = [
+        base.mark_area(opacity=0.18, color="#4c78a8").encode(x=x, y=alt.Y("low:Q", scale=scale, title=title), y2="high:Q"),
+        base.mark_line(color="#4c78a8").encode(x=x, y=y),
+        base.mark_point(filled=True, size=50).encode(
+            x=x, y=y, tooltip=tooltip,
+            shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
+            color=alt.Color("verdict:N", title="vs dense", scale=VERDICT_COLOURS, legend=alt.Legend(orient="bottom"))),
+        base.mark_text(align="left", dx=6, dy=8, fontSize=10, color="#c0392b").encode(
+            x=x, y=y, text="note:N"),  # empty for the points on scale (a filter would leave an empty layer)
+        alt.Chart(alt.Data(values=[{"zero": 0}])).mark_rule(strokeDash=[5, 4], color="#444").encode(
+            y=alt.Y("zero:Q", scale=scale, title=title)),
+    ]
+    return alt.layer(*layers, data=alt.Data(values=data)).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT,
+                                                                      title=panel)
 
 
 def sparsity_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
@@ -208,7 +287,7 @@ def dense_vs_pruned_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | Non
         points = [r for r in pruned if r["panel"] == panel]
         panels.append(_forest_panel(points, _dense_rows(rows, points), panel))
     return alt.concat(*panels, columns=2).properties(
-        title="Dense vs pruned, per variant (95% CIs; shape = exact McNemar / paired bootstrap vs dense)")
+        title="Dense vs pruned, per variant (95% CIs; shape = Holm-adjusted paired test vs dense)")
 
 
 def _dense_rows(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -219,7 +298,9 @@ def _dense_rows(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> lis
 def _y(kind: str, title: str, field: str = "value") -> alt.Y:
     if kind == "perplexity":
         return alt.Y(f"{field}:Q", title=title, scale=alt.Scale(type="log"), axis=LOG_AXIS)
-    return alt.Y(f"{field}:Q", title=title, scale=alt.Scale(domain=[0, 1]))
+    if kind == "accuracy":
+        return alt.Y(f"{field}:Q", title=title, scale=alt.Scale(domain=[0, 1]))
+    return alt.Y(f"{field}:Q", title=title, scale=alt.Scale(zero=False))
 
 
 def _tooltip() -> list[alt.Tooltip]:
@@ -228,7 +309,8 @@ def _tooltip() -> list[alt.Tooltip]:
         alt.Tooltip("value:Q", format=".4g"), alt.Tooltip("ci_low:Q", format=".4g"),
         alt.Tooltip("ci_high:Q", format=".4g"), alt.Tooltip("n:Q"),
         alt.Tooltip("dense_value:Q", format=".4g", title="dense (same items)"),
-        alt.Tooltip("diff_vs_dense:Q", format="+.4g"), alt.Tooltip("p_value:Q", format=".3g"),
+        alt.Tooltip("diff_vs_dense:Q", format="+.4g"), alt.Tooltip("rel_change:Q", format="+.2%", title="relative change"),
+        alt.Tooltip("p_value:Q", format=".3g"),
         alt.Tooltip("p_holm:Q", format=".3g", title="p (Holm)"),
         alt.Tooltip("verdict:N"),
     ]
@@ -254,7 +336,7 @@ def _sweep_panel(points, dense, x: alt.X, color_field: str, kind: str, title: st
 def _forest_panel(points, dense, panel: str) -> alt.LayerChart:
     kind = points[0]["kind"]
     log = kind == "perplexity"
-    scale = alt.Scale(type="log") if log else alt.Scale(domain=[0, 1])
+    scale = alt.Scale(type="log") if log else alt.Scale(domain=[0, 1]) if kind == "accuracy" else alt.Scale(zero=False)
     axis = LOG_AXIS if log else alt.Axis()
     title = f"{kind} (log scale)" if log else kind
     order = list(dict.fromkeys(r["variant"] for r in points))
@@ -265,7 +347,7 @@ def _forest_panel(points, dense, panel: str) -> alt.LayerChart:
         y=y, x=alt.X("value:Q", scale=scale, title=title, axis=axis), tooltip=_tooltip(),
         shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
         color=alt.Color("verdict:N", title="vs dense", legend=alt.Legend(orient="bottom"),
-                        scale=alt.Scale(domain=VERDICTS.domain, range=["#c0392b", "#2c3e50", "#7f8c8d"])))
+                        scale=VERDICT_COLOURS))
     layers = [bars, dots]
     if dense:
         dense_data = alt.Data(values=dense)
@@ -290,13 +372,15 @@ def baseline_history_chart(points: list[dict[str, Any]]) -> alt.TopLevelMixin | 
             continue
         title = f"dense {kind} (log scale)" if kind == "perplexity" else f"dense {kind}"
         x = alt.X("created:T", title="run (UTC)")
-        color = alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1))
+        # one legend per panel (the panels' series differ), at full width: no clipped or repeated entries
+        color = alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom", columns=1, labelLimit=0))
         base = alt.Chart(alt.Data(values=[{**p, "series": f"{p['study']} · {p['panel']}"} for p in data]))
         # runs agree within a few points: zoom in rather than show accuracy on [0, 1]
         scale = alt.Scale(type="log") if kind == "perplexity" else alt.Scale(zero=False)
         y = alt.Y("value:Q", title=title, scale=scale)
         panels.append(alt.layer(
-            base.mark_rule().encode(x=x, y=alt.Y("ci_low:Q", scale=scale, title=title), y2="ci_high:Q", color=color),
+            base.mark_rule().encode(x=x, y=alt.Y("ci_low:Q", scale=scale, title=title), y2="ci_high:Q",
+                                    color=alt.Color("series:N", legend=None)),
             base.mark_line(point=True).encode(x=x, y=y, color=color, tooltip=[
                 "study:N", "version:N", "panel:N", alt.Tooltip("value:Q", format=".4g"),
                 alt.Tooltip("ci_low:Q", format=".4g"), alt.Tooltip("ci_high:Q", format=".4g")]),

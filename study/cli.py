@@ -332,6 +332,21 @@ def run_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a finished run folder, e.g. artifacts/my-study/20261128T143000Z-abc1234-9f8e7d6c")
+
+
+@command("report", "rebuild a run's summary, charts, report and the index from its stored items (no model)",
+         _add_report)
+def run_report(args: argparse.Namespace) -> int:
+    from .artifacts import rebuild_run
+
+    folder = rebuild_run(args.run_dir)
+    out.print(f"rebuilt {folder / 'report.html'}\nindex: {folder.parent.parent / 'index.html'}",
+              highlight=False, markup=False)
+    return 0
+
+
 # ---------------------------------------------------------------------- importance
 def _add_importance(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)

@@ -590,6 +590,18 @@ def read_sweep(path) -> pl.DataFrame:
         raise PrunelabError(f"could not read sweep summary {path}: {first}") from None
 
 
+def _importance_manifest(facts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """When and with which code the scores were made: the artifacts index lists it by this version."""
+    from datetime import UTC, datetime
+
+    from .artifacts import code_version, config_hash, version_id
+
+    now = datetime.now(UTC)
+    code = code_version()
+    return {"version": version_id(config_hash(dict(facts or {})), code["commit"], now),
+            "created": f"{now:%Y-%m-%dT%H:%M:%SZ}", **code}
+
+
 def write_importance(importance: Importance, out_dir, *, correlations: pl.DataFrame | None = None,
                      facts: Mapping[str, Any] | None = None, overwrite: bool = False, title: str = "") -> list[str]:
     """Write the table (parquet + csv), the chart (offline HTML + PNG), the summary JSON and correlations.
@@ -606,7 +618,7 @@ def write_importance(importance: Importance, out_dir, *, correlations: pl.DataFr
     table.write_parquet(folder / "importance.parquet")
     table.write_csv(folder / "importance.csv")
     written = ["importance.parquet", "importance.csv"]
-    summary = {**dict(facts or {}), **importance.summary()}
+    summary = {**dict(facts or {}), **importance.summary(), "manifest": _importance_manifest(facts)}
     if correlations is not None:
         correlations.write_parquet(folder / "correlation.parquet")
         correlations.write_csv(folder / "correlation.csv")

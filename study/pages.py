@@ -18,6 +18,8 @@ from typing import Any
 import altair as alt
 import vl_convert as vlc
 
+from .stats import format_p
+
 LIBRARIES_ID = "prunelab-vega-libraries"
 
 STYLE = """
@@ -27,6 +29,10 @@ th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: lef
 th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.drop td { background: #fdecea; }
+tr.gain td { background: #eafaf1; }
+tr.underpowered td { color: #8a6d00; }
+.findings li { margin: 0.2rem 0; }
+.headline { font-size: 1.02rem; }
 .chart { margin: 0.5rem 0 2rem; }
 .chart-error { color: #b00; white-space: pre-wrap; }
 .muted { color: #777; }
@@ -116,17 +122,21 @@ def fmt(value: Any, spec: str = ".4g") -> str:
 
 
 METHODS_NOTE = (
-    "Accuracy: 95% Wilson score interval. Vs dense: exact McNemar test on the items both evaluated "
-    "(lost = dense right and variant wrong, gained = the reverse). Perplexity: exp(sum NLL / sum tokens) "
-    "over windows, 95% bootstrap interval and a paired bootstrap test over the same windows. "
-    "p (Holm): adjusted for the number of variants compared on the task and metric. "
-    "Rows marked red are significant drops (p &lt; 0.05 and worse than dense)."
+    "Every variant is compared with dense on the same items. Accuracy: 95% Wilson interval; exact McNemar "
+    "test (lost = dense right and variant wrong, gained = the reverse); Newcombe interval of the difference. "
+    "Perplexity: exp(sum NLL / sum tokens); exact sign-flip permutation test on per-window differences of "
+    "mean NLL per token (Monte-Carlo above 20 windows); t interval on per-window log-perplexity. Other "
+    "per-item metrics: the same sign-flip test, t intervals. p (Holm): adjusted over the variants of the "
+    "task and metric; it alone decides the verdict (red: worse, green: better). Underpowered: even the most "
+    "extreme outcome could not reach p &lt; 0.05 after Holm. p-values are never shown below their "
+    "resolution. See docs/statistics.md."
 )
 
 
 def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], chart_specs: dict[str, dict[str, Any]],
-                files: list[str], bench_rows: list[dict[str, Any]] | None = None) -> str:
-    """The page of one run: what ran, the charts, the full summary with CIs and tests, the files."""
+                files: list[str], bench_rows: list[dict[str, Any]] | None = None,
+                findings: list[dict[str, Any]] | None = None) -> str:
+    """The page of one run: what ran, what it found, the charts, the summary by harm, the files."""
     title = f"{manifest['study']} — {manifest['version']}"
     charts_html = "\n".join(
         f"<h3>{html.escape(name.replace('_', ' '))}</h3>\n"
@@ -140,14 +150,82 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         '<p><a href="../../index.html">all studies and versions</a></p>',
         _run_facts(manifest),
         "<h2>Headline</h2>", headline_list(manifest.get("headline", [])),
+        *(["<h2>Findings</h2>", findings_html(findings)] if findings else []),
         "<h2>Charts</h2>", charts_html or '<p class="muted">no chart has data in this run</p>',
-        "<h2>Summary</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
+        "<h2>Summary (most harmful first)</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
         *(["<h2>Size and speed</h2>", bench_table(bench_rows)] if bench_rows else []),
         "<h2>Files</h2>", f"<p>{_links(files)}</p>",
         "<h2>Study file</h2>",
         f"<pre>{html.escape(study_file)}</pre>" if study_file else '<p class="muted">not recorded</p>',
     ])
     return page(title, body, {f"chart-{name}": spec for name, spec in chart_specs.items()})
+
+
+RANKED_SHOWN = 8  # per task and metric, the most and least harmful variants; the rest behind "show all"
+
+
+def findings_html(blocks: list[dict[str, Any]]) -> str:
+    """The findings block: per task and metric what the paired tests support, in sentences and a ranking."""
+    from .findings import interval_text
+
+    parts = []
+    for block in blocks:
+        h = block["headline"]
+        items = []
+        if block["layers_tested"]:
+            safe = block["safe_layers"]
+            if h.get("underpowered"):
+                items.append("Layers whose removal is not detectably harmful: cannot tell, the test is underpowered.")
+            elif safe:
+                listed = ", ".join(f"{_layer_name(r)} ({interval_text(r)})" for r in safe)
+                items.append(f"Layers whose removal is not detectably harmful (Holm, {len(safe)} of "
+                             f"{block['layers_tested']}): {html.escape(listed)}")
+            else:
+                items.append(f"Removing any one of the {block['layers_tested']} layers is detectably harmful (Holm).")
+        for cliff in block["cliffs"]:
+            if cliff["underpowered"]:
+                text = "underpowered at every sparsity tried"
+            elif cliff["sparsity"] is None:
+                text = f"no significant loss up to {cliff['highest_tried']:g}%"
+            else:
+                text = f"first significant loss at {cliff['sparsity']:g}% ({interval_text(cliff['row'])})"
+            items.append(f"{html.escape(cliff['method'])}: {html.escape(text)}")
+        for best in block["best_by_sparsity"]:
+            items.append(f"Best at {best['sparsity']:g}% sparsity (of {best['of']} methods): "
+                         f"{html.escape(best['method'])} ({html.escape(interval_text(best['row']))}, "
+                         f"{html.escape(best['row']['verdict'])})")
+        ranked = block["ranked"]
+        rows = [[str(i + 1), html.escape(r["variant"]), html.escape(interval_text(r)),
+                 format_p(r["p_holm"], _at_floor(r)), html.escape(r["verdict"])] for i, r in enumerate(ranked)]
+        classes = [_row_class(r) for r in ranked]
+        header = ["rank", "variant", "change vs dense [95% CI]", "p (Holm)", "verdict"]
+        if len(rows) > 2 * RANKED_SHOWN:
+            ranking = (table(header, rows[:RANKED_SHOWN] + [["…", "", "", "", ""]] + rows[-RANKED_SHOWN:],
+                             classes[:RANKED_SHOWN] + [""] + classes[-RANKED_SHOWN:], numeric={0, 2, 3})
+                       + f"<details><summary>all {len(rows)} variants</summary>{table(header, rows, classes, numeric={0, 2, 3})}"
+                         "</details>")
+        else:
+            ranking = table(header, rows, classes, numeric={0, 2, 3}) if rows else ""
+        parts.append(f"<h3>{html.escape(h['task'])} · {html.escape(h.get('label') or h['metric'])}</h3>\n"
+                     f'<p class="headline">{html.escape(h.get("text") or "")}</p>\n'
+                     + (f'<ul class="findings">{"".join(f"<li>{i}</li>" for i in items)}</ul>' if items else "")
+                     + f"\n<p class=\"muted\">Variants ranked from most to least harmful:</p>\n{ranking}")
+    return "\n".join(parts)
+
+
+def _layer_name(row: dict[str, Any]) -> str:
+    params = json.loads(row["params"] or "{}")
+    return f"layer {params.get('layers')}"
+
+
+def _at_floor(row: dict[str, Any]) -> bool:
+    """A Monte-Carlo p-value at its resolution (every random pattern less extreme)."""
+    return bool(row.get("resamples")) and row.get("p_value") is not None and \
+        row["p_value"] <= 2 / (row["resamples"] + 1) + 1e-15
+
+
+def _row_class(row: dict[str, Any]) -> str:
+    return {"worse": "drop", "better": "gain", "underpowered": "underpowered"}.get(row.get("verdict") or "", "")
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:
@@ -158,49 +236,76 @@ def bench_table(rows: list[dict[str, Any]]) -> str:
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    header = ["task", "metric", "variant", "n", "value [95% CI]", "dense (same items)", "diff", "lost / gained",
-              "p", "p (Holm)", "significant drop"]
+    """Every variant x task x metric with its interval, change vs dense, tests and verdict."""
+    from .findings import interval_text
+
+    header = ["task", "metric", "variant", "n", "value [95% CI]", "dense (same items)", "change vs dense [95% CI]",
+              "lost / gained", "test", "p", "p (Holm)", "verdict"]
     cells, classes = [], []
     for r in rows:
-        value = r["accuracy"] if r["kind"] == "accuracy" else r["perplexity"]
+        value = r.get("value", r["accuracy"] if r["kind"] == "accuracy" else r["perplexity"])
         discordant = "—" if r["lost"] is None else f"{r['lost']} / {r['gained']}"
+        verdict = r.get("verdict") or "—"
+        if verdict == "underpowered" and r.get("min_p") is not None:
+            verdict += f" (min p {format_p(r['min_p'])})"
+        test = r["test"] or "—"
+        if r.get("resamples"):
+            test += f" (B={r['resamples']})"
         cells.append([
             html.escape(r["task"]), html.escape(r["metric"]), html.escape(r["variant"]), fmt(r["n"]),
             f"{fmt(value)} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["dense_value"]),
-            fmt(r["diff_vs_dense"], "+.4g"), discordant, fmt(r["p_value"], ".3g"), fmt(r["p_holm"], ".3g"),
-            "yes" if r["significant_drop"] else ("no" if r["significant_drop"] is not None else "—"),
+            html.escape(interval_text(r)) if r.get("p_value") is not None and r["strategy"] != "dense" else "—",
+            discordant, html.escape(test), format_p(r["p_value"], _at_floor(r)),
+            format_p(r["p_holm"], _at_floor(r)) if r["p_holm"] is not None else "—", html.escape(verdict),
         ])
-        classes.append("drop" if r["significant_drop"] else "")
-    return table(header, cells, classes, numeric={3, 4, 5, 6, 7, 8, 9})
+        classes.append(_row_class(r))
+    return table(header, cells, classes, numeric={3, 4, 5, 6, 7, 9, 10})
 
 
 def headline_list(headline: list[dict[str, Any]]) -> str:
-    """One line per task and metric: the dense value and how many variants are significantly worse."""
+    """One line per task and metric: the dense value and what the paired tests support."""
     if not headline:
         return '<p class="muted">no results</p>'
     return "<ul>\n" + "\n".join(f"<li>{headline_text(h)}</li>" for h in headline) + "\n</ul>"
 
 
 def headline_text(h: dict[str, Any]) -> str:
+    """The stored sentence (``findings.headline_sentence``); older manifests get the counts they recorded."""
+    if h.get("text"):
+        task, _, rest = h["text"].partition(": ")
+        return f"<b>{html.escape(task)}</b>: {html.escape(rest)}"
     dense = "no dense baseline" if h.get("dense") is None else (
         f"dense {fmt(h['dense'])} [{fmt(h['dense_ci'][0])}, {fmt(h['dense_ci'][1])}]")
-    drops = (f"{h['significant_drops']} of {h['variants']} variants significantly worse "
-             f"({h.get('significant_drops_holm', '—')} after Holm correction)")
-    return f"<b>{html.escape(h['task'])} · {html.escape(h['metric'])}</b>: {dense}; {drops}"
+    drops = f"{h.get('significant_drops_holm', '—')} of {h.get('variants', '—')} variants significantly worse after Holm"
+    return f"<b>{html.escape(h['task'])} · {html.escape(h['metric'])}</b>: {dense}; {drops} (recorded by an older prunelab)"
 
 
 def index_page(runs: list[dict[str, Any]], chart_specs: dict[str, dict[str, Any]]) -> str:
-    """Every study and version under the artifacts root, newest first within a study."""
+    """One row per study: its latest run (date, model, headline), earlier versions folded away."""
+    studies: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:  # newest first within a study
+        studies.setdefault(run["study"], []).append(run)
     rows = []
-    for run in runs:
-        report = f'<a href="{html.escape(run["report"])}">{html.escape(run["version"])}</a>'
+    for study, versions in studies.items():
+        latest = versions[0]
+        report = f'<a href="{html.escape(latest["report"])}">{html.escape(latest["version"])}</a>'
+        if len(versions) > 1:
+            earlier = "<br>".join(f'<a href="{html.escape(v["report"])}">{html.escape(v["version"])}</a>'
+                                  for v in versions[1:])
+            report += f"<details><summary>{len(versions) - 1} earlier</summary>{earlier}</details>"
+        if latest.get("error"):
+            summary = html.escape(latest["error"])
+        elif latest.get("kind") == "importance":
+            summary = html.escape(latest.get("summary") or "layer importance scores")
+        else:
+            summary = "<br>".join(headline_text(h) for h in latest.get("headline", []))
         rows.append([
-            html.escape(run["study"]), report, html.escape(run.get("created") or "—"),
-            html.escape(str(run.get("model") or "—")), html.escape(", ".join(run.get("strategies", []))),
-            html.escape(", ".join(run.get("tasks", []))),
-            html.escape(run["error"]) if run.get("error") else "<br>".join(headline_text(h) for h in run.get("headline", [])),
+            html.escape(study), report, html.escape(latest.get("created") or "—"),
+            html.escape(str(latest.get("model") or "—")),
+            html.escape(", ".join(latest.get("strategies", []))) or html.escape(latest.get("kind") or "—"),
+            summary,
         ])
-    listing = table(["study", "version (report)", "date (UTC)", "model", "strategies", "tasks", "headline"], rows) \
+    listing = table(["study", "latest run (report)", "date (UTC)", "model", "strategies", "headline"], rows) \
         if rows else '<p class="muted">no runs yet</p>'
     charts = "".join(f"<h2>Dense baseline across runs</h2>\n{chart_div(f'chart-{name}')}" for name in chart_specs)
     body = f"<h1>prunelab artifacts</h1>\n{listing}\n{charts}"

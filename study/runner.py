@@ -497,8 +497,13 @@ class WorkFolder:
         found = self.config_hash()
         if found is not None:
             if found != digest:
+                stored = json.loads((self.root / "config.json").read_text(encoding="utf-8")).get("config") or {}
+                what = ("the same settings computed by other code or with another calibration text "
+                        f"(code then: {stored.get('code')}, now: {config.get('code')})"
+                        if artifacts.config_hash(_without_code(stored)) == artifacts.config_hash(_without_code(config))
+                        else "a different configuration")
                 raise PrunelabError(
-                    f"{self.root} holds unfinished results of a different configuration of study "
+                    f"{self.root} holds unfinished results of {what} of study "
                     f"'{config['study']}' (config {found[:8]}, this file {digest[:8]}); finish that run, "
                     f"use another --out, or delete the folder to discard it")
             return
@@ -597,7 +602,24 @@ def study_config(study: Study, tasks: list[PreparedTask]) -> dict[str, Any]:
         for item in task.items:
             digest.update(json.dumps([item.id, item.group, item.data], sort_keys=True, default=str).encode())
         data[task.evaluator.name] = digest.hexdigest()[:16]
-    return {**study.settings, "model_hash": source_fingerprint(study.model), "data": data}
+    return {**study.settings, "model_hash": source_fingerprint(study.model), "data": data,
+            "calibration_text": calibration_fingerprint(study.calibration), "code": artifacts.code_version()}
+
+
+def calibration_fingerprint(calibration: dict[str, Any] | None) -> str | None:
+    """SHA-256 of a local calibration file's bytes (an edited file is another configuration); a Hub
+    source by name (its text is fixed by the dataset revision the loader pins)."""
+    source = (calibration or {}).get("source")
+    if not source:
+        return None
+    path = Path(source)
+    if not path.is_file():
+        return f"hub:{source}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def finished_run(study_dir: Path, digest: str) -> Path | None:
@@ -609,6 +631,37 @@ def finished_run(study_dir: Path, digest: str) -> Path | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def run_of_other_code(study_dir: Path, config: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest finished run with these settings, model and items but another prunelab version or commit."""
+    wanted = artifacts.config_hash(_without_code(config))
+    for manifest_path in sorted(study_dir.glob("*/manifest.json"), reverse=True):
+        try:
+            stored = json.loads(manifest_path.read_text(encoding="utf-8")).get("config") or {}
+        except (OSError, ValueError):
+            continue
+        if artifacts.config_hash(_without_code(stored)) == wanted:
+            return manifest_path.parent, stored.get("code") or {}
+    return None
+
+
+def _without_code(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in {"code", "calibration_text"}}
+
+
+def decoding_settings(study: Study) -> dict[str, Any]:
+    """How text was produced and prompts built: greedy decoding, budgets, few-shot counts, templates."""
+    evaluation = study.settings["evaluation"]
+    return {"decoding": "greedy (argmax, no sampling)", "chat_template": evaluation["chat_template"],
+            "enable_thinking": evaluation["enable_thinking"], "batch_tokens": evaluation["batch_tokens"],
+            "tasks": {t: {k: v for k, v in options.items() if k in TASK_OPTION_KEYS}
+                      for t, options in evaluation["tasks"].items()}}
+
+
+def declared_metrics(tasks: list[PreparedTask]) -> list[dict[str, Any]]:
+    """Each task's declared metrics as the manifest stores them (the report reads them back)."""
+    return [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
 
 
 def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool = False,
@@ -633,6 +686,11 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             shutil.rmtree(work.root, ignore_errors=True)
         artifacts.build_index(out)
         return done
+    if not rerun and not work.holds(digest) and (other := run_of_other_code(study_dir, config)):
+        code = other[1]
+        reporter.message(f"{other[0]} ran this configuration with other code (prunelab {code.get('prunelab', '?')}, "
+                         f"commit {code.get('commit') or '?'}; now {config['code']['prunelab']}, commit "
+                         f"{config['code']['commit'] or '?'}) or another calibration text: computing it again")
     work.claim(config, digest)
     with work.locked():
         state = _Session(study, tasks, work, reporter, layer_sweep)
@@ -646,6 +704,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
             "variants": prune_reports(work.events()),
+            "metrics": declared_metrics(tasks), "decoding": decoding_settings(study), "machine": artifacts.machine(),
         }
         run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))
     shutil.rmtree(work.root, ignore_errors=True)

@@ -121,7 +121,15 @@ def test_manifest_records_the_run(runs):
     mmlu = manifest["headline"][0]
     dense = pl.read_parquet(first / "summary.parquet").filter(task="mmlu", strategy="dense").row(0, named=True)
     assert (mmlu["task"], mmlu["dense"], mmlu["variants"]) == ("mmlu", dense["accuracy"], 10)
-    assert 0 <= mmlu["significant_drops_holm"] <= mmlu["significant_drops"]
+    summary = pl.read_parquet(first / "summary.parquet").filter(task="mmlu")
+    assert mmlu["significant_drops"] == summary.filter(verdict="worse").height
+    assert mmlu["text"].startswith("mmlu · acc: dense")
+    assert {"gguf", "scipy"} <= set(manifest["packages"])
+    assert {"cpu", "cpu_count", "torch_threads"} <= set(manifest["machine"])
+    stats = manifest["statistics"]
+    assert stats["seed"] == 0 and stats["monte_carlo_resamples"] == 9999 and stats["alpha"] == 0.05
+    wikitext = next(t for t in stats["tests"] if t["task"] == "wikitext")
+    assert wikitext["tests"] == ["exact sign-flip permutation"] and wikitext["n_paired"] == [8]
     for name, digest in manifest["files"].items():
         assert artifacts._sha256(first / name) == digest, name
 
@@ -168,7 +176,8 @@ def test_index_lists_every_version_with_links_and_survives_a_broken_manifest(run
         link = f'href="synthetic/{run.name}/report.html"'
         assert link in index
     assert index.index(second.name) < index.index(first.name), "newest version first"
-    assert "tiny-random" in index and "drop-layers, magnitude" in index
+    assert "tiny-random" in index and index.count("<td>synthetic</td>") == 1, "one row per study"
+    assert "1 earlier" in index
     broken = root / "other" / "20260101T000000Z-nogit-00000000"
     broken.mkdir(parents=True)
     (broken / "manifest.json").write_text("{not json")
@@ -233,13 +242,31 @@ def test_layer_sweep_plots_one_point_per_layer_and_task(runs):
     _, first, _, _ = runs
     rows = charts.chart_rows(pl.read_parquet(first / "summary.parquet"))
     spec = charts.layer_sweep_chart(rows).to_dict()
-    points = [r for r in inline_values(spec) if r["strategy"] == "drop-layers" and r["kind"] == "accuracy"]
+    points = [r for r in inline_values(spec) if r.get("strategy") == "drop-layers"]
     assert sorted((p["layer"], p["panel"]) for p in points) == sorted(
         (layer, panel) for layer in range(3)
-        for panel in ("mmlu · acc", "gsm8k · exact_match_strict", "gsm8k · exact_match_flexible"))
-    dense = [r for r in inline_values(spec) if r["strategy"] == "dense"]
-    assert {r["panel"] for r in dense} == {"mmlu · acc", "gsm8k · exact_match_strict",
-                                          "gsm8k · exact_match_flexible", "wikitext · perplexity"}
+        for panel in ("mmlu · acc", "gsm8k · exact_match_strict", "gsm8k · exact_match_flexible",
+                      "wikitext · perplexity"))
+    for p in points:  # on relative change vs dense, in percent
+        assert p["change"] == pytest.approx(100 * p["rel_change"])
+
+
+def test_an_extreme_layer_is_clipped_and_labelled_not_setting_the_axis():
+    """Layer 0 at x100000 perplexity must not squeeze layers 1-23 (+2..+30%) into a strip."""
+    rows = [{"variant": f"drop-layers[layers={i}]", "strategy": "drop-layers", "layer": i, "panel": "wikitext · perplexity",
+             "kind": "perplexity", "p_value": 0.01, "rel_change": 1e5 if i == 0 else 0.02 + 0.01 * (i % 10),
+             "rel_ci_low": 9e4 if i == 0 else 0.01 * (i % 10), "rel_ci_high": 2e5 if i == 0 else 0.04 + 0.01 * (i % 10),
+             "diff_vs_dense": 1.0, "diff_ci_low": None, "diff_ci_high": None}
+            for i in range(24)]
+    shown, title, domain = charts.relative_points(rows)
+    assert title == "change vs dense (%)"
+    assert domain[1] < 100, "the axis spans the ordinary layers, in percent"
+    layer0 = shown[0]
+    assert layer0["clipped"] and layer0["shown"] == domain[1] and "layer" not in layer0["note"]
+    assert layer0["note"].startswith("0: ×1e+03") or "off scale" in layer0["note"]
+    assert not any(p["clipped"] for p in shown[1:])
+    spec = charts.layer_sweep_chart(rows).to_dict()
+    assert any(layer.get("mark", {}).get("type") == "text" for panel in spec["concat"] for layer in panel["layer"])
 
 
 # --- the way a user browses it: headless Chromium --------------------------------------------------

@@ -13,7 +13,6 @@ from scipy import stats as sps
 from prunelab.errors import PrunelabError
 from prunelab.stats import (
     SIGN_FLIP_EXACT,
-    SIGN_FLIP_MC,
     UNDERPOWERED,
     format_p,
     harm_order,

@@ -74,4 +74,4 @@ def test_mcnemar_holds_its_level_and_accuracy_intervals_cover(n, accuracy):
     assert 0.93 <= np.mean((low <= accuracy) & (accuracy <= high)) <= 0.97
     both = np.sum(dense & variant, axis=1)
     low, high = newcombe_paired_interval(both, lost, gained, n - both - lost - gained)
-    assert 0.93 <= np.mean((low <= 0) & (0 <= high)) <= 0.97
+    assert 0.93 <= np.mean((low <= 0) & (high >= 0)) <= 0.97
