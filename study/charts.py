@@ -379,8 +379,7 @@ def baseline_history_chart(points: list[dict[str, Any]]) -> alt.TopLevelMixin | 
         scale = alt.Scale(type="log") if kind == "perplexity" else alt.Scale(zero=False)
         y = alt.Y("value:Q", title=title, scale=scale)
         panels.append(alt.layer(
-            base.mark_rule().encode(x=x, y=alt.Y("ci_low:Q", scale=scale, title=title), y2="ci_high:Q",
-                                    color=alt.Color("series:N", legend=None)),
+            base.mark_rule().encode(x=x, y=alt.Y("ci_low:Q", scale=scale, title=title), y2="ci_high:Q", color=color),
             base.mark_line(point=True).encode(x=x, y=y, color=color, tooltip=[
                 "study:N", "version:N", "panel:N", alt.Tooltip("value:Q", format=".4g"),
                 alt.Tooltip("ci_low:Q", format=".4g"), alt.Tooltip("ci_high:Q", format=".4g")]),
