@@ -129,8 +129,7 @@ def layer_sweep_chart(rows: list[dict[str, Any]], strategy: str = LAYER_STRATEGY
 
     On relative change every metric reads the same way (0 = dense). An extreme layer (removing
     layer 0 can multiply perplexity by 10^5) would squeeze all the others into a thin strip, so a
-    layer more than ``OUTLIER_IQRS`` interquartile ranges out is drawn at the panel's edge with its
-    value written next to it.
+    layer more than ``OUTLIER_IQRS`` interquartile ranges out is drawn at the panel's edge, its value in the subtitle.
     """
     sweep = [r for r in rows if r["strategy"] == strategy and r["layer"] is not None and r["p_value"] is not None]
     if not sweep:
@@ -169,8 +168,8 @@ def relative_points(points: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
         high = None if p[keys[2]] is None else min(max(p[keys[2]] * scale, domain[0]), domain[1])
         shown.append({**p, "change": value, "shown": min(max(value, domain[0]), domain[1]) if value is not None else None,
                       "low": low, "high": high, "clipped": clipped,
-                      "note": (f"{p['layer'] if p.get('layer') is not None else p['variant']}: "
-                               f"{_short(value, relative)} (off scale)") if clipped else ""})
+                      "note": (f"{'layer ' + str(p['layer']) if p.get('layer') is not None else p['variant']} "
+                               f"{_short(value, relative)}") if clipped else ""})
     title = "change vs dense (%)" if relative else "change vs dense"
     return shown, title, domain
 
@@ -203,13 +202,14 @@ def _relative_panel(points: list[dict[str, Any]], x: alt.X, panel: str) -> alt.L
             x=x, y=y, tooltip=tooltip,
             shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
             color=alt.Color("verdict:N", title="vs dense", scale=VERDICT_COLOURS, legend=alt.Legend(orient="bottom"))),
-        base.mark_text(align="left", dx=6, dy=8, fontSize=10, color="#c0392b").encode(
-            x=x, y=y, text="note:N"),  # empty for the points on scale (a filter would leave an empty layer)
         alt.Chart(alt.Data(values=[{"zero": 0}])).mark_rule(strokeDash=[5, 4], color="#444").encode(
             y=alt.Y("zero:Q", scale=scale, title=title)),
     ]
+    notes = [p["note"] for p in data if p["clipped"]]
+    heading = alt.TitleParams(panel, subtitle=[f"off scale, drawn at the edge: {'; '.join(notes)}"],
+                              subtitleColor="#c0392b") if notes else panel
     return alt.layer(*layers, data=alt.Data(values=data)).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT,
-                                                                      title=panel)
+                                                                      title=heading)
 
 
 def sparsity_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:

@@ -16,7 +16,7 @@ from typing import Any
 import polars as pl
 
 from .charts import removed_layer, series_label, sparsity_percent, varying_settings
-from .stats import ALPHA, BETTER, DENSE, UNDERPOWERED, WORSE, format_p, harm_order
+from .stats import ALPHA, BETTER, DENSE, UNDERPOWERED, WORSE, format_p, harm_order, pairs_needed
 
 LAYER_STRATEGY = "drop-layers"
 
@@ -105,9 +105,11 @@ def headline_sentence(h: dict[str, Any]) -> str:
     if not h.get("tested"):
         return f"{h['task']} · {name}: {dense}; no pruned variant"
     if h.get("underpowered"):
-        return (f"{h['task']} · {name}: {dense}; underpowered — with n = {h['n']} no outcome could reach "
-                f"p < {ALPHA} after Holm over {h['tested']} variants (smallest possible p {format_p(h['min_p'])}); "
-                f"{mdd_text(h.get('mdd'), h['dense'], h['kind'])}")
+        text = (f"{h['task']} · {name}: {dense}; underpowered — with n = {h['n']} no outcome could reach "
+                f"p < {ALPHA} after Holm over {h['tested']} variants (smallest possible p {format_p(h['min_p'])}); ")
+        if h["kind"] == "accuracy":
+            return text + mdd_text(h.get("mdd"), h["dense"], h["kind"])
+        return text + f"the paired test needs at least {pairs_needed(h['tested'])} windows/items"
     text = f"{h['task']} · {name}: {dense}; {h['significant_drops']} of {h['tested']} variants worse after Holm"
     if h.get("significant_gains"):
         text += f", {h['significant_gains']} better"

@@ -253,6 +253,11 @@ def continuous_mdd(differences: np.ndarray, family: int, alpha: float = ALPHA, p
     return float((sps.t.ppf(1 - level / 2, n - 1) + sps.t.ppf(power, n - 1)) * sd / math.sqrt(n))
 
 
+def pairs_needed(family: int, alpha: float = ALPHA) -> int:
+    """Fewest pairs with which the exact sign-flip test can survive Holm over ``family`` comparisons."""
+    return max(1, math.ceil(math.log2(2 * max(1, family) / alpha)))
+
+
 def accuracy_mdd(n: int, dense_correct: int, family: int, alpha: float = ALPHA) -> float | None:
     """Smallest accuracy drop that can survive Holm: b lost items, none gained, m x p(b, 0) <= alpha."""
     for lost in range(1, dense_correct + 1):
@@ -468,6 +473,8 @@ def _decide(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 sign = -1 if r["higher_is_better"] else 1
                 r["mdd"] = sign * (r["dense_value"] * math.expm1(mdd) if r["kind"] == "perplexity" else mdd)
         r["underpowered"] = family * r["min_p"] > ALPHA
+        if r["underpowered"] and r["kind"] != "accuracy":
+            r["mdd"] = None  # no effect of any size could be detected with these pairs
         significant = r["p_holm"] < ALPHA
         bad = harmful(r["diff_vs_dense"], r["higher_is_better"])
         r["significant_drop"] = bool(significant and bad)

@@ -20,6 +20,7 @@ from prunelab.stats import (
     mcnemar_exact,
     newcombe_paired_interval,
     paired_comparison,
+    pairs_needed,
     perplexity,
     sign_flip_min_p,
     sign_flip_test,
@@ -283,6 +284,11 @@ def test_perplexity_verdicts_follow_holm_and_power():
     eight = table(8, 24).filter(pl.col("strategy") != "dense")
     assert eight["p_value"].to_list() == pytest.approx([2 / 256] * 24)
     assert set(eight["verdict"]) == {UNDERPOWERED} and not eight["significant_drop"].any()
+    assert eight["mdd"].null_count() == 24  # no effect of any size is detectable
+    assert pairs_needed(24) == 10  # 24 x 2/2^10 = 0.047
+    from prunelab.findings import headline
+    (line,) = headline(table(8, 24))
+    assert line["underpowered"] and "needs at least 10 windows" in line["text"]
     twelve = table(12, 24).filter(pl.col("strategy") != "dense")
     assert set(twelve["verdict"]) == {"worse"} and twelve["significant_drop"].all()
     assert twelve["mdd"].drop_nulls().len() == 24
