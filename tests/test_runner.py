@@ -115,7 +115,8 @@ def cli(capsys, *args: str) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
-def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_data, tmp_path, capsys, one_thread):
+def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_data, tmp_path, capsys, one_thread,
+                                                          monkeypatch):
     study = tmp_path / "tiny.toml"
     study.write_text(study_text(tiny_qwen3, small_data))
     killed, whole = tmp_path / "killed", tmp_path / "whole"
@@ -198,6 +199,33 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     assert folder.name in (killed / "index.html").read_text()
     status, err = cli(capsys, "index", "--root", str(tmp_path / "nothing"))
     assert status == 2 and "artifacts folder not found" in err
+
+    # 6. the manifest says what ran: declared metrics, decoding, machine, tests; the config hash covers the code
+    assert {(m["task"], m["name"], m["kind"]) for m in manifest["metrics"]} == {
+        ("mmlu", "acc", "accuracy"), ("gsm8k", "exact_match_strict", "accuracy"),
+        ("gsm8k", "exact_match_flexible", "accuracy"), ("wikitext", "perplexity", "perplexity")}
+    assert manifest["decoding"]["decoding"].startswith("greedy") and manifest["machine"]["torch_threads"] == 1
+    assert manifest["config"]["code"]["prunelab"] and "statistics" in manifest
+
+    # 7. `prunelab report` rebuilds summary, charts and report from the stored items, without a model
+    summary_before = pl.read_parquet(folder / "summary.parquet")
+    (folder / "report.html").unlink()
+    (folder / "summary.parquet").unlink()
+    monkeypatch.setattr(runner, "load_model", None)  # no model may be loaded
+    status, err = cli(capsys, "report", str(folder))
+    assert status == 0, err
+    assert pl.read_parquet(folder / "summary.parquet").equals(summary_before)
+    assert "Findings" in (folder / "report.html").read_text()
+    assert json.loads((folder / "manifest.json").read_text())["report_rebuilt"]["prunelab"]
+    status, err = cli(capsys, "report", str(tmp_path))
+    assert status == 2 and "not a run folder" in err
+    monkeypatch.undo()
+
+    # 8. a finished run of other code is not reused silently
+    monkeypatch.setattr(runner.artifacts, "code_version", lambda commit=None: {"prunelab": "0.0.1", "commit": "fffffff"})
+    status, err = cli(capsys, "study", "run", str(study), "--out", str(killed))
+    assert status == 0 and "ran this configuration with other code" in err, err
+    assert len([p for p in (killed / "tiny").iterdir() if not p.name.startswith(".")]) == 2
 
 
 # ------------------------------------------------------------------------------------ study files
