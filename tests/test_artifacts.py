@@ -315,3 +315,35 @@ def test_removal_plans_chart_has_one_line_per_plan_over_k():
                                                "drop-block") for k in (1, 2, 3))
     assert {r["value"] for r in inline_values(spec) if r["strategy"] == "dense"} == {0.8}
     assert "layer_sweep" not in charts.build_charts(summary)  # K-layer plans are not a single-layer sweep
+
+
+def test_a_third_party_mean_metric_flows_from_records_to_the_report(tmp_path):
+    """An evaluator declaring a float per item ("mean") gets the same paired test, table and findings."""
+    from prunelab.hookspecs import MetricSpec
+    from prunelab.runner import Variant, item_rows
+    from prunelab.tasks import TaskResult
+
+    specs = (MetricSpec("acc", "accuracy", "correct"),
+             MetricSpec("surprise", "mean", "surprise", higher_is_better=False, label="mean surprise"))
+    frames = []
+    for name, strategy, shift in (("dense", "dense", 0.0), ("noisy[k=1]", "noisy", 0.5), ("same[k=2]", "same", 0.0)):
+        records = [{"item_id": f"q{i}", "correct": i % 3 != 0, "surprise": 1.0 + 0.1 * (i % 4) + shift + 0.01 * (i % 2)}
+                   for i in range(12)]
+        frames.append(item_rows(Variant(name, strategy, {"k": 1} if strategy != "dense" else {}), "fake",
+                                TaskResult("fake", {"n": 12}, records), specs))
+    items = pl.concat(frames, how="diagonal_relaxed")
+    assert items.schema["value"] == pl.Float64
+    assert "surprise" not in items.columns  # the declared field became the metric's `value`
+    metrics = [{"task": "fake", "name": m.name, "kind": m.kind, "field": m.field,
+                "higher_is_better": m.higher_is_better, "label": m.label} for m in specs]
+    run = artifacts.write_run(tmp_path, "third-party", items, {"config": {"x": 1}, "metrics": metrics},
+                              now=NOW, commit="abc1234+dirty")
+    assert run.name.startswith("20261128T143000Z-abc1234+dirty-"), "the version name keeps +dirty"
+    summary = pl.read_parquet(run / "summary.parquet").filter(metric="surprise")
+    noisy = summary.filter(variant="noisy[k=1]").row(0, named=True)
+    assert (noisy["kind"], noisy["verdict"], noisy["test"]) == ("mean", "worse", "exact sign-flip permutation")
+    assert noisy["p_value"] == pytest.approx(2 / 4096)
+    assert summary.filter(variant="same[k=2]")["verdict"][0] == "no detectable change"
+    report = (run / "report.html").read_text()
+    assert "fake · mean surprise" in report and "Findings" in report
+    assert "< 0.001" in report  # 2/4096 printed at the display floor
