@@ -505,7 +505,8 @@ def sweep_harm(summary: pl.DataFrame, num_layers: int) -> dict[tuple[str, str, s
         if layer >= num_layers:
             raise PrunelabError(f"the sweep removed layer {layer} but this model has {num_layers} layers: "
                                 "is the sweep of a different model?")
-        sign = -1.0 if row["kind"] == "accuracy" else 1.0
+        better_higher = row.get("higher_is_better")  # summaries before metric declarations lack it
+        sign = -1.0 if (better_higher if better_higher is not None else row["kind"] == "accuracy") else 1.0
         harm.setdefault((row["task"], row["metric"], row["kind"]), {})[layer] = sign * row["diff_vs_dense"]
     if not harm:
         raise PrunelabError(f"the sweep table has no single-layer '{LAYER_SWEEP_STRATEGY}' variants compared with dense")
