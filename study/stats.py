@@ -376,6 +376,8 @@ def _accuracy_stats(row: dict[str, Any], variant: pl.DataFrame, dense: pl.DataFr
     cmp = paired_comparison(base, other)
     both, neither = int(np.sum(base & other)), int(np.sum(~base & ~other))
     low, high = newcombe_paired_interval(both, cmp.lost, cmp.gained, neither)
+    # the variant's accuracy lies in [0, 1]: the difference cannot leave [-dense, 1 - dense]
+    low, high = max(low, -cmp.base_accuracy), min(high, 1 - cmp.base_accuracy)
     row.update(n_paired=cmp.n, dense_value=cmp.base_accuracy, diff_vs_dense=cmp.difference, diff_ci_low=low,
                diff_ci_high=high, lost=cmp.lost, gained=cmp.gained, p_value=cmp.p_value, p_exact=True,
                test=ACCURACY_TEST, _dense_correct=int(base.sum()), _differences=None)
