@@ -166,7 +166,7 @@ RANKED_SHOWN = 8  # per task and metric, the most and least harmful variants; th
 
 def findings_html(blocks: list[dict[str, Any]]) -> str:
     """The findings block: per task and metric what the paired tests support, in sentences and a ranking."""
-    from .findings import interval_text
+    from .findings import interval_text, mdd_text
 
     parts = []
     for block in blocks:
@@ -178,8 +178,9 @@ def findings_html(blocks: list[dict[str, Any]]) -> str:
                 items.append("Layers whose removal is not detectably harmful: cannot tell, the test is underpowered.")
             elif safe:
                 listed = ", ".join(f"{_layer_name(r)} ({interval_text(r)})" for r in safe)
+                caveat = f" — {mdd_text(h['mdd'], h['dense'], h['kind'])}" if h.get("mdd") is not None else ""
                 items.append(f"Layers whose removal is not detectably harmful (Holm, {len(safe)} of "
-                             f"{block['layers_tested']}): {html.escape(listed)}")
+                             f"{block['layers_tested']}{html.escape(caveat)}): {html.escape(listed)}")
             else:
                 items.append(f"Removing any one of the {block['layers_tested']} layers is detectably harmful (Holm).")
         for cliff in block["cliffs"]:
