@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pluggy
 
@@ -53,6 +53,17 @@ class Strategy:
 
 
 @dataclass(frozen=True)
+class MetricSpec:
+    """A metric an evaluator reports per item, and how a report compares it with the dense model."""
+
+    name: str  # the value in items.metric, e.g. "acc", "perplexity", "kl_mean"
+    kind: Literal["accuracy", "perplexity", "mean"]  # accuracy: bool per item; perplexity: nll_sum/tokens per window; mean: a float per item
+    field: str | None = None  # the record key holding the per-item value (None for perplexity)
+    higher_is_better: bool = True
+    label: str = ""  # human-readable name for reports
+
+
+@dataclass(frozen=True)
 class Evaluator:
     """An evaluation task: loads its items, then scores them through the shared engine.
 
@@ -69,6 +80,7 @@ class Evaluator:
     #: variants only for scoring (log-likelihoods, perplexity); generation diverges after the
     #: prompt, so the runner evaluates generating tasks one pruned model at a time.
     generates: bool = False
+    metrics: tuple[MetricSpec, ...] = ()
 
     @property
     def option_set(self) -> OptionSet:

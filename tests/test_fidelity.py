@@ -1,0 +1,199 @@
+"""Fidelity to the dense model (KL, top-1 agreement) and perplexity windows that start like the tokenizer's texts.
+
+References are independent of the engine: full-vocabulary KL from Hugging Face logits in float64,
+scipy's entropy on hand-made distributions, HF's own loss on BOS-prefixed windows cut by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import entropy
+
+from prunelab import engine as engine_module
+from prunelab.data import DataSource, Subset
+from prunelab.engine import DenseReference, Engine, head_fingerprint, kl_divergence
+from prunelab.errors import PrunelabError
+from prunelab.evaluate import prepare_tasks, run_task
+from prunelab.modeling import load_model
+from prunelab.reference import ReferenceStore
+from prunelab.surgery import drop_layers
+from prunelab.windows import window_bos
+
+from .conftest import DATA, QWEN3_TOKENIZER, tiny_config
+
+SEQLEN = 48
+
+
+@pytest.fixture(scope="module")
+def wikitext_data(tmp_path_factory) -> Path:
+    """WikiText-2's first 200 lines: enough for a few windows of 48 tokens, tokenized in a blink."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext-2").mkdir()
+    lines = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(lines[:200]), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_bos(tmp_path_factory) -> Path:
+    """A tiny random Llama whose tokenizer (Qwen3's, with BOS set) puts BOS in front of every text it encodes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bos")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(QWEN3_TOKENIZER, bos_token="<|endoftext|>", add_bos_token=True).save_pretrained(path)
+    return path
+
+
+def wikitext(data: Path, limit: int = 3):
+    (task,) = prepare_tasks(["wikitext"], DataSource.resolve(data), Subset(limit=limit, sample="first"),
+                            {"seqlen": SEQLEN})
+    return task
+
+
+def text_ids(tokenizer, data: Path) -> torch.Tensor:
+    text = "\n\n".join(line if line.strip() else "" for line in
+                       (data / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True))
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def hf_loss(model, window: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(window[None], labels=window[None]).loss.item()
+
+
+# ------------------------------------------------------------------------------------- BOS windows
+def test_windows_start_with_bos_where_the_tokenizer_adds_it(tiny_bos, wikitext_data):
+    lm = load_model(str(tiny_bos), dtype="float32")
+    bos = lm.tokenizer.bos_token_id
+    assert lm.tokenizer("x")["input_ids"][0] == bos and window_bos(lm.tokenizer, lm.adapter) == bos
+    result = run_task(Engine(lm.model, lm.tokenizer, lm.adapter), wikitext(wikitext_data))
+    ids = text_ids(lm.tokenizer, wikitext_data)
+    assert result.metrics["bos"] is True
+    for k, record in enumerate(result.records):
+        # BOS, then the next SEQLEN - 1 text tokens: every text token is scored, SEQLEN - 1 per window
+        window = torch.cat([torch.tensor([bos]), ids[k * (SEQLEN - 1):(k + 1) * (SEQLEN - 1)]])
+        assert record["item_id"] == f"window/{k}" and record["tokens"] == SEQLEN - 1
+        assert record["nll_sum"] / record["tokens"] == pytest.approx(hf_loss(lm.model, window), rel=1e-4)
+
+
+def test_windows_without_bos_are_unchanged_for_qwen(tiny_qwen3, wikitext_data):
+    lm = load_model(str(tiny_qwen3), dtype="float32")
+    assert window_bos(lm.tokenizer, lm.adapter) is None
+    result = run_task(Engine(lm.model, lm.tokenizer, lm.adapter), wikitext(wikitext_data))
+    ids = text_ids(lm.tokenizer, wikitext_data)
+    assert result.metrics["bos"] is False
+    for k, record in enumerate(result.records):
+        window = ids[k * SEQLEN:(k + 1) * SEQLEN]
+        assert record["tokens"] == SEQLEN - 1
+        assert record["nll_sum"] / record["tokens"] == pytest.approx(hf_loss(lm.model, window), rel=1e-4)
+
+
+def test_calibration_windows_share_the_bos_rule(tiny_bos):
+    from prunelab.calibration import CalibrationSpec, calibration_samples
+
+    lm = load_model(str(tiny_bos), dtype="float32")
+    source = str(DATA / "calibration" / "wikitext-2-valid.tokens.txt")
+    spec = CalibrationSpec.from_mapping({"source": source, "samples": 3, "seqlen": 32})
+    samples = calibration_samples(lm.tokenizer, spec, 0, window_bos(lm.tokenizer, lm.adapter))
+    assert samples.shape == (3, 32) and (samples[:, 0] == lm.tokenizer.bos_token_id).all()
+    assert (samples[:, 1:] != lm.tokenizer.bos_token_id).all()
+
+
+# ------------------------------------------------------------------------------------- KL to dense
+def test_kl_divergence_matches_scipy_with_zero_probabilities():
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    got = kl_divergence(torch.log(p), torch.log(q))
+    assert got.tolist() == pytest.approx([entropy(p[0], q[0]), entropy(p[1], q[1])], rel=1e-12)
+    assert kl_divergence(torch.log(q), torch.log(p))[0].item() == float("inf")  # q has mass where p has none
+
+
+def test_window_kl_and_top1_equal_full_vocab_hf_computation(tiny_qwen3, monkeypatch):
+    """The KL recomputed from stored dense hidden states equals KL from both models' full HF logits."""
+    monkeypatch.setattr(engine_module, "KL_ROWS", 5)  # several KL steps per head chunk
+    dense = load_model(str(tiny_qwen3), dtype="float32")
+    variant_model = copy.deepcopy(dense.model)
+    drop_layers(variant_model, [2])
+    from prunelab.adapter import adapt
+
+    windows = torch.randint(0, 5000, (3, 33), generator=torch.Generator().manual_seed(3))
+    dense_engine = Engine(dense.model, dense.tokenizer, dense.adapter)
+    scores = dense_engine.window_scores(windows, keep_hidden=True, head_chunk=16)
+    reference = DenseReference(torch.stack(scores.hidden), windows, head_fingerprint(dense.adapter))
+    variant_engine = Engine(variant_model, dense.tokenizer, adapt(variant_model))
+    compared = variant_engine.window_scores(windows, reference=reference, head_chunk=16)
+    assert compared.nll_sums == pytest.approx(variant_engine.window_nll(windows)[0], rel=1e-6)
+    with torch.no_grad():
+        p = torch.log_softmax(dense.model(windows).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(variant_model(windows).logits[:, :-1].double(), -1)
+    exact = (p.exp() * (p - q)).sum(-1)
+    agree = p.argmax(-1) == q.argmax(-1)
+    for w in range(3):
+        assert compared.kl[w].shape == (32,)
+        assert compared.kl[w].double().tolist() == pytest.approx(exact[w].tolist(), rel=1e-3, abs=1e-6)
+        assert compared.agree[w].tolist() == agree[w].tolist()
+    assert 0 < float(exact.mean()) and not agree.all(), "the variant must differ from dense"
+    # against itself the dense model has zero divergence and full agreement
+    itself = dense_engine.window_scores(windows, reference=reference)
+    assert max(float(k.max()) for k in itself.kl) < 1e-5 and all(a.all() for a in itself.agree)
+
+
+def test_a_variant_with_another_head_or_other_windows_is_refused(tiny_qwen3):
+    dense = load_model(str(tiny_qwen3), dtype="float32")
+    windows = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
+    reference = DenseReference(torch.zeros(1, 9, 64), windows, head_fingerprint(dense.adapter))
+    variant = copy.deepcopy(dense.model)
+    from prunelab.adapter import adapt
+
+    adapter = adapt(variant)
+    with torch.no_grad():
+        adapter.head.weight[:10] = 0
+    with pytest.raises(PrunelabError, match="output head differs"):
+        Engine(variant, dense.tokenizer, adapter).window_scores(windows, reference=reference)
+    with pytest.raises(PrunelabError, match="other windows"):
+        Engine(dense.model, dense.tokenizer, dense.adapter).window_scores(windows + 1, reference=reference)
+
+
+def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikitext_data, tmp_path):
+    """The dense evaluation stores its reference; a variant's evaluation of the same windows reads it."""
+    dense = load_model(str(tiny_qwen3), dtype="float32")
+    task = wikitext(wikitext_data)
+    path = tmp_path / "ref" / "wikitext-0000.safetensors"
+    dense_result = run_task(Engine(dense.model, dense.tokenizer, dense.adapter), task,
+                            reference=ReferenceStore(path, is_dense=True))
+    assert path.is_file() and dense_result.metrics["fidelity"] == "dense"
+    assert all(r["kl_mean"] == 0.0 and r["top1_agree"] == 1.0 for r in dense_result.records)
+    variant_model = copy.deepcopy(dense.model)
+    drop_layers(variant_model, [1])
+    from prunelab.adapter import adapt
+
+    engine = Engine(variant_model, dense.tokenizer, adapt(variant_model))
+    result = run_task(engine, task, reference=ReferenceStore(path, is_dense=False))
+    assert result.metrics["fidelity"] == "compared"
+    (store_copy := tmp_path / "copy.safetensors").write_bytes(path.read_bytes())
+    tensors, _ = ReferenceStore(store_copy, False).load()
+    windows = tensors["windows"]
+    with torch.no_grad():
+        p = torch.log_softmax(dense.model(windows).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(variant_model(windows).logits[:, :-1].double(), -1)
+    exact = (p.exp() * (p - q)).sum(-1)
+    for w, record in enumerate(result.records):
+        assert record["kl_mean"] == pytest.approx(float(exact[w].mean()), rel=1e-3)
+        assert record["top1_agree"] == pytest.approx(float((p[w].argmax(-1) == q[w].argmax(-1)).double().mean()))
+        assert len(record["kl_tokens"]) == record["tokens"]
+        assert sorted(record["kl_tokens"]) == pytest.approx(sorted(exact[w].tolist()), rel=1e-3, abs=1e-6)
+    missing = run_task(engine, task, reference=ReferenceStore(tmp_path / "none.safetensors", is_dense=False))
+    assert missing.metrics["fidelity"] == "no reference" and "kl_mean" not in missing.records[0]
+    shutil.rmtree(tmp_path / "ref")
