@@ -24,7 +24,7 @@ from typing import Any
 import polars as pl
 import vl_convert as vlc
 
-from . import pages
+from . import fidelity, pages
 from .charts import baseline_history_chart, build_charts
 from .errors import PrunelabError
 from .stats import ALPHA, DENSE, summarize
@@ -96,7 +96,10 @@ def write_run(
     staging.mkdir(parents=True)
 
     files = write_tables(staging, items, summary, bench)
-    specs = {name: chart.to_dict() for name, chart in build_charts(summary, bench=bench).items()}
+    extras = fidelity.summary_records(items)
+    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
+    charts.update(extra_charts(extras))
+    specs = {name: chart.to_dict() for name, chart in charts.items()}
     files += write_charts(staging / "charts", specs)
     full_manifest = {
         **manifest, "study": study, "version": version, "created": f"{now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
@@ -105,14 +108,25 @@ def write_run(
         "packages": manifest.get("packages") or package_versions(),
         "strategies": sorted(set(summary["strategy"])), "tasks": list(dict.fromkeys(summary["task"])),
         "headline": headline(summary), "files": {f: _sha256(staging / f) for f in files},
+        **({"sensitive_metrics": extras} if extras else {}),
     }
     _write_text(staging / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
     report = pages.report_page(full_manifest, summary.to_dicts(), specs, [*files, "manifest.json"],
-                               bench.to_dicts() if bench is not None else None)
+                               bench.to_dicts() if bench is not None else None,
+                               extra_sections=pages.sensitive_sections(extras))
     _write_text(staging / "report.html", report)
     os.replace(staging, final)
     build_index(root)
     return final
+
+
+def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Charts of the metrics that see harm at chance (``fidelity.summary_records``)."""
+    from .charts import answer_letters_chart, fidelity_chart
+
+    charts = {"fidelity": fidelity_chart(extras.get("fidelity", [])),
+              "answer_letters": answer_letters_chart(extras.get("answer_letters", []))}
+    return {name: chart for name, chart in charts.items() if chart is not None}
 
 
 def write_tables(folder: Path, items: pl.DataFrame, summary: pl.DataFrame,

@@ -7,9 +7,12 @@ scipy's entropy on hand-made distributions, HF's own loss on BOS-prefixed window
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
 import torch
 from scipy.stats import entropy
@@ -144,7 +147,7 @@ def test_window_kl_and_top1_equal_full_vocab_hf_computation(tiny_qwen3, monkeypa
         assert compared.kl[w].shape == (32,)
         assert compared.kl[w].double().tolist() == pytest.approx(exact[w].tolist(), rel=1e-3, abs=1e-6)
         assert compared.agree[w].tolist() == agree[w].tolist()
-    assert 0 < float(exact.mean()) and not agree.all(), "the variant must differ from dense"
+    assert float(exact.mean()) > 0 and not agree.all(), "the variant must differ from dense"
     # against itself the dense model has zero divergence and full agreement
     itself = dense_engine.window_scores(windows, reference=reference)
     assert max(float(k.max()) for k in itself.kl) < 1e-5 and all(a.all() for a in itself.agree)
@@ -197,3 +200,74 @@ def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikit
     missing = run_task(engine, task, reference=ReferenceStore(tmp_path / "none.safetensors", is_dense=False))
     assert missing.metrics["fidelity"] == "no reference" and "kl_mean" not in missing.records[0]
     shutil.rmtree(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------------------------- per-variant tables
+def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
+    import math
+
+    from plugins.mmlu import letter_probabilities
+
+    assert letter_probabilities([math.log(0.1), math.log(0.2), math.log(0.3), math.log(0.4)]) == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4], rel=1e-12)
+    assert letter_probabilities([-1000.0, -1000.0, -1001.0, -2000.0])[0] == pytest.approx(
+        1 / (2 + math.exp(-1)), rel=1e-12)  # no underflow for very unlikely letters
+    lm = load_model(str(tiny_qwen3), dtype="float32")
+    (task,) = prepare_tasks(["mmlu"], DataSource.resolve(DATA), Subset(limit=1, sample="first"), {"num_fewshot": 0})
+    task.items = task.items[:6]
+    for record in run_task(Engine(lm.model, lm.tokenizer, lm.adapter), task).records:
+        weights = [math.exp(x) for x in record["loglikelihoods"]]
+        assert record["gold_prob"] == pytest.approx(weights[record["target_index"]] / sum(weights), rel=1e-9)
+
+
+def items_table() -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant, strategy, scale in (("dense", "dense", 0.0), ("v", "magnitude", 1.0)):
+        for w in range(6):
+            kl = (rng.exponential(scale, 20) if scale else np.zeros(20)).round(4)
+            rows.append({"variant": variant, "strategy": strategy, "task": "wikitext", "metric": "perplexity",
+                         "item_id": f"window/{w}", "tokens": 20, "kl_mean": float(kl.mean()),
+                         "top1_agree": 1.0 if not scale else float(rng.uniform(0.5, 0.9)),
+                         "kl_tokens": json.dumps(kl.tolist())})
+        for q, (pred, gold) in enumerate([("B", "A"), ("B", "B"), ("C", "D"), ("B", "C")]):
+            rows.append({"variant": variant, "strategy": strategy, "task": "mmlu", "metric": "acc",
+                         "item_id": f"s/{q}", "prediction": pred if variant == "dense" else "C", "target": gold,
+                         "correct": (pred if variant == "dense" else "C") == gold, "category": "stem" if q < 2 else "other",
+                         "gold_prob": 0.1 * (q + 1), "loglikelihoods": json.dumps([-1.0, -2.0, -3.0, -4.0])})
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def test_fidelity_table_against_numpy_and_scipy():
+    from scipy.stats import t
+
+    from prunelab.fidelity import chance_levels, fidelity_table
+
+    items = items_table()
+    table = {r["variant"]: r for r in fidelity_table(items).to_dicts()}
+    assert table["dense"]["kl_mean"] == 0 and table["dense"]["kl_p99"] == 0 and table["dense"]["top1_agree"] == 1
+    v = items.filter(pl.col("variant") == "v", pl.col("task") == "wikitext")
+    means = v["kl_mean"].to_numpy()
+    low, high = t.interval(0.95, len(means) - 1, loc=means.mean(), scale=means.std(ddof=1) / np.sqrt(len(means)))
+    assert (table["v"]["kl_mean"], table["v"]["kl_mean_low"], table["v"]["kl_mean_high"]) == pytest.approx(
+        (means.mean(), low, high), rel=1e-9)
+    pooled = np.concatenate([json.loads(x) for x in v["kl_tokens"]])
+    assert table["v"]["kl_p99"] == pytest.approx(np.quantile(pooled, 0.99), rel=1e-12)
+    assert table["v"]["kl_p99_low"] <= table["v"]["kl_p99"] <= table["v"]["kl_p99_high"]
+    assert table["v"]["kl_p99_high"] <= pooled.max() + 1e-12
+    assert fidelity_table(items).equals(fidelity_table(items)), "the bootstrap is seeded"
+    assert chance_levels(items) == {"mmlu": 0.25}
+
+
+def test_answer_letters_categories_and_gold_probability_tables():
+    from prunelab.fidelity import answer_letters, category_accuracy, mean_metric_table
+
+    items = items_table()
+    letters = {r["variant"]: r for r in answer_letters(items).to_dicts()}
+    assert {k: letters["gold answers"][k] for k in "ABCD"} == {"A": 1, "B": 1, "C": 1, "D": 1}
+    assert {k: letters["dense"][k] for k in "ABCD"} == {"A": 0, "B": 3, "C": 1, "D": 0}
+    assert letters["v"]["C"] == 4 and letters["v"]["n"] == 4
+    categories = {(r["variant"], r["category"]): r["accuracy"] for r in category_accuracy(items).to_dicts()}
+    assert categories == {("dense", "stem"): 0.5, ("dense", "other"): 0.0, ("v", "stem"): 0.0, ("v", "other"): 0.5}
+    gold = {r["variant"]: r for r in mean_metric_table(items, "gold_prob").to_dicts()}
+    assert gold["dense"]["gold_prob"] == pytest.approx(0.25) and gold["dense"]["n"] == 4
