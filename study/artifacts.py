@@ -122,9 +122,10 @@ def write_run(
 
 def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Charts of the metrics that see harm at chance (``fidelity.summary_records``)."""
-    from .charts import answer_letters_chart, fidelity_chart
+    from .charts import answer_letters_chart, fidelity_chart, fidelity_layer_chart
 
     charts = {"fidelity": fidelity_chart(extras.get("fidelity", [])),
+              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", [])),
               "answer_letters": answer_letters_chart(extras.get("answer_letters", []))}
     return {name: chart for name, chart in charts.items() if chart is not None}
 

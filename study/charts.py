@@ -335,7 +335,7 @@ def fidelity_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
     y = alt.Y("variant:N", sort=order, title=None)
     height = max(PANEL_HEIGHT // 2, 14 * len(order))
     panels = []
-    for field, title, log in (("kl_mean", "mean KL(dense ‖ variant), nats (log)", True),
+    for field, title, log in (("kl_mean", "mean KL(dense || variant), nats (log)", True),
                               ("kl_p99", "99th percentile KL, nats (log)", True),
                               ("top1_agree", "same top token as dense", False)):
         data = [r for r in pruned if r[field] is not None and (not log or r[field] > 0)]
@@ -352,6 +352,30 @@ def fidelity_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
         ).properties(width=PANEL_WIDTH * 2 // 3, height=height))
     return alt.hconcat(*panels).properties(
         title="Fidelity to the dense model on the same WikiText windows (95% intervals over windows)")
+
+
+def fidelity_layer_chart(fidelity: list[dict[str, Any]], strategy: str = LAYER_STRATEGY) -> alt.TopLevelMixin | None:
+    """Mean KL to dense (log scale) and top-1 agreement vs the removed layer, with 95% bands over windows."""
+    points = [{**r, "layer": removed_layer(json.loads(r.get("params") or "{}"))} for r in fidelity
+              if r["strategy"] == strategy]
+    points = [p for p in points if p["layer"] is not None and p["kl_mean"] is not None and p["kl_mean"] > 0]
+    if not points:
+        return None
+    x = alt.X("layer:Q", title="removed layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    panels = []
+    for field, title, scale in (("kl_mean", "mean KL(dense || variant), nats (log)", alt.Scale(type="log")),
+                                ("top1_agree", "same top token as dense", alt.Scale(domain=[0, 1]))):
+        base = alt.Chart(alt.Data(values=points))
+        y = alt.Y(f"{field}:Q", title=title, scale=scale, axis=LOG_AXIS if field == "kl_mean" else alt.Axis())
+        panels.append(alt.layer(
+            base.mark_area(opacity=0.18).encode(x=x, y=alt.Y(f"{field}_low:Q", scale=scale, title=title),
+                                                y2=f"{field}_high:Q"),
+            base.mark_line(point=True).encode(x=x, y=y, tooltip=[
+                "variant:N", alt.Tooltip(f"{field}:Q", format=".4g"), alt.Tooltip(f"{field}_low:Q", format=".4g"),
+                alt.Tooltip(f"{field}_high:Q", format=".4g"), "windows:Q"]),
+        ).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT))
+    return alt.hconcat(*panels).properties(
+        title="Remove one decoder layer: fidelity to dense on the same WikiText windows (95% bands over windows)")
 
 
 def baseline_history_chart(points: list[dict[str, Any]]) -> alt.TopLevelMixin | None:

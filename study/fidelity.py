@@ -61,12 +61,15 @@ def fidelity_table(items: pl.DataFrame) -> pl.DataFrame | None:
         return None
     rows = items.filter(pl.col("kl_mean").is_not_null() & (pl.col("metric") == "perplexity"))
     out = []
-    for (variant, strategy, task), group in rows.group_by(["variant", "strategy", "task"], maintain_order=True):
+    if "params" not in rows.columns:
+        rows = rows.with_columns(pl.lit("{}").alias("params"))
+    for (variant, strategy, params, task), group in rows.group_by(["variant", "strategy", "params", "task"],
+                                                                  maintain_order=True):
         kl, kl_low, kl_high = mean_interval(group["kl_mean"].to_numpy())
         top1, top1_low, top1_high = mean_interval(group["top1_agree"].to_numpy())
         tokens = [np.asarray(json.loads(t), dtype=float) for t in group["kl_tokens"]] if "kl_tokens" in group.columns else []
         p99, p99_low, p99_high = pooled_quantile_interval(tokens) if tokens else (None, None, None)
-        out.append({"task": task, "variant": variant, "strategy": strategy, "windows": group.height,
+        out.append({"task": task, "variant": variant, "strategy": strategy, "params": params, "windows": group.height,
                     "tokens": int(group["tokens"].sum()),
                     "kl_mean": kl, "kl_mean_low": kl_low, "kl_mean_high": kl_high,
                     "kl_p99": p99, "kl_p99_low": p99_low, "kl_p99_high": p99_high,
