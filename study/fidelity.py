@@ -78,11 +78,16 @@ def fidelity_table(items: pl.DataFrame) -> pl.DataFrame | None:
 
 
 def _multiple_choice(items: pl.DataFrame) -> pl.DataFrame:
-    """The accuracy rows of tasks whose records name the predicted and the gold answer."""
+    """The accuracy rows of tasks whose records name the predicted and the gold answer.
+
+    Rows of per-item float metrics (a ``value`` column) repeat the record's fields; they are left out
+    so that each question counts once.
+    """
     if not {"prediction", "target"} <= set(items.columns):
         return items.clear()
-    return items.filter(pl.col("prediction").is_not_null() & pl.col("target").is_not_null()
+    rows = items.filter(pl.col("prediction").is_not_null() & pl.col("target").is_not_null()
                         & pl.col("correct").is_not_null())
+    return rows.filter(pl.col("value").is_null()) if "value" in rows.columns else rows
 
 
 def answer_letters(items: pl.DataFrame) -> pl.DataFrame | None:
