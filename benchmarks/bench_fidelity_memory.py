@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import gc
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -38,7 +39,7 @@ from prunelab.surgery import drop_layers
 from prunelab.windows import consecutive_windows, window_bos
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parent.parent / "shared"
+SHARED = Path(os.environ.get("PRUNELAB_SHARED", HERE.parent.parent / "shared"))
 
 
 def rss_mib(field: str) -> float:

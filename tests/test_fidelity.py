@@ -271,3 +271,24 @@ def test_answer_letters_categories_and_gold_probability_tables():
     assert categories == {("dense", "stem"): 0.5, ("dense", "other"): 0.0, ("v", "stem"): 0.0, ("v", "other"): 0.5}
     gold = {r["variant"]: r for r in mean_metric_table(items, "gold_prob").to_dicts()}
     assert gold["dense"]["gold_prob"] == pytest.approx(0.25) and gold["dense"]["n"] == 4
+
+
+def test_report_shows_fidelity_answers_and_the_chance_line(tmp_path):
+    from prunelab import artifacts
+
+    items = items_table().with_columns(pl.lit("{}").alias("params"), pl.lit(None, pl.Float64).alias("nll_sum"))
+    items = items.with_columns(pl.when(pl.col("task") == "wikitext").then(pl.col("tokens") * 3.0)
+                               .otherwise(None).alias("nll_sum"),
+                               pl.when(pl.col("task") == "wikitext").then(None).otherwise(pl.col("correct"))
+                               .alias("correct"))
+    run = artifacts.write_run(tmp_path, "synthetic", items, {"config": {"x": 1}})
+    chart = (run / "charts" / "dense_vs_pruned.html").read_text()
+    assert "chance 0.25" in chart and "chance 0.25" not in (run / "charts" / "fidelity.html").read_text()
+    report = (run / "report.html").read_text()
+    for heading in ("Fidelity to the dense model", "Answer letters", "Gold-answer probability", "Accuracy per category"):
+        assert heading in report
+    for chart in ("fidelity", "answer_letters"):
+        assert (run / "charts" / f"{chart}.png").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    fidelity = {r["variant"]: r for r in manifest["sensitive_metrics"]["fidelity"]}
+    assert fidelity["v"]["kl_p99"] > 0 and fidelity["dense"]["kl_mean"] == 0
