@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--drop", type=int, default=12, help="the variant: this layer removed")
     parser.add_argument("--data", default=str(SHARED / "data" / "wikitext-2" / "wiki.test.raw"))
     parser.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers (0: all)")
+    parser.add_argument("--variant-windows", type=int, default=0,
+                        help="score only the first K windows of the variant (the whole reference stays in memory)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the variant pass without fidelity")
     parser.add_argument("--out", default=str(HERE / "results" / "fidelity-memory.json"))
     args = parser.parse_args()
@@ -99,7 +101,11 @@ def main() -> None:
         row.update(stats)
         hidden = torch.stack(scores.hidden)
         del scores
-        reference = DenseReference(hidden, windows, head_fingerprint(loaded.adapter))
+        scored = args.variant_windows or count
+        # a view of the first windows: the whole reference stays allocated, as in a study's chunk
+        reference = DenseReference(hidden[:scored], windows[:scored], head_fingerprint(loaded.adapter))
+        windows = windows[:scored]
+        row["variant_windows"] = scored
         row["reference_mib"] = round(hidden.numel() * hidden.element_size() / 2**20, 1)
         row["full_dense_logits_mib"] = round(count * (args.seqlen - 1) * config.vocab_size * 4 / 2**20, 1)
         compared, stats = measure("variant_with_kl",

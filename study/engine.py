@@ -369,8 +369,8 @@ class WindowScores:
 class DenseReference:
     """The dense model's final hidden states on the same windows: its exact logits, recomputed per chunk.
 
-    Storing every dense logit would take windows x seqlen x vocab floats (64 x 512 x 151,936 x 4 B =
-    20 GB for Qwen2.5); the hidden states that produce them take windows x seqlen x hidden (117 MB),
+    Storing every dense logit would take windows x seqlen x vocab floats (64 x 511 x 151,936 x 4 B =
+    18.5 GiB for Qwen2.5); the hidden states that produce them take windows x seqlen x hidden (112 MiB),
     and the output head -- which no strategy changes unless told to (``include_head``) -- turns them
     back into the exact dense distribution one head chunk at a time. ``head`` fingerprints the head
     the hidden states were made with, so a variant with a different head is refused, not misread.
