@@ -95,10 +95,13 @@ def wikitext_windows(tokenizer, seqlen: int, count: int | None) -> tuple[torch.T
 
     raw = (SHARED / "data" / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8")
     text = "\n\n".join(lines_from_raw(raw))
+    from prunelab.windows import consecutive_windows, window_bos, window_count
+
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
-    total = ids.numel() // seqlen
+    bos = window_bos(tokenizer)  # the evaluator's windows: BOS first where the tokenizer adds it
+    total = window_count(ids.numel(), seqlen, bos)
     n = total if count is None else min(count, total)
-    return ids[: n * seqlen].reshape(n, seqlen), total
+    return consecutive_windows(ids, range(n), seqlen, bos), total
 
 
 def run_variant(args, method: str, pattern: str) -> dict[str, Any]:

@@ -4,10 +4,15 @@ Prompt: ``The following are multiple choice questions (with answers) about {subj
 first k dev examples (``{question}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer: {letter}``) separated by blank
 lines, then the question ending in ``Answer:``. The prediction is the argmax of the log-likelihoods
 of `` A``/`` B``/`` C``/`` D``. Accuracy is micro-averaged over questions.
+
+A model near chance (0.25) cannot show harm on accuracy, so each question also records the
+gold-answer probability ``gold_prob``: the softmax of the four letters' log-likelihoods at the
+correct letter, a continuous per-item metric that moves before the argmax does.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any
 
@@ -19,6 +24,10 @@ from prunelab.options import Option
 from prunelab.tasks import Item, TaskResult, mean_and_stderr
 
 LETTERS = ("A", "B", "C", "D")
+METRICS = (
+    MetricSpec("acc", "accuracy", "correct", label="accuracy"),
+    MetricSpec("gold_prob", "mean", "gold_prob", label="probability of the gold letter (softmax over A-D)"),
+)
 
 # lm-evaluation-harness's grouping of the 57 subjects (mmlu/_generate_configs.py).
 CATEGORIES = {
@@ -115,6 +124,7 @@ def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> Task
             "prediction": LETTERS[predicted], "target": LETTERS[item.data["answer"]],
             "target_index": item.data["answer"],
             "correct": predicted == item.data["answer"], "loglikelihoods": lls,
+            "gold_prob": letter_probabilities(lls)[item.data["answer"]],
         })
     acc, stderr = mean_and_stderr([float(r["correct"]) for r in records])
     breakdown = {
@@ -122,6 +132,14 @@ def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> Task
         "categories": _grouped_accuracy(records, "category"),
     }
     return TaskResult("mmlu", {"n": len(records), "acc": acc, "acc_stderr": stderr}, records, breakdown)
+
+
+def letter_probabilities(loglikelihoods: list[float]) -> list[float]:
+    """Softmax over the four letters' log-likelihoods (the model's choice distribution among A-D)."""
+    top = max(loglikelihoods)
+    weights = [math.exp(ll - top) for ll in loglikelihoods]
+    total = math.fsum(weights)
+    return [w / total for w in weights]
 
 
 def _grouped_accuracy(records: list[dict[str, Any]], key: str) -> dict[str, dict[str, float]]:
@@ -142,7 +160,7 @@ def prunelab_evaluators() -> list[Evaluator]:
         description="MMLU multiple choice, lm-eval format, k-shot from the dev split (accuracy)",
         load_items=load_items,
         evaluate=evaluate,
-        metrics=(MetricSpec("acc", "accuracy", "correct", label="accuracy"),),
         options=(Option("num_fewshot", int, 5, "few-shot examples per subject (first k of dev)",
                         check=lambda v: None if 0 <= v <= 5 else "must be between 0 and 5"),),
+        metrics=METRICS,
     )]

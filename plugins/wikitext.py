@@ -4,6 +4,15 @@ The test split's lines are joined with ``"\\n\\n"`` and tokenized once; the toke
 non-overlapping windows of ``seqlen`` tokens (default 2048, never the model's 40960-token maximum)
 and perplexity is exp of the mean NLL over every predicted token. Windows are the items, so
 ``--fraction``/``--limit`` choose windows and each window's NLL is kept for paired comparisons.
+A window starts as the model's tokenizer starts a text: BOS first where it adds one
+(``prunelab.windows``, shared with calibration), with ``seqlen - 1`` scored tokens either way.
+
+Fidelity to the dense model (llama.cpp's ``perplexity --kl-divergence``): in a study the dense
+model's evaluation stores its final hidden states per chunk (``DenseReference``); each variant's
+evaluation of the same windows recomputes the exact dense next-token distribution from them and
+records, per window, the mean KL(dense || variant) over its scored tokens (``kl_mean``), the share of
+tokens whose top-1 token agrees with dense (``top1_agree``) and every token's KL (``kl_tokens``, 4
+significant digits) for the 99th percentile over all tokens of a variant.
 """
 
 from __future__ import annotations
@@ -14,11 +23,19 @@ from typing import Any
 import torch
 
 from prunelab.data import DataSource, Subset, load_hub_split
-from prunelab.engine import Engine
+from prunelab.engine import DenseReference, Engine, WindowScores, head_fingerprint
 from prunelab.errors import PrunelabError
 from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
 from prunelab.options import Option
 from prunelab.tasks import Item, TaskResult
+from prunelab.windows import consecutive_windows, window_bos, window_count
+
+METRICS = (
+    MetricSpec("perplexity", "perplexity", None, higher_is_better=False, label="perplexity"),
+    MetricSpec("kl_mean", "mean", "kl_mean", higher_is_better=False,
+               label="KL(dense || variant), mean per token (nats)"),
+    MetricSpec("top1_agree", "mean", "top1_agree", higher_is_better=True, label="same top token as dense"),
+)
 
 
 def lines_from_raw(raw: str) -> list[str]:
@@ -65,19 +82,53 @@ def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> Task
     seqlen = options["seqlen"]
     data = items[0].data
     ids = tokenized(engine.tokenizer, data["text"])
-    count = ids.numel() // seqlen
+    bos = window_bos(engine.tokenizer, engine.adapter)
+    count = window_count(ids.numel(), seqlen, bos)
     if count == 0:
         raise PrunelabError(f"WikiText-2 has {ids.numel()} tokens, fewer than one window of {seqlen}")
     chosen = data["subset"].select("wikitext", count)
-    windows = torch.stack([ids[i * seqlen : (i + 1) * seqlen] for i in chosen])
-    sums, counts = engine.window_nll(windows, progress=options.get("progress"))
+    windows = consecutive_windows(ids, chosen, seqlen, bos)
+    scores, fidelity = _scores(engine, windows, options)
     records = [
-        {"item_id": f"window/{i}", "nll_sum": s, "tokens": c, "correct": None}
-        for i, s, c in zip(chosen, sums, counts, strict=True)
+        {"item_id": f"window/{i}", "nll_sum": s, "tokens": c, "correct": None, "starts_with_bos": bos is not None}
+        for i, s, c in zip(chosen, scores.nll_sums, scores.counts, strict=True)
     ]
-    nll = sum(sums) / sum(counts)
-    metrics = {"n": len(records), "perplexity": math.exp(nll), "nll": nll, "seqlen": seqlen, "tokens": sum(counts)}
+    if fidelity == "dense":
+        for record in records:
+            record.update(kl_mean=0.0, top1_agree=1.0, kl_tokens=[0.0] * record["tokens"])
+    elif fidelity == "compared":
+        for record, kl, agree in zip(records, scores.kl, scores.agree, strict=True):
+            record.update(kl_mean=float(kl.double().mean()), top1_agree=float(agree.double().mean()),
+                          kl_tokens=[float(f"{v:.4g}") for v in kl.tolist()])
+    nll = sum(scores.nll_sums) / sum(scores.counts)
+    metrics = {"n": len(records), "perplexity": math.exp(nll), "nll": nll, "seqlen": seqlen,
+               "tokens": sum(scores.counts), "bos": bos is not None, "fidelity": fidelity}
     return TaskResult("wikitext", metrics, records)
+
+
+def _scores(engine: Engine, windows: torch.Tensor, options: dict[str, Any]) -> tuple[WindowScores, str]:
+    """Score the windows; as the dense model, save the reference; as a variant, compare with it.
+
+    Returns the scores and what fidelity they carry: "dense" (this is the reference), "compared",
+    or why there is none ("no reference": outside a study; "head differs": ``include_head``).
+    """
+    progress = options.get("progress")
+    store = options.get("reference")
+    if store is None:
+        return engine.window_scores(windows, progress=progress), "no reference"
+    if store.is_dense:
+        scores = engine.window_scores(windows, keep_hidden=True, progress=progress)
+        store.save({"hidden": torch.stack(scores.hidden), "windows": windows},
+                   {"head": head_fingerprint(engine.adapter)})
+        return scores, "dense"
+    found = store.load()
+    if found is None:
+        return engine.window_scores(windows, progress=progress), "no reference"
+    tensors, metadata = found
+    reference = DenseReference(tensors["hidden"], tensors["windows"], metadata.get("head", ""))
+    if reference.head != head_fingerprint(engine.adapter):
+        return engine.window_scores(windows, progress=progress), "head differs"
+    return engine.window_scores(windows, reference=reference, progress=progress), "compared"
 
 
 @hookimpl
@@ -87,7 +138,7 @@ def prunelab_evaluators() -> list[Evaluator]:
         description="WikiText-2 test perplexity over non-overlapping windows",
         load_items=load_items,
         evaluate=evaluate,
-        metrics=(MetricSpec("perplexity", "perplexity", higher_is_better=False, label="perplexity"),),
         options=(Option("seqlen", int, 2048, "window length in tokens",
                         check=lambda v: None if v >= 2 else "must be at least 2"),),
+        metrics=METRICS,
     )]

@@ -24,7 +24,7 @@ from typing import Any
 import polars as pl
 import vl_convert as vlc
 
-from . import pages
+from . import fidelity, pages
 from .charts import baseline_history_chart, build_charts
 from .errors import PrunelabError
 from .findings import findings, headline
@@ -151,16 +151,21 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     metric_specs = {(m["task"], m["name"]): m for m in manifest.get("metrics") or []}
     summary = summary if summary is not None else summarize(items, metrics=metric_specs)
     files = write_tables(folder, items if write_items else None, summary, bench)
-    specs = {name: chart.to_dict() for name, chart in build_charts(summary, bench=bench).items()}
+    extras = fidelity.summary_records(items)
+    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
+    charts.update(extra_charts(extras))
+    specs = {name: chart.to_dict() for name, chart in charts.items()}
     files += write_charts(folder / "charts", specs)
     full_manifest = {
         **manifest, "strategies": sorted(set(summary["strategy"])), "tasks": list(dict.fromkeys(summary["task"])),
         "statistics": statistics_manifest(summary), "headline": headline(summary),
         "files": {f: _sha256(folder / f) for f in files},
+        **({"sensitive_metrics": extras} if extras else {}),
     }
     _write_text(folder / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
     report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
-                               bench.to_dicts() if bench is not None else None, findings=findings(summary))
+                               bench.to_dicts() if bench is not None else None, findings=findings(summary),
+                               extra_sections=pages.sensitive_sections(extras))
     _write_text(folder / "report.html", report)
     return full_manifest
 
@@ -193,6 +198,16 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
     _write_text(manifest_path, json.dumps(manifest_out, indent=2, default=str) + "\n")
     build_index(folder.parent.parent)
     return folder
+
+
+def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Charts of the metrics that see harm at chance (``fidelity.summary_records``)."""
+    from .charts import answer_letters_chart, fidelity_chart, fidelity_layer_chart
+
+    charts = {"fidelity": fidelity_chart(extras.get("fidelity", [])),
+              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", [])),
+              "answer_letters": answer_letters_chart(extras.get("answer_letters", []))}
+    return {name: chart for name, chart in charts.items() if chart is not None}
 
 
 def write_tables(folder: Path, items: pl.DataFrame | None, summary: pl.DataFrame,

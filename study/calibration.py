@@ -5,7 +5,7 @@ papers) drawn with a seeded ``random.Random`` from a text source: the Hub's C4 (
 first English train shard, one random window of a random document longer than ``seqlen``) or
 WikiText-2 train (one random window of the whole split joined with spaces), or a local file (a
 plain text file is one long text; ``.jsonl``/``.json.gz`` files are documents with a ``text`` field,
-sampled like C4). Tokens carry no special tokens, except BOS for models that need it (Gemma).
+sampled like C4). Tokens carry no special tokens, except BOS where the model starts a text with it (``prunelab.windows``).
 
 **Driver.** ``run_layerwise`` feeds the samples through the decoder one layer at a time:
 
@@ -46,6 +46,7 @@ from .adapter import Adapter
 from .errors import PrunelabError
 from .options import Option
 from .pruning import MaskSet, apply_mask, as_adapter, layer_index_of, resolve_sparsity, sparsity_report
+from .windows import text_width, window_bos, windows_at
 
 DEFAULT_SOURCE = "c4"
 DEFAULT_SAMPLES = 128
@@ -106,16 +107,10 @@ def calibration_samples(
     With ``bos_token_id`` every window starts with BOS followed by ``seqlen - 1`` text tokens.
     """
     rng = random.Random(seed)
-    width = spec.seqlen - (1 if bos_token_id is not None else 0)
     text, documents = _load_source(spec.source)
     if text is not None:
-        windows = _windows_of_text(tokenizer, text, width, spec.samples, rng, spec.source)
-    else:
-        windows = _windows_of_documents(tokenizer, documents, width, spec.samples, rng, spec.source)
-    tokens = torch.tensor(windows, dtype=torch.long)
-    if bos_token_id is not None:
-        tokens = torch.cat([torch.full((spec.samples, 1), bos_token_id, dtype=torch.long), tokens], dim=1)
-    return tokens
+        return _windows_of_text(tokenizer, text, spec.seqlen, bos_token_id, spec.samples, rng, spec.source)
+    return _windows_of_documents(tokenizer, documents, spec.seqlen, bos_token_id, spec.samples, rng, spec.source)
 
 
 def samples_for(context, adapter: Adapter) -> tuple[torch.Tensor, CalibrationSpec]:
@@ -123,8 +118,7 @@ def samples_for(context, adapter: Adapter) -> tuple[torch.Tensor, CalibrationSpe
     spec = CalibrationSpec.from_mapping(context.calibration)
     if context.tokenizer is None:
         raise PrunelabError("this strategy needs calibration data, hence a tokenizer: pass a loaded model")
-    bos = context.tokenizer.bos_token_id if adapter.adds_bos else None
-    return calibration_samples(context.tokenizer, spec, context.seed, bos), spec
+    return calibration_samples(context.tokenizer, spec, context.seed, window_bos(context.tokenizer, adapter)), spec
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -155,22 +149,25 @@ def _encode_long_text(tokenizer, text: str) -> torch.Tensor:
     return _TEXT_TOKENS[key]
 
 
-def _windows_of_text(tokenizer, text: str, width: int, count: int, rng: random.Random, name: str) -> list[list[int]]:
+def _windows_of_text(tokenizer, text: str, seqlen: int, bos: int | None, count: int, rng: random.Random,
+                     name: str) -> torch.Tensor:
     """SparseGPT/Wanda's WikiText-2 sampling: random windows of the one tokenized text."""
     ids = _encode_long_text(tokenizer, text)
+    width = text_width(seqlen, bos)
     if len(ids) <= width:
         raise PrunelabError(f"calibration source {name} has {len(ids)} tokens, too few for windows of {width}")
     starts = [rng.randint(0, len(ids) - width - 1) for _ in range(count)]
-    return [ids[s : s + width].tolist() for s in starts]
+    return windows_at(ids, starts, seqlen, bos)
 
 
 def _windows_of_documents(
-    tokenizer, documents: Sequence[str], width: int, count: int, rng: random.Random, name: str
-) -> list[list[int]]:
+    tokenizer, documents: Sequence[str], seqlen: int, bos: int | None, count: int, rng: random.Random, name: str
+) -> torch.Tensor:
     """SparseGPT/Wanda's C4 sampling: a random document longer than the window, then a random window."""
     if not documents:
         raise PrunelabError(f"calibration source {name} has no documents")
-    windows: list[list[int]] = []
+    width = text_width(seqlen, bos)
+    windows: list[torch.Tensor] = []
     for _ in range(count):
         for _attempt in range(10_000):
             ids = _encode(tokenizer, documents[rng.randint(0, len(documents) - 1)])
@@ -179,8 +176,8 @@ def _windows_of_documents(
         else:
             raise PrunelabError(f"calibration source {name}: no document is longer than {width} tokens")
         start = rng.randint(0, len(ids) - width - 1)
-        windows.append(ids[start : start + width])
-    return windows
+        windows.append(windows_at(ids, [start], seqlen, bos))
+    return torch.cat(windows)
 
 
 def _load_source(source: str) -> tuple[str | None, list[str] | None]:

@@ -38,9 +38,12 @@ OUTLIER_IQRS = 3.0  # a layer further than this many interquartile ranges out is
 
 
 def build_charts(summary: pl.DataFrame, layer_strategy: str = LAYER_STRATEGY,
-                 bench: pl.DataFrame | None = None) -> dict[str, alt.TopLevelMixin]:
-    """Every chart the summary (and the bench table, when measured) has data for, by file-name-safe name."""
-    rows = chart_rows(summary)
+                 bench: pl.DataFrame | None = None, chance: dict[str, float] | None = None) -> dict[str, alt.TopLevelMixin]:
+    """Every chart the summary (and the bench table, when measured) has data for, by file-name-safe name.
+
+    ``chance``: a task's chance accuracy (``fidelity.chance_levels``), drawn as a dotted line.
+    """
+    rows = with_chance(chart_rows(summary), summary, chance or {})
     charts = {
         "layer_sweep": layer_sweep_chart(rows, layer_strategy),
         "sparsity_sweep": sparsity_chart(rows),
@@ -325,7 +328,7 @@ def _sweep_panel(points, dense, x: alt.X, color_field: str, kind: str, title: st
     dots = base.mark_point(filled=True, size=45).encode(
         x=x, y=_y(kind, title), color=color, tooltip=_tooltip(),
         shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")))
-    layers = [band, line, dots]
+    layers = [band, line, dots, *chance_rule(points, "y", kind, title)]
     if dense:
         rule_color = color if color_field == "panel" else alt.value("#444")
         layers.append(alt.Chart(alt.Data(values=dense)).mark_rule(strokeDash=[5, 4]).encode(
@@ -348,7 +351,7 @@ def _forest_panel(points, dense, panel: str) -> alt.LayerChart:
         shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
         color=alt.Color("verdict:N", title="vs dense", legend=alt.Legend(orient="bottom"),
                         scale=VERDICT_COLOURS))
-    layers = [bars, dots]
+    layers = [bars, dots, *chance_rule(points, "x", kind, title)]
     if dense:
         dense_data = alt.Data(values=dense)
         layers[:0] = [
@@ -357,6 +360,104 @@ def _forest_panel(points, dense, panel: str) -> alt.LayerChart:
         ]
     height = max(PANEL_HEIGHT // 2, 16 * len(order))
     return alt.layer(*layers, data=alt.Data(values=points)).properties(width=PANEL_WIDTH, height=height, title=panel)
+
+
+def with_chance(rows: list[dict[str, Any]], summary: pl.DataFrame, chance: dict[str, float]) -> list[dict[str, Any]]:
+    """Each accuracy row with its task's chance level (None where unknown)."""
+    for row, task in zip(rows, summary["task"], strict=True):
+        row["chance"] = chance.get(task) if row["kind"] == "accuracy" else None
+    return rows
+
+
+def chance_rule(points: list[dict[str, Any]], axis: str, kind: str, title: str) -> list[alt.Chart]:
+    """A dotted rule at the chance accuracy of the panel's tasks (MMLU: 0.25), labelled; none if unknown."""
+    levels = sorted({p["chance"] for p in points if p.get("chance") is not None})
+    if not levels:
+        return []
+    data = alt.Data(values=[{"chance": level, "label": f"chance {level:g}"} for level in levels])
+    scale = alt.Scale(domain=[0, 1])
+    encoding = ({"y": alt.Y("chance:Q", scale=scale, title=title)} if axis == "y"
+                else {"x": alt.X("chance:Q", scale=scale, title=title)})
+    rule = alt.Chart(data).mark_rule(strokeDash=[2, 3], color="#b9770e").encode(
+        **encoding, tooltip=[alt.Tooltip("label:N")])
+    text = alt.Chart(data).mark_text(align="left", dx=3, dy=-6, color="#b9770e", fontSize=10).encode(
+        **encoding, text="label:N")
+    return [rule, text]
+
+
+def answer_letters_chart(letters: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+    """Stacked bars per variant: the share of questions answered with each letter (gold answers first).
+
+    A model at chance often answers one letter to nearly every question; accuracy alone hides that.
+    """
+    if not letters:
+        return None
+    fixed = {"task", "metric", "variant", "n"}
+    values = [{"task": r["task"], "variant": r["variant"], "letter": letter, "count": r[letter],
+               "share": r[letter] / r["n"] if r["n"] else 0.0}
+              for r in letters for letter in r if letter not in fixed and r[letter] is not None]
+    order = list(dict.fromkeys(r["variant"] for r in letters))
+    bars = alt.Chart(alt.Data(values=values)).mark_bar().encode(
+        y=alt.Y("variant:N", sort=order, title=None),
+        x=alt.X("share:Q", stack="normalize", title="share of questions", axis=alt.Axis(format="%")),
+        color=alt.Color("letter:N", title="answer", legend=alt.Legend(orient="bottom")),
+        order=alt.Order("letter:N"),
+        tooltip=["task:N", "variant:N", "letter:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
+    ).properties(width=PANEL_WIDTH, height=max(PANEL_HEIGHT // 2, 14 * len(order)))
+    return bars.facet(column=alt.Column("task:N", title=None)).properties(
+        title="Answer letters per variant (first row: the gold answers)")
+
+
+def fidelity_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+    """Per variant: mean and 99th-percentile KL to dense (log scale) and top-1 agreement, with 95% intervals."""
+    pruned = [r for r in fidelity if r["strategy"] != DENSE]
+    if not pruned:
+        return None
+    order = list(dict.fromkeys(r["variant"] for r in pruned))
+    y = alt.Y("variant:N", sort=order, title=None)
+    height = max(PANEL_HEIGHT // 2, 14 * len(order))
+    panels = []
+    for field, title, log in (("kl_mean", "mean KL(dense || variant), nats (log)", True),
+                              ("kl_p99", "99th percentile KL, nats (log)", True),
+                              ("top1_agree", "same top token as dense", False)):
+        data = [r for r in pruned if r[field] is not None and (not log or r[field] > 0)]
+        if not data:
+            continue
+        scale = alt.Scale(type="log") if log else alt.Scale(domain=[0, 1])
+        x = alt.X(f"{field}:Q", title=title, scale=scale, axis=LOG_AXIS if log else alt.Axis())
+        base = alt.Chart(alt.Data(values=data))
+        panels.append(alt.layer(
+            base.mark_rule().encode(y=y, x=alt.X(f"{field}_low:Q", scale=scale, title=title), x2=f"{field}_high:Q"),
+            base.mark_point(filled=True, size=45).encode(y=y, x=x, tooltip=[
+                "variant:N", "windows:Q", alt.Tooltip(f"{field}:Q", format=".4g"),
+                alt.Tooltip(f"{field}_low:Q", format=".4g"), alt.Tooltip(f"{field}_high:Q", format=".4g")]),
+        ).properties(width=PANEL_WIDTH * 2 // 3, height=height))
+    return alt.hconcat(*panels).properties(
+        title="Fidelity to the dense model on the same WikiText windows (95% intervals over windows)")
+
+
+def fidelity_layer_chart(fidelity: list[dict[str, Any]], strategy: str = LAYER_STRATEGY) -> alt.TopLevelMixin | None:
+    """Mean KL to dense (log scale) and top-1 agreement vs the removed layer, with 95% bands over windows."""
+    points = [{**r, "layer": removed_layer(json.loads(r.get("params") or "{}"))} for r in fidelity
+              if r["strategy"] == strategy]
+    points = [p for p in points if p["layer"] is not None and p["kl_mean"] is not None and p["kl_mean"] > 0]
+    if not points:
+        return None
+    x = alt.X("layer:Q", title="removed layer", axis=alt.Axis(tickMinStep=1, format="d"))
+    panels = []
+    for field, title, scale in (("kl_mean", "mean KL(dense || variant), nats (log)", alt.Scale(type="log")),
+                                ("top1_agree", "same top token as dense", alt.Scale(domain=[0, 1]))):
+        base = alt.Chart(alt.Data(values=points))
+        y = alt.Y(f"{field}:Q", title=title, scale=scale, axis=LOG_AXIS if field == "kl_mean" else alt.Axis())
+        panels.append(alt.layer(
+            base.mark_area(opacity=0.18).encode(x=x, y=alt.Y(f"{field}_low:Q", scale=scale, title=title),
+                                                y2=f"{field}_high:Q"),
+            base.mark_line(point=True).encode(x=x, y=y, tooltip=[
+                "variant:N", alt.Tooltip(f"{field}:Q", format=".4g"), alt.Tooltip(f"{field}_low:Q", format=".4g"),
+                alt.Tooltip(f"{field}_high:Q", format=".4g"), "windows:Q"]),
+        ).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT))
+    return alt.hconcat(*panels).properties(
+        title="Remove one decoder layer: fidelity to dense on the same WikiText windows (95% bands over windows)")
 
 
 def baseline_history_chart(points: list[dict[str, Any]]) -> alt.TopLevelMixin | None:

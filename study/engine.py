@@ -265,25 +265,34 @@ class Engine:
     def window_nll(self, windows: torch.Tensor, progress: Progress | None = None,
                    head_chunk: int = 512) -> tuple[list[float], list[int]]:
         """Sum of token NLLs and token count for each window (row) of token ids, scored independently."""
-        sums: list[float] = []
-        counts: list[int] = []
-        for window in windows:
+        scores = self.window_scores(windows, progress=progress, head_chunk=head_chunk)
+        return scores.nll_sums, scores.counts
+
+    @torch.inference_mode()
+    def window_scores(self, windows: torch.Tensor, *, reference: DenseReference | None = None,
+                      keep_hidden: bool = False, progress: Progress | None = None,
+                      head_chunk: int = 512) -> WindowScores:
+        """NLL of each window; with ``reference`` also per-token KL(dense || this model) and top-1 agreement.
+
+        ``keep_hidden`` returns each window's final hidden states: the dense model's are the
+        reference its variants are compared against (see ``DenseReference``).
+        """
+        if reference is not None:
+            reference.check(self.adapter, windows)
+        scores = WindowScores()
+        for w, window in enumerate(windows):
             ids = window[None].to(self.device)
             hidden = self.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
-            sums.append(self._window_total_nll(hidden, ids[0], head_chunk))
-            counts.append(ids.shape[1] - 1)
+            dense = reference.hidden[w] if reference is not None else None
+            scores.add(*window_token_scores(self.adapter, hidden, ids[0], head_chunk, dense),
+                       hidden if keep_hidden else None)
             if progress:
                 progress(1)
-        return sums, counts
+        return scores
 
     def _window_total_nll(self, hidden: torch.Tensor, ids: torch.Tensor, head_chunk: int) -> float:
         """Summed NLL of ids[1:] given hidden states; the head runs in chunks because the vocab is large."""
-        total = 0.0
-        for start in range(0, ids.shape[0] - 1, head_chunk):
-            end = min(start + head_chunk, ids.shape[0] - 1)
-            logits = self.adapter.head_logits(hidden[start:end]).float()
-            total += torch.nn.functional.cross_entropy(logits, ids[start + 1 : end + 1], reduction="sum").item()
-        return total
+        return window_token_scores(self.adapter, hidden, ids, head_chunk)[0]
 
     # ------------------------------------------------------------------ shared machinery
     def _shared_prefix_length(self, token_lists: list[list[int]]) -> int:
@@ -333,6 +342,114 @@ class Engine:
         cache = _expanded_cache(prefix, len(suffixes), self.model.config)
         out = self.adapter.decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=cache is not None)
         return out.last_hidden_state
+
+
+@dataclass
+class WindowScores:
+    """Per window: summed NLL and scored token count; with a reference, per-token KL and top-1 agreement."""
+
+    nll_sums: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    kl: list[torch.Tensor] = field(default_factory=list)  # float32 per scored token, nats
+    agree: list[torch.Tensor] = field(default_factory=list)  # bool per scored token
+    hidden: list[torch.Tensor] = field(default_factory=list)  # final hidden states (keep_hidden)
+
+    def add(self, nll: float, count: int, kl: torch.Tensor | None, agree: torch.Tensor | None,
+            hidden: torch.Tensor | None) -> None:
+        self.nll_sums.append(nll)
+        self.counts.append(count)
+        if kl is not None:
+            self.kl.append(kl)
+            self.agree.append(agree)
+        if hidden is not None:
+            self.hidden.append(hidden.detach().cpu())
+
+
+@dataclass
+class DenseReference:
+    """The dense model's final hidden states on the same windows: its exact logits, recomputed per chunk.
+
+    Storing every dense logit would take windows x seqlen x vocab floats (64 x 511 x 151,936 x 4 B =
+    18.5 GiB for Qwen2.5); the hidden states that produce them take windows x seqlen x hidden (112 MiB),
+    and the output head -- which no strategy changes unless told to (``include_head``) -- turns them
+    back into the exact dense distribution one head chunk at a time. ``head`` fingerprints the head
+    the hidden states were made with, so a variant with a different head is refused, not misread.
+    """
+
+    hidden: torch.Tensor  # (windows, seqlen, hidden_size)
+    windows: torch.Tensor  # (windows, seqlen) token ids
+    head: str
+
+    def check(self, adapter: Adapter, windows: torch.Tensor) -> None:
+        from .errors import PrunelabError
+
+        if self.windows.shape != windows.shape or not torch.equal(self.windows.cpu(), windows.cpu()):
+            raise PrunelabError("the dense reference was computed on other windows (evaluation settings differ)")
+        if self.head != head_fingerprint(adapter):
+            raise PrunelabError("this model's output head differs from the dense model's: KL to dense "
+                                "cannot be recomputed from stored hidden states")
+
+
+def head_fingerprint(adapter: Adapter) -> str:
+    """A cheap identity of the output head (shape, sum, zero count, soft-capping): pruning changes it.
+
+    Summed in row blocks: a float64 copy of a 151k-row head at once would take a gigabyte.
+    """
+    weight = adapter.head.weight.detach()
+    total, zeros = 0.0, 0
+    for start in range(0, weight.shape[0], 8192):
+        block = weight[start : start + 8192]
+        total += float(block.double().sum())
+        zeros += int((block == 0).sum())
+    cap = getattr(adapter.text_config, "final_logit_softcapping", None)
+    bias = getattr(adapter.head, "bias", None)
+    bias_sum = float(bias.detach().double().sum()) if bias is not None else 0.0
+    return f"{tuple(weight.shape)}:{total:.12g}:{zeros}:{bias_sum:.12g}:{cap}"
+
+
+KL_ROWS = 128  # positions per KL step: two (rows x vocab) float32 log-prob tables live at once
+
+
+def window_token_scores(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, head_chunk: int,
+                        dense_hidden: torch.Tensor | None = None):
+    """(summed NLL of ids[1:], count, per-token KL(dense || model) or None, per-token top-1 agreement or None).
+
+    The head runs in chunks because the vocabulary is large; the dense log-probabilities are
+    recomputed from ``dense_hidden`` by the same head, a few rows at a time, never all at once.
+    """
+    total = 0.0
+    kls: list[torch.Tensor] = []
+    agrees: list[torch.Tensor] = []
+    positions = ids.shape[0] - 1
+    for start in range(0, positions, head_chunk):
+        end = min(start + head_chunk, positions)
+        logits = adapter.head_logits(hidden[start:end]).float()
+        total += torch.nn.functional.cross_entropy(logits, ids[start + 1 : end + 1], reduction="sum").item()
+        if dense_hidden is None:
+            continue
+        for row in range(0, end - start, KL_ROWS):
+            model_logits = logits[row : row + KL_ROWS]
+            dense_rows = dense_hidden[start + row : min(start + row + KL_ROWS, end)].to(hidden.device, hidden.dtype)
+            dense_logp = torch.log_softmax(adapter.head_logits(dense_rows).float(), dim=-1)
+            kls.append(kl_from_logits(dense_logp, model_logits).cpu())
+            agrees.append((dense_logp.argmax(-1) == model_logits.argmax(-1)).cpu())
+    if dense_hidden is None:
+        return total, positions, None, None
+    return total, positions, torch.cat(kls), torch.cat(agrees)
+
+
+def kl_from_logits(base_logp: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || other) per row, from base log-probabilities and the other model's raw logits.
+
+    sum p (log p - log q) = sum p log p - sum p * logits_q + logsumexp(logits_q): two reductions and
+    a logsumexp, without materialising the other model's log-softmax and the difference table (the
+    vocabulary is 151k wide). The sums accumulate in float64; a float32 logsumexp leaves ~1e-6 nats of
+    rounding, far below any divergence worth reporting.
+    """
+    p = torch.exp(base_logp)
+    neg_entropy = torch.where(p > 0, p * base_logp, torch.zeros_like(p)).sum(-1, dtype=torch.float64)
+    cross = (p * other_logits).sum(-1, dtype=torch.float64) - torch.logsumexp(other_logits, dim=-1).double()
+    return (neg_entropy - cross).clamp_min(0.0).float()
 
 
 def _expanded_cache(prefix: DynamicCache | None, batch: int, config) -> DynamicCache | None:

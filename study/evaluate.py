@@ -25,6 +25,7 @@ from .engine import Engine
 from .errors import PrunelabError
 from .hookspecs import Evaluator
 from .modeling import LoadedModel
+from .reference import ReferenceStore
 from .registry import Registry, default_registry
 from .tasks import Item, TaskResult
 
@@ -77,8 +78,10 @@ def prepare_tasks(
     return prepared
 
 
-def run_task(engine: Engine, task: PreparedTask, progress: Callable[[int], None] | None = None) -> TaskResult:
-    return task.evaluator.evaluate(engine, task.items, {**task.options, "progress": progress})
+def run_task(engine: Engine, task: PreparedTask, progress: Callable[[int], None] | None = None,
+             reference: ReferenceStore | None = None) -> TaskResult:
+    """Evaluate a task; ``reference`` is where the dense model leaves, and a variant finds, its outputs."""
+    return task.evaluator.evaluate(engine, task.items, {**task.options, "progress": progress, "reference": reference})
 
 
 def evaluate(

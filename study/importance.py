@@ -45,6 +45,7 @@ from .adapter import Adapter
 from .calibration import CalibrationSpec, calibration_samples
 from .errors import PrunelabError
 from .options import Option
+from .windows import window_bos
 
 METRICS = ("bi", "angular", "ppl")
 DEFAULT_SAMPLES = 8
@@ -67,8 +68,7 @@ def importance_samples(adapter: Adapter, tokenizer, spec: CalibrationSpec, seed:
     """The seeded calibration windows (BOS first where the model needs it, as in weight pruning)."""
     if tokenizer is None:
         raise PrunelabError("layer importance needs calibration text, hence a tokenizer: pass a loaded model")
-    bos = tokenizer.bos_token_id if adapter.adds_bos else None
-    return calibration_samples(tokenizer, spec, seed, bos)
+    return calibration_samples(tokenizer, spec, seed, window_bos(tokenizer, adapter))
 
 
 def samples_for_context(context, adapter: Adapter) -> torch.Tensor:

@@ -26,7 +26,17 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from .engine import Engine, GenerationRequest, LoglikelihoodRequest, _expanded_cache, _groups, right_padded
+from .engine import (
+    DenseReference,
+    Engine,
+    GenerationRequest,
+    LoglikelihoodRequest,
+    WindowScores,
+    _expanded_cache,
+    _groups,
+    right_padded,
+    window_token_scores,
+)
 from .errors import PrunelabError
 from .surgery import drop_layers
 
@@ -116,23 +126,40 @@ class LayerSweep:
             yield i, self._tail_pass(ids, positions, _expanded_cache(caches[i], batch, config), inputs[i], i)
 
     # ------------------------------------------------------------------ perplexity
-    def window_nll(self, windows: torch.Tensor, variant: Variant, progress=None, head_chunk: int = 512):
-        key = "nll:" + _fingerprint([windows.numpy().tobytes(), head_chunk])
+    def window_scores(self, windows: torch.Tensor, variant: Variant, *, fidelity: bool = False, progress=None,
+                      head_chunk: int = 512) -> WindowScores:
+        """A variant's window scores; ``fidelity``: with KL/top-1 against the dense pass and dense hidden states.
+
+        The sweep's dense pass *is* the dense reference (the same windows, bitwise the same
+        computation as the dense model alone), so every variant is compared with it in the pass
+        that computes it; no stored reference is read.
+        """
+        key = f"nll:{fidelity}:" + _fingerprint([windows.numpy().tobytes(), head_chunk])
         if key not in self._memo:
-            self._memo[key] = self._sweep_window_nll(windows, progress, head_chunk)
+            self._memo[key] = self._sweep_window_scores(windows, progress, head_chunk, fidelity)
         elif progress:
             progress(len(windows))
         return self._memo[key][variant]
 
+    def window_nll(self, windows: torch.Tensor, variant: Variant, progress=None, head_chunk: int = 512):
+        scores = self.window_scores(windows, variant, progress=progress, head_chunk=head_chunk)
+        return scores.nll_sums, scores.counts
+
     @torch.inference_mode()
-    def _sweep_window_nll(self, windows, progress, head_chunk):
-        results: dict[Variant, tuple[list[float], list[int]]] = {v: ([], []) for v in self.variants()}
+    def _sweep_window_scores(self, windows, progress, head_chunk, fidelity: bool) -> dict[Variant, WindowScores]:
+        results = {v: WindowScores() for v in self.variants()}
+        adapter = self.engine.adapter
         for window in windows:
             ids = window[None].to(self.engine.device)
+            dense_hidden = None
             for variant, hidden in self._all_variants(ids, None, dict.fromkeys(self.variants()), 1):
-                total = self.engine._window_total_nll(hidden[0], ids[0], head_chunk)
-                results[variant][0].append(total)
-                results[variant][1].append(ids.shape[1] - 1)
+                if variant is None:
+                    dense_hidden = hidden[0]
+                    scored = window_token_scores(adapter, hidden[0], ids[0], head_chunk)
+                    results[None].add(*scored, hidden[0] if fidelity else None)
+                else:
+                    reference = dense_hidden if fidelity else None
+                    results[variant].add(*window_token_scores(adapter, hidden[0], ids[0], head_chunk, reference), None)
             if progress:
                 progress(1)
         return results
@@ -184,8 +211,11 @@ class _SweepView(Engine):
     def loglikelihoods(self, requests: Sequence[LoglikelihoodRequest], progress=None) -> list[list[float]]:
         return self.sweep.loglikelihoods(requests, self.removed, progress)
 
-    def window_nll(self, windows: torch.Tensor, progress=None, head_chunk: int = 512):
-        return self.sweep.window_nll(windows, self.removed, progress, head_chunk)
+    def window_scores(self, windows: torch.Tensor, *, reference: DenseReference | None = None,
+                      keep_hidden: bool = False, progress=None, head_chunk: int = 512) -> WindowScores:
+        fidelity = reference is not None or keep_hidden
+        return self.sweep.window_scores(windows, self.removed, fidelity=fidelity, progress=progress,
+                                        head_chunk=head_chunk)
 
     def generate(self, requests: Sequence[GenerationRequest], progress=None) -> list[str]:
         if self.removed is None:

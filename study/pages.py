@@ -135,7 +135,7 @@ METHODS_NOTE = (
 
 def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], chart_specs: dict[str, dict[str, Any]],
                 files: list[str], bench_rows: list[dict[str, Any]] | None = None,
-                findings: list[dict[str, Any]] | None = None) -> str:
+                findings: list[dict[str, Any]] | None = None, extra_sections: str = "") -> str:
     """The page of one run: what ran, what it found, the charts, the summary by harm, the files."""
     title = f"{manifest['study']} — {manifest['version']}"
     charts_html = "\n".join(
@@ -153,6 +153,7 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         *(["<h2>Findings</h2>", findings_html(findings)] if findings else []),
         "<h2>Charts</h2>", charts_html or '<p class="muted">no chart has data in this run</p>',
         "<h2>Summary (most harmful first)</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
+        extra_sections,
         *(["<h2>Size and speed</h2>", bench_table(bench_rows)] if bench_rows else []),
         "<h2>Files</h2>", f"<p>{_links(files)}</p>",
         "<h2>Study file</h2>",
@@ -227,6 +228,78 @@ def _at_floor(row: dict[str, Any]) -> bool:
 
 def _row_class(row: dict[str, Any]) -> str:
     return {"worse": "drop", "better": "gain", "underpowered": "underpowered"}.get(row.get("verdict") or "", "")
+FIDELITY_NOTE = (
+    "As llama.cpp's <code>perplexity --kl-divergence</code>: on the same WikiText windows, the exact "
+    "KL(dense ‖ variant) of the next-token distributions over the full vocabulary (dense log-probabilities "
+    "recomputed from its stored final hidden states), and the share of tokens whose most likely next token "
+    "is dense's. Mean KL and top-1 agreement: mean over windows, 95% t-interval over windows. "
+    "99th percentile: over all tokens of the variant, 95% percentile bootstrap resampling whole windows "
+    "(B = 2000, seed 0; rough with few windows). Harm shows here when accuracy sits at chance."
+)
+ANSWERS_NOTE = (
+    "How often each variant answers each letter; the first row is the gold answers. A model at chance "
+    "often gives one letter to nearly every question. Gold probability: softmax over the four letters' "
+    "log-likelihoods at the correct letter, mean over questions with a 95% t-interval."
+)
+
+
+def sensitive_sections(extras: dict[str, list[dict[str, Any]]]) -> str:
+    """Report sections for fidelity to dense and multiple-choice answers (``fidelity.summary_records``)."""
+    parts = []
+    if extras.get("fidelity"):
+        parts += ["<h2>Fidelity to the dense model</h2>", f'<p class="muted">{FIDELITY_NOTE}</p>',
+                  fidelity_html(extras["fidelity"])]
+    if extras.get("answer_letters") or extras.get("category_accuracy"):
+        parts += ["<h2>Multiple-choice answers</h2>", f'<p class="muted">{ANSWERS_NOTE}</p>']
+    if extras.get("answer_letters"):
+        parts += ["<h3>Answer letters</h3>", answer_letters_html(extras["answer_letters"])]
+    if extras.get("gold_prob"):
+        parts += ["<h3>Gold-answer probability</h3>", gold_prob_html(extras["gold_prob"])]
+    if extras.get("category_accuracy"):
+        parts += ["<h3>Accuracy per category</h3>", category_html(extras["category_accuracy"])]
+    return "\n".join(parts)
+
+
+def _with_interval(value: Any, low: Any, high: Any, spec: str = ".4g") -> str:
+    return f"{fmt(value, spec)} [{fmt(low, spec)}, {fmt(high, spec)}]"
+
+
+def fidelity_html(rows: list[dict[str, Any]]) -> str:
+    header = ["task", "variant", "windows", "tokens", "mean KL [95% CI]", "99th pct KL [95% CI]",
+              "same top token [95% CI]"]
+    cells = [[html.escape(r["task"]), html.escape(r["variant"]), fmt(r["windows"]), fmt(r["tokens"]),
+              _with_interval(r["kl_mean"], r["kl_mean_low"], r["kl_mean_high"]),
+              _with_interval(r["kl_p99"], r["kl_p99_low"], r["kl_p99_high"]),
+              _with_interval(r["top1_agree"], r["top1_agree_low"], r["top1_agree_high"], ".3f")] for r in rows]
+    return table(header, cells, numeric={2, 3, 4, 5, 6})
+
+
+def answer_letters_html(rows: list[dict[str, Any]]) -> str:
+    letters = [k for k in rows[0] if k not in {"task", "metric", "variant", "n"}]
+    header = ["task", "variant", "n", *letters]
+    cells = [[html.escape(r["task"]), html.escape(r["variant"]), fmt(r["n"]),
+              *(f"{r[x]} ({r[x] / r['n']:.0%})" if r["n"] and r[x] is not None else "—" for x in letters)]
+             for r in rows]
+    return table(header, cells, ["muted" if r["variant"] == "gold answers" else "" for r in rows],
+                 numeric=set(range(2, 3 + len(letters))))
+
+
+def gold_prob_html(rows: list[dict[str, Any]]) -> str:
+    cells = [[html.escape(r["task"]), html.escape(r["variant"]), fmt(r["n"]),
+              _with_interval(r["gold_prob"], r["low"], r["high"], ".3f")] for r in rows]
+    return table(["task", "variant", "n", "mean gold probability [95% CI]"], cells, numeric={2, 3})
+
+
+def category_html(rows: list[dict[str, Any]]) -> str:
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    variants = list(dict.fromkeys((r["task"], r["variant"]) for r in rows))
+    lookup = {(r["task"], r["variant"], r["category"]): r for r in rows}
+    cells = []
+    for task, variant in variants:
+        found = [lookup.get((task, variant, c)) for c in categories]
+        cells.append([html.escape(task), html.escape(variant),
+                      *(f"{fmt(r['accuracy'], '.3f')} (n={r['n']})" if r else "—" for r in found)])
+    return table(["task", "variant", *map(html.escape, categories)], cells, numeric=set(range(2, 2 + len(categories))))
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:

@@ -54,6 +54,7 @@ from .hookspecs import MetricSpec
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import prune, validate_options
+from .reference import ReferenceStore
 from .registry import Registry, default_registry
 from .stats import DENSE
 from .surgery import parse_layer_indices, single_layer
@@ -535,6 +536,10 @@ class WorkFolder:
     def bench(self, variant: Variant) -> Path:
         return self.variant_folder(variant) / "bench.json"
 
+    def reference(self, task: str, index: int) -> Path:
+        """The dense model's reference for one task chunk (``prunelab.reference``), if its task keeps one."""
+        return self.root / "reference" / f"{task}-{index:04d}.safetensors"
+
     def write_chunk(self, path: Path, frame: pl.DataFrame) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic(path, frame.write_parquet)
@@ -823,7 +828,8 @@ class _Session:
     def run_chunk(self, engine: Engine, variant: Variant, task: str, index: int, start: int, stop: int,
                   swept: bool = False) -> None:
         begun = time.perf_counter()
-        result = run_task(engine, chunk_task(self.tasks[task], start, stop), self.reporter.advance)
+        reference = ReferenceStore(self.work.reference(task, index), is_dense=variant.strategy == DENSE)
+        result = run_task(engine, chunk_task(self.tasks[task], start, stop), self.reporter.advance, reference)
         path = self.work.chunk(variant, task, index)
         self.work.write_chunk(path, item_rows(variant, task, result, self.tasks[task].evaluator.metrics))
         self.work.log(event="chunk", variant=variant.name, task=task, chunk=index, items=stop - start,

@@ -173,6 +173,8 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
                       ("gsm8k", "exact_match_flexible"): 4 * 2, ("wikitext", "perplexity"): 4 * 2}
     wikitext = items.filter(pl.col("task") == "wikitext")
     assert wikitext["correct"].null_count() == 8 and (wikitext["tokens"] == 63).all()
+    # every variant is compared with the dense model, also those the killed session left to the resumed one
+    assert wikitext["kl_mean"].null_count() == 0 and (wikitext.filter(pl.col("variant") != "dense")["kl_mean"] > 0).all()
     for row in items.filter(pl.col("task") == "mmlu").iter_rows(named=True):  # rows are the evaluator's records
         lls = json.loads(row["loglikelihoods"])
         assert row["prediction"] == "ABCD"[max(range(4), key=lambda j: lls[j])]
@@ -447,6 +449,13 @@ def test_layer_sweep_in_the_runner_equals_one_pruned_model_per_variant(tiny_qwen
     assert len(lls) == 6 * 4 and lls == [pytest.approx(r, abs=1e-5) for r in reference]
     windows = got["task"] == "wikitext"
     assert got.filter(windows)["nll_sum"].to_list() == pytest.approx(expected.filter(windows)["nll_sum"].to_list(), rel=1e-6)
+    # fidelity to dense: the sweep compares with its own dense pass, the naive run with the stored reference
+    for column in ("kl_mean", "top1_agree"):
+        assert got.filter(windows)[column].to_list() == pytest.approx(expected.filter(windows)[column].to_list(),
+                                                                      rel=1e-5, abs=1e-7)
+    dense_windows = got.filter(windows & (pl.col("variant") == "dense"))
+    assert (dense_windows["kl_mean"] == 0).all() and (dense_windows["top1_agree"] == 1).all()
+    assert (got.filter(windows & (pl.col("variant") != "dense"))["kl_mean"] > 0).all()
     gsm8k = got["task"] == "gsm8k"  # generated, one pruned model at a time either way
     assert got.filter(gsm8k)["generated"].to_list() == expected.filter(gsm8k)["generated"].to_list()
     assert len(set(lls[4 * k][0] for k in range(6))) == 6, "variants must differ from each other"

@@ -1,0 +1,296 @@
+"""Fidelity to the dense model (KL, top-1 agreement) and perplexity windows that start like the tokenizer's texts.
+
+References are independent of the engine: full-vocabulary KL from Hugging Face logits in float64,
+scipy's entropy on hand-made distributions, HF's own loss on BOS-prefixed windows cut by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from scipy.stats import entropy
+
+from prunelab import engine as engine_module
+from prunelab.data import DataSource, Subset
+from prunelab.engine import DenseReference, Engine, head_fingerprint, kl_from_logits
+from prunelab.errors import PrunelabError
+from prunelab.evaluate import prepare_tasks, run_task
+from prunelab.modeling import load_model
+from prunelab.reference import ReferenceStore
+from prunelab.surgery import drop_layers
+from prunelab.windows import window_bos
+
+from .conftest import DATA, QWEN3_TOKENIZER, tiny_config
+
+SEQLEN = 48
+
+
+@pytest.fixture(scope="module")
+def wikitext_data(tmp_path_factory) -> Path:
+    """WikiText-2's first 200 lines: enough for a few windows of 48 tokens, tokenized in a blink."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "wikitext-2").mkdir()
+    lines = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(lines[:200]), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_bos(tmp_path_factory) -> Path:
+    """A tiny random Llama whose tokenizer (Qwen3's, with BOS set) puts BOS in front of every text it encodes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bos")
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(QWEN3_TOKENIZER, bos_token="<|endoftext|>", add_bos_token=True).save_pretrained(path)
+    return path
+
+
+def wikitext(data: Path, limit: int = 3):
+    (task,) = prepare_tasks(["wikitext"], DataSource.resolve(data), Subset(limit=limit, sample="first"),
+                            {"seqlen": SEQLEN})
+    return task
+
+
+def text_ids(tokenizer, data: Path) -> torch.Tensor:
+    text = "\n\n".join(line if line.strip() else "" for line in
+                       (data / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True))
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def hf_loss(model, window: torch.Tensor) -> float:
+    with torch.no_grad():
+        return model(window[None], labels=window[None]).loss.item()
+
+
+# ------------------------------------------------------------------------------------- BOS windows
+def test_windows_start_with_bos_where_the_tokenizer_adds_it(tiny_bos, wikitext_data):
+    lm = load_model(str(tiny_bos), dtype="float32")
+    bos = lm.tokenizer.bos_token_id
+    assert lm.tokenizer("x")["input_ids"][0] == bos and window_bos(lm.tokenizer, lm.adapter) == bos
+    result = run_task(Engine(lm.model, lm.tokenizer, lm.adapter), wikitext(wikitext_data))
+    ids = text_ids(lm.tokenizer, wikitext_data)
+    assert result.metrics["bos"] is True
+    for k, record in enumerate(result.records):
+        # BOS, then the next SEQLEN - 1 text tokens: every text token is scored, SEQLEN - 1 per window
+        window = torch.cat([torch.tensor([bos]), ids[k * (SEQLEN - 1):(k + 1) * (SEQLEN - 1)]])
+        assert record["item_id"] == f"window/{k}" and record["tokens"] == SEQLEN - 1
+        assert record["nll_sum"] / record["tokens"] == pytest.approx(hf_loss(lm.model, window), rel=1e-4)
+
+
+def test_windows_without_bos_are_unchanged_for_qwen(tiny_qwen3, wikitext_data):
+    lm = load_model(str(tiny_qwen3), dtype="float32")
+    assert window_bos(lm.tokenizer, lm.adapter) is None
+    result = run_task(Engine(lm.model, lm.tokenizer, lm.adapter), wikitext(wikitext_data))
+    ids = text_ids(lm.tokenizer, wikitext_data)
+    assert result.metrics["bos"] is False
+    for k, record in enumerate(result.records):
+        window = ids[k * SEQLEN:(k + 1) * SEQLEN]
+        assert record["tokens"] == SEQLEN - 1
+        assert record["nll_sum"] / record["tokens"] == pytest.approx(hf_loss(lm.model, window), rel=1e-4)
+
+
+def test_calibration_windows_share_the_bos_rule(tiny_bos):
+    from prunelab.calibration import CalibrationSpec, calibration_samples
+
+    lm = load_model(str(tiny_bos), dtype="float32")
+    source = str(DATA / "calibration" / "wikitext-2-valid.tokens.txt")
+    spec = CalibrationSpec.from_mapping({"source": source, "samples": 3, "seqlen": 32})
+    samples = calibration_samples(lm.tokenizer, spec, 0, window_bos(lm.tokenizer, lm.adapter))
+    assert samples.shape == (3, 32) and (samples[:, 0] == lm.tokenizer.bos_token_id).all()
+    assert (samples[:, 1:] != lm.tokenizer.bos_token_id).all()
+
+
+# ------------------------------------------------------------------------------------- KL to dense
+def test_kl_from_logits_matches_scipy_with_zero_probabilities():
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    q = torch.tensor([[0.1, 0.6, 0.2, 0.1], [0.7, 0.1, 0.1, 0.1]], dtype=torch.float64)
+    logits = torch.log(q).float() + torch.tensor([[3.7], [-12.0]])  # logits: log q up to a constant per row
+    got = kl_from_logits(torch.log(p).float(), logits)
+    assert got.tolist() == pytest.approx([entropy(p[0], q[0]), entropy(p[1], q[1])], rel=1e-5)
+    same = kl_from_logits(torch.log(q).float(), torch.log(q).float() + 5.0)
+    assert same.abs().max().item() < 1e-6  # no divergence from itself, up to float32 rounding
+
+
+def test_window_kl_and_top1_equal_full_vocab_hf_computation(tiny_qwen3, monkeypatch):
+    """The KL recomputed from stored dense hidden states equals KL from both models' full HF logits."""
+    monkeypatch.setattr(engine_module, "KL_ROWS", 5)  # several KL steps per head chunk
+    dense = load_model(str(tiny_qwen3), dtype="float32")
+    variant_model = copy.deepcopy(dense.model)
+    drop_layers(variant_model, [2])
+    from prunelab.adapter import adapt
+
+    windows = torch.randint(0, 5000, (3, 33), generator=torch.Generator().manual_seed(3))
+    dense_engine = Engine(dense.model, dense.tokenizer, dense.adapter)
+    scores = dense_engine.window_scores(windows, keep_hidden=True, head_chunk=16)
+    reference = DenseReference(torch.stack(scores.hidden), windows, head_fingerprint(dense.adapter))
+    variant_engine = Engine(variant_model, dense.tokenizer, adapt(variant_model))
+    compared = variant_engine.window_scores(windows, reference=reference, head_chunk=16)
+    assert compared.nll_sums == pytest.approx(variant_engine.window_nll(windows)[0], rel=1e-6)
+    with torch.no_grad():
+        p = torch.log_softmax(dense.model(windows).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(variant_model(windows).logits[:, :-1].double(), -1)
+    exact = (p.exp() * (p - q)).sum(-1)
+    agree = p.argmax(-1) == q.argmax(-1)
+    for w in range(3):
+        assert compared.kl[w].shape == (32,)
+        assert compared.kl[w].double().tolist() == pytest.approx(exact[w].tolist(), rel=1e-3, abs=1e-6)
+        assert compared.agree[w].tolist() == agree[w].tolist()
+    assert float(exact.mean()) > 0 and not agree.all(), "the variant must differ from dense"
+    # against itself the dense model has zero divergence and full agreement
+    itself = dense_engine.window_scores(windows, reference=reference)
+    assert max(float(k.max()) for k in itself.kl) < 1e-5 and all(a.all() for a in itself.agree)
+
+
+def test_a_variant_with_another_head_or_other_windows_is_refused(tiny_qwen3):
+    dense = load_model(str(tiny_qwen3), dtype="float32")
+    windows = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
+    reference = DenseReference(torch.zeros(1, 9, 64), windows, head_fingerprint(dense.adapter))
+    variant = copy.deepcopy(dense.model)
+    from prunelab.adapter import adapt
+
+    adapter = adapt(variant)
+    with torch.no_grad():
+        adapter.head.weight[:10] = 0
+    with pytest.raises(PrunelabError, match="output head differs"):
+        Engine(variant, dense.tokenizer, adapter).window_scores(windows, reference=reference)
+    with pytest.raises(PrunelabError, match="other windows"):
+        Engine(dense.model, dense.tokenizer, dense.adapter).window_scores(windows + 1, reference=reference)
+
+
+def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikitext_data, tmp_path):
+    """The dense evaluation stores its reference; a variant's evaluation of the same windows reads it."""
+    dense = load_model(str(tiny_qwen3), dtype="float32")
+    task = wikitext(wikitext_data)
+    path = tmp_path / "ref" / "wikitext-0000.safetensors"
+    dense_result = run_task(Engine(dense.model, dense.tokenizer, dense.adapter), task,
+                            reference=ReferenceStore(path, is_dense=True))
+    assert path.is_file() and dense_result.metrics["fidelity"] == "dense"
+    assert all(r["kl_mean"] == 0.0 and r["top1_agree"] == 1.0 for r in dense_result.records)
+    variant_model = copy.deepcopy(dense.model)
+    drop_layers(variant_model, [1])
+    from prunelab.adapter import adapt
+
+    engine = Engine(variant_model, dense.tokenizer, adapt(variant_model))
+    result = run_task(engine, task, reference=ReferenceStore(path, is_dense=False))
+    assert result.metrics["fidelity"] == "compared"
+    (store_copy := tmp_path / "copy.safetensors").write_bytes(path.read_bytes())
+    tensors, _ = ReferenceStore(store_copy, False).load()
+    windows = tensors["windows"]
+    with torch.no_grad():
+        p = torch.log_softmax(dense.model(windows).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(variant_model(windows).logits[:, :-1].double(), -1)
+    exact = (p.exp() * (p - q)).sum(-1)
+    for w, record in enumerate(result.records):
+        assert record["kl_mean"] == pytest.approx(float(exact[w].mean()), rel=1e-3)
+        assert record["top1_agree"] == pytest.approx(float((p[w].argmax(-1) == q[w].argmax(-1)).double().mean()))
+        assert len(record["kl_tokens"]) == record["tokens"]
+        assert sorted(record["kl_tokens"]) == pytest.approx(sorted(exact[w].tolist()), rel=1e-3, abs=1e-6)
+    missing = run_task(engine, task, reference=ReferenceStore(tmp_path / "none.safetensors", is_dense=False))
+    assert missing.metrics["fidelity"] == "no reference" and "kl_mean" not in missing.records[0]
+    shutil.rmtree(tmp_path / "ref")
+
+
+# ------------------------------------------------------------------------------------- per-variant tables
+def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
+    import math
+
+    from plugins.mmlu import letter_probabilities
+
+    assert letter_probabilities([math.log(0.1), math.log(0.2), math.log(0.3), math.log(0.4)]) == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4], rel=1e-12)
+    assert letter_probabilities([-1000.0, -1000.0, -1001.0, -2000.0])[0] == pytest.approx(
+        1 / (2 + math.exp(-1)), rel=1e-12)  # no underflow for very unlikely letters
+    lm = load_model(str(tiny_qwen3), dtype="float32")
+    (task,) = prepare_tasks(["mmlu"], DataSource.resolve(DATA), Subset(limit=1, sample="first"), {"num_fewshot": 0})
+    task.items = task.items[:6]
+    for record in run_task(Engine(lm.model, lm.tokenizer, lm.adapter), task).records:
+        weights = [math.exp(x) for x in record["loglikelihoods"]]
+        assert record["gold_prob"] == pytest.approx(weights[record["target_index"]] / sum(weights), rel=1e-9)
+
+
+def items_table() -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for variant, strategy, scale in (("dense", "dense", 0.0), ("v", "magnitude", 1.0)):
+        for w in range(6):
+            kl = (rng.exponential(scale, 20) if scale else np.zeros(20)).round(4)
+            rows.append({"variant": variant, "strategy": strategy, "task": "wikitext", "metric": "perplexity",
+                         "item_id": f"window/{w}", "tokens": 20, "kl_mean": float(kl.mean()),
+                         "top1_agree": 1.0 if not scale else float(rng.uniform(0.5, 0.9)),
+                         "kl_tokens": json.dumps(kl.tolist())})
+        for q, (pred, gold) in enumerate([("B", "A"), ("B", "B"), ("C", "D"), ("B", "C")]):
+            rows.append({"variant": variant, "strategy": strategy, "task": "mmlu", "metric": "acc",
+                         "item_id": f"s/{q}", "prediction": pred if variant == "dense" else "C", "target": gold,
+                         "correct": (pred if variant == "dense" else "C") == gold, "category": "stem" if q < 2 else "other",
+                         "gold_prob": 0.1 * (q + 1), "loglikelihoods": json.dumps([-1.0, -2.0, -3.0, -4.0])})
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def test_fidelity_table_against_numpy_and_scipy():
+    from scipy.stats import t
+
+    from prunelab.fidelity import chance_levels, fidelity_table
+
+    items = items_table()
+    table = {r["variant"]: r for r in fidelity_table(items).to_dicts()}
+    assert table["dense"]["kl_mean"] == 0 and table["dense"]["kl_p99"] == 0 and table["dense"]["top1_agree"] == 1
+    v = items.filter(pl.col("variant") == "v", pl.col("task") == "wikitext")
+    means = v["kl_mean"].to_numpy()
+    low, high = t.interval(0.95, len(means) - 1, loc=means.mean(), scale=means.std(ddof=1) / np.sqrt(len(means)))
+    assert (table["v"]["kl_mean"], table["v"]["kl_mean_low"], table["v"]["kl_mean_high"]) == pytest.approx(
+        (means.mean(), low, high), rel=1e-9)
+    pooled = np.concatenate([json.loads(x) for x in v["kl_tokens"]])
+    assert table["v"]["kl_p99"] == pytest.approx(np.quantile(pooled, 0.99), rel=1e-12)
+    assert table["v"]["kl_p99_low"] <= table["v"]["kl_p99"] <= table["v"]["kl_p99_high"]
+    assert table["v"]["kl_p99_high"] <= pooled.max() + 1e-12
+    assert fidelity_table(items).equals(fidelity_table(items)), "the bootstrap is seeded"
+    assert chance_levels(items) == {"mmlu": 0.25}
+
+
+def test_answer_letters_categories_and_gold_probability_tables():
+    from prunelab.fidelity import answer_letters, category_accuracy, mean_metric_table
+
+    items = items_table()
+    letters = {r["variant"]: r for r in answer_letters(items).to_dicts()}
+    assert {k: letters["gold answers"][k] for k in "ABCD"} == {"A": 1, "B": 1, "C": 1, "D": 1}
+    assert {k: letters["dense"][k] for k in "ABCD"} == {"A": 0, "B": 3, "C": 1, "D": 0}
+    assert letters["v"]["C"] == 4 and letters["v"]["n"] == 4
+    categories = {(r["variant"], r["category"]): r["accuracy"] for r in category_accuracy(items).to_dicts()}
+    assert categories == {("dense", "stem"): 0.5, ("dense", "other"): 0.0, ("v", "stem"): 0.0, ("v", "other"): 0.5}
+    gold = {r["variant"]: r for r in mean_metric_table(items, "gold_prob").to_dicts()}
+    assert gold["dense"]["gold_prob"] == pytest.approx(0.25) and gold["dense"]["n"] == 4
+
+
+def test_report_shows_fidelity_answers_and_the_chance_line(tmp_path):
+    from prunelab import artifacts
+
+    items = items_table().with_columns(pl.lit("{}").alias("params"), pl.lit(None, pl.Float64).alias("nll_sum"))
+    items = items.with_columns(pl.when(pl.col("task") == "wikitext").then(pl.col("tokens") * 3.0)
+                               .otherwise(None).alias("nll_sum"),
+                               pl.when(pl.col("task") == "wikitext").then(None).otherwise(pl.col("correct"))
+                               .alias("correct"))
+    run = artifacts.write_run(tmp_path, "synthetic", items, {"config": {"x": 1}})
+    chart = (run / "charts" / "dense_vs_pruned.html").read_text()
+    assert "chance 0.25" in chart and "chance 0.25" not in (run / "charts" / "fidelity.html").read_text()
+    report = (run / "report.html").read_text()
+    for heading in ("Fidelity to the dense model", "Answer letters", "Gold-answer probability", "Accuracy per category"):
+        assert heading in report
+    for chart in ("fidelity", "answer_letters"):
+        assert (run / "charts" / f"{chart}.png").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    fidelity = {r["variant"]: r for r in manifest["sensitive_metrics"]["fidelity"]}
+    assert fidelity["v"]["kl_p99"] > 0 and fidelity["dense"]["kl_mean"] == 0
