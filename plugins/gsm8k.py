@@ -13,6 +13,7 @@ from typing import Any
 
 from prunelab.data import DataSource, Subset, load_hub_split, read_jsonl
 from prunelab.engine import Engine, GenerationRequest
+from prunelab.errors import PrunelabError
 from prunelab.hookspecs import Evaluator, hookimpl
 from prunelab.options import Option
 from prunelab.tasks import Item, TaskResult, mean_and_stderr
@@ -55,11 +56,32 @@ def build_prompt(shots: list[dict[str, str]], question: str) -> str:
     return "".join(format_example(s["question"], s["answer"]) + "\n\n" for s in shots) + format_example(question)
 
 
+FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
+
+
+def answer_problem(record: dict[str, Any]) -> str | None:
+    """What makes a record unscorable: the target is the number on the answer's final ``#### N`` line.
+
+    Without that line ``normalize`` would keep the whole solution text as the target, which no
+    generation matches: the row would be scored, silently, as a certain miss.
+    """
+    lines = record["answer"].strip().splitlines()
+    if not lines or not FINAL_ANSWER.fullmatch(lines[-1].strip()):
+        return "answer does not end with a '#### N' line (the final numeric answer)"
+    if not record["question"].strip():
+        return "empty question"
+    return None
+
+
 def _load_split(source: DataSource, split: str) -> list[dict[str, str]]:
     root = source.local("gsm8k")
     if root is not None:
-        return read_jsonl(root / f"{split}.jsonl", ("question", "answer"))
-    return [{"question": r["question"], "answer": r["answer"]} for r in load_hub_split("openai/gsm8k", "main", split)]
+        return read_jsonl(root / f"{split}.jsonl", ("question", "answer"), check=answer_problem)
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in load_hub_split("openai/gsm8k", "main", split)]
+    for number, row in enumerate(rows):
+        if problem := answer_problem(row):
+            raise PrunelabError(f"openai/gsm8k {split} row {number}: {problem}")
+    return rows
 
 
 def load_items(source: DataSource, subset: Subset) -> list[Item]:

@@ -48,11 +48,12 @@ from .adapter import adapt
 from .benchmodel import bench_rows, measure, parameter_count
 from .data import DataSource, Subset
 from .engine import Engine
-from .errors import PrunelabError
+from .errors import FileProblem, PrunelabError
 from .evaluate import PreparedTask, prepare_tasks, run_task
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import prune, validate_options
+from .readers import describe, read_json, read_utf8, reading
 from .registry import Registry, default_registry
 from .stats import DENSE
 from .surgery import parse_layer_indices, single_layer
@@ -177,22 +178,15 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
 
 def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
     """The file's text and its table: YAML for ``.yaml``/``.yml``, TOML otherwise (same keys either way)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PrunelabError(f"cannot read study file {path}: {exc.strerror or exc}") from None
+    text = read_utf8(path, "cannot read study file")
     if path.suffix.lower() in {".yaml", ".yml"}:
-        try:
+        with reading(path, "invalid YAML"):
             raw = yaml.safe_load(text)  # plain data only: no tags that construct objects
-        except yaml.YAMLError as exc:
-            raise PrunelabError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(raw, dict):
             raise PrunelabError(f"{path}: a study file is a mapping of settings (model, evaluation, strategies)")
         return text, raw
-    try:
+    with reading(path, "invalid TOML"):
         return text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PrunelabError(f"{path}: invalid TOML ({exc})") from None
 
 
 def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], path: Path):
@@ -222,7 +216,7 @@ def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], pa
 def _check_keys(table: Any, known: set[str], where: str) -> None:
     if not isinstance(table, dict):
         raise PrunelabError(f"{where}: expected a table, got {table!r}")
-    unknown = sorted(set(table) - known)
+    unknown = sorted(map(str, set(table) - known))  # YAML keys may be numbers
     if unknown:
         raise PrunelabError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
 
@@ -475,8 +469,14 @@ class WorkFolder:
         self.session = os.urandom(6).hex()  # tells this invocation's log events from a resumed one's
 
     def config_hash(self) -> str | None:
+        """The configuration this folder's chunks belong to; a damaged marker is refused, never guessed."""
         marker = self.root / "config.json"
-        return json.loads(marker.read_text(encoding="utf-8")).get("config_hash") if marker.is_file() else None
+        if not marker.is_file():
+            return None
+        digest = read_json(marker, "damaged work folder marker").get("config_hash")
+        if not isinstance(digest, str):
+            raise FileProblem(marker, "damaged work folder marker: no config_hash (delete the folder to start over)")
+        return digest
 
     def holds(self, digest: str) -> bool:
         return self.config_hash() == digest
@@ -520,15 +520,67 @@ class WorkFolder:
         return self.variant_folder(variant) / "bench.json"
 
     def write_chunk(self, path: Path, frame: pl.DataFrame) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(path, frame.write_parquet)
+        """Write one chunk and its checksum; a failed write leaves every finished chunk as it was.
+
+        The checksum is written first and the chunk renamed into place last, so a chunk file that
+        exists either matches its checksum or is detected as damaged and computed again.
+        """
+        staging = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.write_parquet(staging)
+            digest = file_digest(staging)
+            _atomic(checksum_path(path), lambda p: p.write_text(digest + "\n", encoding="utf-8"))
+            os.replace(staging, path)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            staging.unlink(missing_ok=True)
+            raise FileProblem(path, f"cannot write this chunk: {describe(exc)}; the finished chunks are kept in "
+                                    f"{self.root}: run the same command again to resume") from exc
+
+    def chunk_problem(self, path: Path) -> str | None:
+        """Why a chunk file cannot be trusted (None: it can): missing, checksum mismatch, unreadable, wrong columns."""
+        if not path.is_file():
+            return "missing"
+        sidecar = checksum_path(path)
+        try:
+            if sidecar.is_file() and sidecar.read_text(encoding="utf-8").strip() != file_digest(path):
+                return "checksum mismatch"
+            schema = pl.read_parquet_schema(path)
+            pl.read_parquet(path)  # every page decodes
+        except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+            return f"unreadable ({describe(exc)})"
+        wrong = [name for name, kind in CORE_COLUMNS.items() if schema.get(name) not in (kind, pl.Null)]
+        return f"wrong columns {', '.join(wrong)}" if wrong else None
+
+    def finished_chunk(self, path: Path) -> bool:
+        """True for a chunk that can be trusted; a damaged one is moved aside (``.damaged``) to be recomputed."""
+        problem = self.chunk_problem(path)
+        if problem in (None, "missing"):
+            return problem is None
+        with contextlib.suppress(OSError):
+            os.replace(path, path.with_name(path.name + ".damaged"))
+        self.log(event="damaged", chunk=str(path.relative_to(self.root)), problem=problem)
+        return False
+
+    def read_chunk(self, path: Path) -> pl.DataFrame:
+        """A verified chunk's rows; a chunk damaged since it was checked is a one-line error naming it."""
+        problem = self.chunk_problem(path)
+        if problem:
+            raise FileProblem(path, f"damaged chunk ({problem}): run the same command again to recompute it")
+        return pl.read_parquet(path)
 
     def load_plan(self) -> Plan | None:
+        """The saved plan, or None when there is none or it is damaged (it is then made again)."""
         path = self.root / "plan.json"
         if not path.is_file():
             return None
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        return Plan([Variant(**v) for v in doc["variants"]], {t: [tuple(r) for r in rs] for t, rs in doc["chunks"].items()})
+        try:
+            doc = read_json(path)
+            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"])) for v in doc["variants"]],
+                        {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()})
+        except (PrunelabError, LookupError, TypeError, ValueError, AttributeError):
+            return None
+        return plan if plan.variants else None
 
     def save_plan(self, plan: Plan) -> None:
         doc = {"variants": [dataclasses.asdict(v) for v in plan.variants], "chunks": plan.chunks}
@@ -540,11 +592,14 @@ class WorkFolder:
             f.write(json.dumps({"time": time.time(), "session": self.session, **event}, default=str) + "\n")
 
     def events(self) -> list[dict[str, Any]]:
+        """Every readable event; torn or damaged lines, and lines that are not events, are skipped."""
         path = self.root / "log.jsonl"
         found = []
-        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-            with contextlib.suppress(ValueError):
-                found.append(json.loads(line))
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+            with contextlib.suppress(ValueError, RecursionError):
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    found.append(event)
         return found
 
 
@@ -564,8 +619,20 @@ class Plan:
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     staging = path.with_name(f".{path.name}.tmp")
-    write(staging)
-    os.replace(staging, path)
+    try:
+        write(staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a failed write leaves no half file behind
+        raise
+
+
+def checksum_path(chunk: Path) -> Path:
+    return chunk.with_name(chunk.name + ".sha256")
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -674,7 +741,9 @@ class _Session:
         return plan
 
     def evaluate(self, plan: Plan) -> None:
-        pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.chunk(v, t, i).is_file()]
+        pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.finished_chunk(self.work.chunk(v, t, i))]
+        if damaged := sum(e.get("event") == "damaged" and e.get("session") == self.work.session for e in self.work.events()):
+            self.reporter.message(f"recomputing {damaged} damaged chunk(s) (moved aside as *.damaged)")
         units = sum(b[1] - b[0] for *_, b in plan.pairs())
         self.reporter.start(units, units - sum(b[1] - b[0] for *_, b in pending))
         if pending and self.layer_sweep and any(removed_layer(v) is not None for v in plan.variants):
@@ -785,13 +854,13 @@ def collect_bench(work: WorkFolder, plan: Plan) -> pl.DataFrame | None:
     found = [(v, work.bench(v)) for v in plan.variants if work.bench(v).is_file()]
     if not found:
         return None
-    return bench_rows([(v.name, v.strategy, v.params_json, json.loads(path.read_text(encoding="utf-8")))
+    return bench_rows([(v.name, v.strategy, v.params_json, read_json(path, "damaged bench result"))
                        for v, path in found])
 
 
 def collect_items(work: WorkFolder, plan: Plan) -> pl.DataFrame:
     """Every chunk's rows, in plan order: the run's per-item table."""
-    frames = [pl.read_parquet(work.chunk(v, t, i)) for v, t, i, _ in plan.pairs()]
+    frames = [work.read_chunk(work.chunk(v, t, i)) for v, t, i, _ in plan.pairs()]
     return pl.concat(frames, how="diagonal_relaxed")
 
 

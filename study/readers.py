@@ -1,0 +1,184 @@
+"""Reading and writing the user's files: every way a file can be wrong ends as one ``FileProblem``.
+
+Parsers report a bad file with their own exception types: the OS an ``OSError``, ``json`` and
+``csv`` a ``ValueError`` or ``csv.Error``, the GGUF reader a ``ValueError`` or ``struct.error``,
+safetensors a ``SafetensorError``, polars a ``PolarsError``, deep nesting a ``RecursionError``.
+``reading`` turns exactly these families, raised while one named file is read, into a
+``FileProblem`` that names the file; any other exception is a bug and keeps its traceback.
+
+The checks here run before a model is loaded (a model folder's JSON files and safetensors
+headers, a GGUF header, an output folder that can be created), so that a bad input costs
+seconds, not a dequantization or an evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .errors import FileProblem
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
+MODEL_JSON_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "model.safetensors.index.json")
+
+
+@cache
+def parse_errors() -> tuple[type[BaseException], ...]:
+    """The exception families parsers raise on bad bytes (imported on first use: the CLI starts fast)."""
+    import yaml
+    from polars.exceptions import PolarsError
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, struct.error, csv.Error, EOFError, zlib.error, yaml.YAMLError, SafetensorError,
+            PolarsError, RecursionError)
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in a few words: the OS's reason, or the parser's first line."""
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "no space left on device"
+        return (exc.strerror or str(exc) or type(exc).__name__).strip()
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {exc.start})"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = " ".join(str(exc).split()) or type(exc).__name__  # YAML puts the position on a second line
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextmanager
+def reading(path: str | os.PathLike, what: str = "", extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn a parser's or the OS's complaint about ``path`` into ``FileProblem(path, what: reason)``.
+
+    ``extra``: further exception types one particular reader is known to raise on bad bytes.
+    """
+    try:
+        yield
+    except (*parse_errors(), *extra) as exc:
+        reason = describe(exc)
+        raise FileProblem(path, f"{what}: {reason}" if what else reason) from exc
+
+
+def read_utf8(path: str | os.PathLike, what: str = "cannot read") -> str:
+    """A UTF-8 text file; bytes that are not UTF-8 are reported with their line (``file:line``)."""
+    path = Path(path)
+    with reading(path, what):
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise FileProblem(f"{path}:{line}", describe(exc)) from exc
+
+
+def read_json(path: str | os.PathLike, what: str = "invalid JSON", kind: type = dict) -> Any:
+    """A JSON file whose top level is a ``kind`` (an object by default)."""
+    path = Path(path)
+    text = read_utf8(path)
+    with reading(path, what):
+        value = json.loads(text)
+    if not isinstance(value, kind):
+        expected = "an object" if kind is dict else f"a {kind.__name__}"
+        raise FileProblem(path, f"{what}: expected {expected}, found {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- model files
+def read_gguf_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Version, architecture and tensor count of a GGUF file, after checking it is whole.
+
+    Checks the magic and version first (a file that is not GGUF at all gets a plain message), then
+    parses metadata and tensor infos with the ``gguf`` package and checks that every tensor's data
+    lies inside the file (a truncated download).
+    """
+    from gguf import GGUFReader
+
+    path = Path(path)
+    what = "not a valid GGUF file"
+    with reading(path, what, extra=(IndexError, KeyError, OverflowError, TypeError)):
+        with open(path, "rb") as f:
+            head = f.read(24)
+        if len(head) < 24:
+            raise FileProblem(path, f"{what}: only {len(head)} bytes")
+        if head[:4] != GGUF_MAGIC:
+            raise FileProblem(path, f"{what}: it starts with {head[:4]!r}, not b'GGUF'")
+        version = struct.unpack("<I", head[4:8])[0]
+        if version not in GGUF_VERSIONS:
+            raise FileProblem(path, f"{what}: unsupported GGUF version {version}")
+        reader = GGUFReader(path)
+        size = path.stat().st_size
+        for tensor in reader.tensors:
+            if tensor.data_offset + tensor.n_bytes > size:
+                raise FileProblem(path, f"{what}: truncated (tensor {tensor.name} ends past the end of the file)")
+        field = reader.fields.get("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    if not architecture:
+        raise FileProblem(path, f"{what}: no general.architecture")
+    return {"version": version, "architecture": architecture, "tensors": len(reader.tensors)}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (dtype, shape) of every tensor; safetensors checks the header and that data covers the file."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with reading(path, "not a valid safetensors file"), safe_open(str(path), "pt") as f:
+        return {name: (f.get_slice(name).get_dtype(), tuple(f.get_slice(name).get_shape())) for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+
+
+def check_model_folder(folder: str | os.PathLike) -> dict[str, Any]:
+    """A Hugging Face model folder's config (returned), its other JSON files and its safetensors headers.
+
+    What transformers would report as an unrelated traceback (a truncated shard, a tokenizer.json
+    that is not JSON) becomes one line naming the file, before any weight is read.
+    """
+    folder = Path(folder)
+    config = read_json(folder / "config.json", "invalid model config")
+    if not isinstance(config.get("model_type"), str):
+        raise FileProblem(folder / "config.json", "invalid model config: no model_type string")
+    for name in MODEL_JSON_FILES:
+        if (folder / name).exists():
+            read_json(folder / name, "invalid JSON")
+    for shard in sorted(folder.glob("*.safetensors")):
+        read_safetensors_header(shard)
+    return config
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def check_output_folder(path: str | os.PathLike, what: str = "--out") -> Path:
+    """A folder that exists or can be created (no parent is a regular file), and is writable.
+
+    Run before a model is loaded, so that a typo in ``--out`` does not cost an evaluation.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise FileProblem(path, f"{what} exists and is not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FileProblem(path, f"{what} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FileProblem(path, f"{what} cannot be written: no permission in {existing}")
+    return path
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """A file path whose folder can be created and that is not itself a folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise FileProblem(path, f"{what} is a folder, expected a file name")
+    check_output_folder(path.parent if str(path.parent) else Path("."), what)
+    return path
