@@ -167,7 +167,11 @@ def load_model(
     return LoadedModel(model, tokenizer, adapt(model), spec, kind, chosen_device, chosen_dtype, local_dir)
 
 
-CONFIG_ERRORS = (TypeError, KeyError, AttributeError)  # transformers' config classes on ill-typed fields
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers' config classes raise on an ill-typed or missing field of a config file."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (TypeError, LookupError, AttributeError, StrictDataclassError)
 
 
 def read_model_config(folder: str | os.PathLike):
@@ -180,7 +184,7 @@ def read_model_config(folder: str | os.PathLike):
 
     folder = Path(folder)
     check_model_folder(folder)
-    with reading(folder / "config.json", "invalid model config", extra=CONFIG_ERRORS):
+    with reading(folder / "config.json", "invalid model config", extra=config_errors()):
         return AutoConfig.from_pretrained(folder)
 
 
@@ -193,7 +197,7 @@ def load_tokenizer(where: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
-        with reading(where, "could not load the tokenizer", extra=CONFIG_ERRORS):
+        with reading(where, "could not load the tokenizer", extra=config_errors()):
             return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as exc:
         if type(exc) is not Exception:

@@ -38,10 +38,24 @@ def parse_errors() -> tuple[type[BaseException], ...]:
     """The exception families parsers raise on bad bytes (imported on first use: the CLI starts fast)."""
     import yaml
     from polars.exceptions import PolarsError
+    from pyarrow import ArrowException
     from safetensors import SafetensorError
 
     return (OSError, ValueError, struct.error, csv.Error, EOFError, zlib.error, yaml.YAMLError, SafetensorError,
-            PolarsError, RecursionError)
+            PolarsError, ArrowException, RecursionError)
+
+
+def read_parquet(path: str | os.PathLike, what: str = "not a readable parquet file"):
+    """A parquet file as a polars frame, parsed by pyarrow.
+
+    polars' own reader can panic (an uncatchable-looking ``PanicException``, not an ``Exception``)
+    on a damaged file; pyarrow reports the same damage as an ``ArrowException`` or ``OSError``.
+    """
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    with reading(path, what):
+        return pl.from_arrow(pq.read_table(path))
 
 
 def describe(exc: BaseException) -> str:

@@ -53,7 +53,7 @@ from .evaluate import PreparedTask, prepare_tasks, run_task
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import prune, validate_options
-from .readers import describe, read_json, read_utf8, reading
+from .readers import describe, read_json, read_parquet, read_utf8, reading
 from .registry import Registry, default_registry
 from .stats import DENSE
 from .surgery import parse_layer_indices, single_layer
@@ -123,9 +123,16 @@ DENSE_VARIANT = Variant(DENSE, DENSE, {})
 
 def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
                registry: Registry | None = None) -> Study:
-    """Read and validate a study file; every mistake is a one-line ``PrunelabError``, no model needed."""
-    registry = registry or default_registry()
-    path = Path(path)
+    """Read and validate a study file; every mistake is a one-line ``PrunelabError`` naming it, no model needed."""
+    try:
+        return _load_study(Path(path), data_dir, registry or default_registry())
+    except PrunelabError as exc:
+        if str(path) in str(exc):
+            raise
+        raise PrunelabError(f"{path}: {exc}") from exc  # a value checked by a shared helper
+
+
+def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Registry) -> Study:
     text, raw = _read_study_file(path)
     _check_keys(raw, TOP_KEYS, f"{path}")
     evaluation = raw.get("evaluation", {})
@@ -140,6 +147,8 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
         raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
     if "model" not in raw:
         raise PrunelabError(f"{path}: no model (e.g. model = \"Qwen/Qwen3-0.6B\")")
+    if not isinstance(raw["model"], str) or not raw["model"].strip():
+        raise PrunelabError(f"{path}: model must be a Hub id or a path, got {raw['model']!r}")
 
     per_task = {task: _task_settings(registry, task, evaluation, path) for task in tasks}
     chunk = _typed(evaluation, "chunk_items", int, CHUNK_ITEMS, f"{path} [evaluation]")
@@ -224,7 +233,7 @@ def _check_keys(table: Any, known: set[str], where: str) -> None:
 def _typed(table: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
     """``table[key]`` checked against ``kind`` (an int is a float too); a bad type is a one-line error."""
     value = table.get(key, default)
-    if value is None:
+    if value is None and default is None:  # an explicit null (YAML) only where "not set" is allowed
         return None
     allowed = (int, float) if kind is float else (kind,)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):
@@ -545,10 +554,11 @@ class WorkFolder:
         try:
             if sidecar.is_file() and sidecar.read_text(encoding="utf-8").strip() != file_digest(path):
                 return "checksum mismatch"
-            schema = pl.read_parquet_schema(path)
-            pl.read_parquet(path)  # every page decodes
-        except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+            schema = read_parquet(path).schema  # every page decodes
+        except (OSError, ValueError) as exc:
             return f"unreadable ({describe(exc)})"
+        except PrunelabError as exc:
+            return f"unreadable ({exc.problem if isinstance(exc, FileProblem) else exc})"
         wrong = [name for name, kind in CORE_COLUMNS.items() if schema.get(name) not in (kind, pl.Null)]
         return f"wrong columns {', '.join(wrong)}" if wrong else None
 
@@ -567,7 +577,7 @@ class WorkFolder:
         problem = self.chunk_problem(path)
         if problem:
             raise FileProblem(path, f"damaged chunk ({problem}): run the same command again to recompute it")
-        return pl.read_parquet(path)
+        return read_parquet(path)
 
     def load_plan(self) -> Plan | None:
         """The saved plan, or None when there is none or it is damaged (it is then made again)."""
@@ -598,9 +608,25 @@ class WorkFolder:
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
             with contextlib.suppress(ValueError, RecursionError):
                 event = json.loads(line)
-                if isinstance(event, dict):
+                if _whole_event(event):
                     found.append(event)
         return found
+
+
+EVENT_FIELDS = {"chunk": ("variant", "task", "items", "seconds"), "prune": ("variant", "seconds", "report"),
+                "load": ("seconds",)}
+EVENT_TYPES: dict[str, Any] = {"event": str, "session": str, "variant": str, "task": str, "items": int,
+                               "seconds": int | float, "report": dict}
+
+
+def _whole_event(event: Any) -> bool:
+    """An event the summaries can use: a mapping with the fields its kind needs, of their types."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return False
+    if any(k not in event for k in EVENT_FIELDS.get(event["event"], ())):
+        return False
+    return all(isinstance(event[k], kind) and not isinstance(event[k], bool)
+               for k, kind in EVENT_TYPES.items() if k in event)
 
 
 @dataclass
