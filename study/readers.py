@@ -29,6 +29,7 @@ from .errors import FileProblem
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
+GGUF_MAX_DIMS = 4  # ggml tensors have at most four dimensions
 MODEL_JSON_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "model.safetensors.index.json")
 
@@ -110,37 +111,125 @@ def read_json(path: str | os.PathLike, what: str = "invalid JSON", kind: type = 
 
 
 # ---------------------------------------------------------------------------------------- model files
-def read_gguf_header(path: str | os.PathLike) -> dict[str, Any]:
-    """Version, architecture and tensor count of a GGUF file, after checking it is whole.
+class _Truncated(Exception):  # noqa: N818 - internal signal, reported as a FileProblem
+    """The GGUF header claims more bytes than the file has."""
 
-    Checks the magic and version first (a file that is not GGUF at all gets a plain message), then
-    parses metadata and tensor infos with the ``gguf`` package and checks that every tensor's data
-    lies inside the file (a truncated download).
+
+class _GGUFCursor:
+    """Little-endian reads from a mapped GGUF file; a read past the end raises ``_Truncated``.
+
+    Every count read from the file is checked against the bytes left before it is looped over,
+    so a corrupt count fails at once instead of looping for a very long time.
     """
-    from gguf import GGUFReader
+
+    SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    STRING, ARRAY = 8, 9
+
+    def __init__(self, data) -> None:
+        self.data, self.at = data, 0
+
+    def take(self, fmt: str):
+        size = struct.calcsize("<" + fmt)
+        if self.at + size > len(self.data):
+            raise _Truncated
+        value = struct.unpack_from("<" + fmt, self.data, self.at)[0]
+        self.at += size
+        return value
+
+    def count(self, least_bytes_each: int, what: str) -> int:
+        n = self.take("Q")
+        if n * least_bytes_each > len(self.data) - self.at:
+            raise _Truncated(f"{what} count {n} does not fit in the file")
+        return n
+
+    def string(self) -> bytes:
+        n = self.count(1, "string length")
+        self.at += n
+        return bytes(self.data[self.at - n:self.at])
+
+    def value(self, kind: int, depth: int = 0):
+        if kind in self.SCALARS:
+            return self.take(self.SCALARS[kind])
+        if kind == self.STRING:
+            return self.string()
+        if kind == self.ARRAY and depth < 4:
+            item = self.take("I")
+            if item in self.SCALARS:  # skip a numeric array in one step
+                n = self.count(struct.calcsize(self.SCALARS[item]), "array")
+                self.at += n * struct.calcsize(self.SCALARS[item])
+                return None
+            for _ in range(self.count(12 if item == self.ARRAY else 8, "array")):
+                self.value(item, depth + 1)
+            return None
+        raise ValueError(f"unknown metadata value type {kind}")
+
+
+def read_gguf_header(path: str | os.PathLike) -> dict[str, Any]:
+    """Version, architecture and tensor count of a GGUF file, after checking that it is whole.
+
+    Walks the metadata and tensor infos with bounds checks (the ``gguf`` package's reader parses
+    every tokenizer string into numpy objects: ~10 s for a small model, and a truncated file gets a
+    numpy message) and checks that every tensor's data lies inside the file.
+    """
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES
 
     path = Path(path)
     what = "not a valid GGUF file"
-    with reading(path, what, extra=(IndexError, KeyError, OverflowError, TypeError)):
-        with open(path, "rb") as f:
-            head = f.read(24)
-        if len(head) < 24:
-            raise FileProblem(path, f"{what}: only {len(head)} bytes")
-        if head[:4] != GGUF_MAGIC:
-            raise FileProblem(path, f"{what}: it starts with {head[:4]!r}, not b'GGUF'")
-        version = struct.unpack("<I", head[4:8])[0]
-        if version not in GGUF_VERSIONS:
-            raise FileProblem(path, f"{what}: unsupported GGUF version {version}")
-        reader = GGUFReader(path)
-        size = path.stat().st_size
-        for tensor in reader.tensors:
-            if tensor.data_offset + tensor.n_bytes > size:
-                raise FileProblem(path, f"{what}: truncated (tensor {tensor.name} ends past the end of the file)")
-        field = reader.fields.get("general.architecture")
-        architecture = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
-    if not architecture:
+    with reading(path, what), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise FileProblem(path, f"{what}: only {size} bytes")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            cursor = _GGUFCursor(data)
+            if data[:4] != GGUF_MAGIC:
+                raise FileProblem(path, f"{what}: it starts with {bytes(data[:4])!r}, not b'GGUF'")
+            version = struct.unpack_from("<I", data, 4)[0]
+            if version not in GGUF_VERSIONS:
+                raise FileProblem(path, f"{what}: unsupported GGUF version {version}")
+            cursor.at = 8
+            try:
+                tensor_count, kv_count = cursor.count(24, "tensor"), cursor.count(12, "metadata")
+                metadata = {}
+                for _ in range(kv_count):
+                    key = cursor.string().decode("utf-8")
+                    if key in metadata:
+                        raise FileProblem(path, f"{what}: metadata key {key!r} appears twice")
+                    metadata[key] = cursor.value(cursor.take("I"))
+                tensors, names = [], set()
+                for _ in range(tensor_count):
+                    name = cursor.string().decode("utf-8")
+                    if name in names:
+                        raise FileProblem(path, f"{what}: tensor {name!r} appears twice")
+                    names.add(name)
+                    n_dims = cursor.take("I")
+                    if n_dims > GGUF_MAX_DIMS:
+                        raise FileProblem(path, f"{what}: tensor {name} has {n_dims} dimensions")
+                    dims = [cursor.take("Q") for _ in range(n_dims)]
+                    tensors.append((name, dims, cursor.take("I"), cursor.take("Q")))
+            except _Truncated as exc:
+                raise FileProblem(path, f"{what}: truncated header{f' ({exc})' if str(exc) else ''}") from None
+            alignment = metadata.get("general.alignment") or 32
+            if not isinstance(alignment, int) or alignment <= 0:
+                raise FileProblem(path, f"{what}: general.alignment is {alignment!r}")
+            start = -(-cursor.at // alignment) * alignment
+            for name, dims, kind, offset in tensors:
+                known = [t for t in GGML_QUANT_SIZES if t.value == kind]
+                if not known:
+                    raise FileProblem(path, f"{what}: tensor {name} has unknown type {kind}")
+                block, type_size = GGML_QUANT_SIZES[known[0]]
+                if not dims or 0 in dims or dims[0] % block:
+                    raise FileProblem(path, f"{what}: tensor {name} has shape {dims} (type {known[0].name})")
+                elements = 1
+                for dim in dims:
+                    elements *= dim
+                if start + offset + elements // block * type_size > size:
+                    raise FileProblem(path, f"{what}: truncated (tensor {name} ends past the end of the file)")
+    architecture = metadata.get("general.architecture")
+    if not isinstance(architecture, bytes) or not architecture:
         raise FileProblem(path, f"{what}: no general.architecture")
-    return {"version": version, "architecture": architecture, "tensors": len(reader.tensors)}
+    return {"version": version, "architecture": architecture.decode("utf-8", errors="replace"), "tensors": len(tensors)}
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
