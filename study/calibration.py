@@ -98,6 +98,18 @@ class CalibrationSpec:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check_source(self) -> CalibrationSpec:
+        """Read a local calibration file now, so a damaged or empty one fails before any model loads.
+
+        Hub sources are not fetched here (that needs the network and happens when pruning).
+        """
+        if self.source in HUB_SOURCES and not Path(self.source).expanduser().is_file():
+            return self
+        text, documents = _load_source(self.source)
+        if not (text or "").strip() and not documents:
+            raise FileProblem(self.source, "calibration file has no text")
+        return self
+
 
 def calibration_samples(
     tokenizer, spec: CalibrationSpec, seed: int = 0, bos_token_id: int | None = None

@@ -247,7 +247,7 @@ def calibration_from(args: argparse.Namespace, strategy, options: dict) -> dict 
                             "(drop the --calibration* arguments)")
     from .calibration import CalibrationSpec
 
-    CalibrationSpec.from_mapping(given)  # checks the values before the model is loaded
+    CalibrationSpec.from_mapping(given).check_source()  # checks the values and the file before the model is loaded
     return given
 
 

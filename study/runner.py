@@ -288,7 +288,7 @@ def _calibration(value: Any, strategies: list[StrategyGrid], registry: Registry,
     spec = dict(value)
     if "source" in spec and spec["source"] not in HUB_SOURCES:
         spec["source"] = str(_resolve_path(spec["source"], where))
-    CalibrationSpec.from_mapping(spec)  # checks the values now, not after the first dense evaluation
+    CalibrationSpec.from_mapping(spec).check_source()  # values and file now, not after the dense evaluation
     if not any(registry.strategy(s.name).uses_calibration(point) for s in strategies for point in grid_points(s.grid)):
         raise PrunelabError(f"{path}: [calibration] is given but no strategy uses calibration data")
     return spec

@@ -161,3 +161,16 @@ def test_study_file_values_name_the_file(tmp_path, monkeypatch):
 
 def test_read_model_config_keeps_valid_configs(tiny_qwen3):
     assert modeling.read_model_config(tiny_qwen3).model_type == "qwen3"
+
+
+def test_damaged_calibration_file_fails_with_the_study_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "calib.txt").write_bytes(b"text \xff\xfe more")
+    study = tmp_path / "s.toml"
+    study.write_text('model = "Qwen/Qwen3-0.6B"\n[calibration]\nsource = "calib.txt"\n'
+                     '[[strategies]]\nname = "wanda"\nsparsity = 50\n')
+    with pytest.raises(PrunelabError, match=r"calib\.txt:1: not UTF-8 text"):
+        runner.load_study(study)
+    (tmp_path / "calib.txt").write_text("\n\n")
+    with pytest.raises(PrunelabError, match=r"calib\.txt: calibration file has no text"):
+        runner.load_study(study)
