@@ -476,6 +476,7 @@ class WorkFolder:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.session = os.urandom(6).hex()  # tells this invocation's log events from a resumed one's
+        self.damaged: list[Path] = []  # chunks this invocation found damaged and moved aside
 
     def config_hash(self) -> str | None:
         """The configuration this folder's chunks belong to; a damaged marker is refused, never guessed."""
@@ -555,10 +556,10 @@ class WorkFolder:
             if sidecar.is_file() and sidecar.read_text(encoding="utf-8").strip() != file_digest(path):
                 return "checksum mismatch"
             schema = read_parquet(path).schema  # every page decodes
-        except (OSError, ValueError) as exc:
-            return f"unreadable ({describe(exc)})"
-        except PrunelabError as exc:
-            return f"unreadable ({exc.problem if isinstance(exc, FileProblem) else exc})"
+        except (OSError, ValueError) as exc:  # the checksum file
+            return f"unreadable checksum ({describe(exc)})"
+        except FileProblem as exc:  # the parquet file
+            return f"unreadable ({exc.problem})"
         wrong = [name for name, kind in CORE_COLUMNS.items() if schema.get(name) not in (kind, pl.Null)]
         return f"wrong columns {', '.join(wrong)}" if wrong else None
 
@@ -569,6 +570,7 @@ class WorkFolder:
             return problem is None
         with contextlib.suppress(OSError):
             os.replace(path, path.with_name(path.name + ".damaged"))
+        self.damaged.append(path)
         self.log(event="damaged", chunk=str(path.relative_to(self.root)), problem=problem)
         return False
 
@@ -768,8 +770,8 @@ class _Session:
 
     def evaluate(self, plan: Plan) -> None:
         pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.finished_chunk(self.work.chunk(v, t, i))]
-        if damaged := sum(e.get("event") == "damaged" and e.get("session") == self.work.session for e in self.work.events()):
-            self.reporter.message(f"recomputing {damaged} damaged chunk(s) (moved aside as *.damaged)")
+        if self.work.damaged:
+            self.reporter.message(f"recomputing {len(self.work.damaged)} damaged chunk(s) (moved aside as *.damaged)")
         units = sum(b[1] - b[0] for *_, b in plan.pairs())
         self.reporter.start(units, units - sum(b[1] - b[0] for *_, b in pending))
         if pending and self.layer_sweep and any(removed_layer(v) is not None for v in plan.variants):

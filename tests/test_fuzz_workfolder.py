@@ -38,20 +38,23 @@ with scratch() as _folder:
                        "chunks": {"mmlu": [[0, 2], [2, 3]], "wikitext": [[0, 1]]}}).encode()
 
 
-@given(bytes_like(CHUNK), st.booleans())
-def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum):
+@given(bytes_like(CHUNK), st.booleans(), st.none() | st.binary(max_size=80))
+def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum, checksum):
     with scratch() as root:
         work = runner.WorkFolder(root)
         path = work.chunk(VARIANT, "mmlu", 0)
         work.write_chunk(path, FRAME)
         path.write_bytes(data)
+        if checksum is not None and with_checksum:  # a damaged checksum file: the chunk is not trusted
+            runner.checksum_path(path).write_bytes(checksum)
+            data = None
         if not with_checksum:  # a chunk written before checksums existed: its schema is checked
             runner.checksum_path(path).unlink()
         frame = honours_contract(lambda: work.read_chunk(path), path)
         if frame is not None:
             assert frame.schema == FRAME.schema or not with_checksum
             if with_checksum:
-                assert data == CHUNK and frame.equals(FRAME)
+                assert data == CHUNK and frame.equals(FRAME)  # never a changed file, never a broken checksum
         trusted = work.finished_chunk(path)
         assert trusted == (frame is not None)
         if not trusted:  # moved aside, so the resumed run computes it again
