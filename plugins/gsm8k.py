@@ -56,17 +56,17 @@ def build_prompt(shots: list[dict[str, str]], question: str) -> str:
     return "".join(format_example(s["question"], s["answer"]) + "\n\n" for s in shots) + format_example(question)
 
 
-FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
+NUMBER = re.compile(r"-?[0-9.]*[0-9][0-9.]*")
 
 
 def answer_problem(record: dict[str, Any]) -> str | None:
-    """What makes a record unscorable: the target is the number on the answer's final ``#### N`` line.
+    """What makes a record unscorable: its target (``normalize`` of the answer: what follows the last
+    ``#### ``) must be a number, i.e. the answer ends with a ``#### N`` line and nothing after it.
 
-    Without that line ``normalize`` would keep the whole solution text as the target, which no
-    generation matches: the row would be scored, silently, as a certain miss.
+    Otherwise ``normalize`` keeps the whole solution text (or a stray character) as the target,
+    which no generation matches: the row would be scored, silently, as a certain miss.
     """
-    lines = record["answer"].strip().splitlines()
-    if not lines or not FINAL_ANSWER.fullmatch(lines[-1].strip()):
+    if "#### " not in record["answer"] or not NUMBER.fullmatch(normalize(record["answer"])):
         return "answer does not end with a '#### N' line (the final numeric answer)"
     if not record["question"].strip():
         return "empty question"
