@@ -215,7 +215,6 @@ def strategy_options_from(args: argparse.Namespace) -> dict[str, str]:
 
 @command("prune", "prune a model with a strategy and save it as a normal checkpoint", _add_prune)
 def run_prune(args: argparse.Namespace) -> int:
-
     from .export import save_pruned
     from .pruning import prune, validate_options
     from .registry import default_registry
