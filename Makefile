@@ -24,6 +24,13 @@ test: install-test
 test-fast: install-test
 	$(PYTHON) -m pytest -q -m "not slow"
 
+# The fuzz suite (tests/test_fuzz_*.py) with a long budget: FUZZ_EXAMPLES random inputs per reader
+# (`make test` runs the same properties with a short, repeatable budget). See docs/errors.md.
+FUZZ_EXAMPLES ?= 1000
+.PHONY: fuzz
+fuzz: install-test
+	PRUNELAB_FUZZ=long PRUNELAB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py
+
 lint:
 	$(PYTHON) -m ruff check study plugins tests benchmarks
 

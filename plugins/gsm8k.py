@@ -13,6 +13,7 @@ from typing import Any
 
 from prunelab.data import DataSource, Subset, load_hub_split, read_jsonl
 from prunelab.engine import Engine, GenerationRequest
+from prunelab.errors import PrunelabError
 from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
 from prunelab.options import Option
 from prunelab.tasks import Item, TaskResult, mean_and_stderr
@@ -55,11 +56,32 @@ def build_prompt(shots: list[dict[str, str]], question: str) -> str:
     return "".join(format_example(s["question"], s["answer"]) + "\n\n" for s in shots) + format_example(question)
 
 
+NUMBER = re.compile(r"-?[0-9.]*[0-9][0-9.]*")
+
+
+def answer_problem(record: dict[str, Any]) -> str | None:
+    """What makes a record unscorable: its target (``normalize`` of the answer: what follows the last
+    ``#### ``) must be a number, i.e. the answer ends with a ``#### N`` line and nothing after it.
+
+    Otherwise ``normalize`` keeps the whole solution text (or a stray character) as the target,
+    which no generation matches: the row would be scored, silently, as a certain miss.
+    """
+    if "#### " not in record["answer"] or not NUMBER.fullmatch(normalize(record["answer"])):
+        return "answer does not end with a '#### N' line (the final numeric answer)"
+    if not record["question"].strip():
+        return "empty question"
+    return None
+
+
 def _load_split(source: DataSource, split: str) -> list[dict[str, str]]:
     root = source.local("gsm8k")
     if root is not None:
-        return read_jsonl(root / f"{split}.jsonl", ("question", "answer"))
-    return [{"question": r["question"], "answer": r["answer"]} for r in load_hub_split("openai/gsm8k", "main", split)]
+        return read_jsonl(root / f"{split}.jsonl", ("question", "answer"), check=answer_problem)
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in load_hub_split("openai/gsm8k", "main", split)]
+    for number, row in enumerate(rows):
+        if problem := answer_problem(row):
+            raise PrunelabError(f"openai/gsm8k {split} row {number}: {problem}")
+    return rows
 
 
 def load_items(source: DataSource, subset: Subset) -> list[Item]:

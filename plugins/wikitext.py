@@ -27,6 +27,7 @@ from prunelab.engine import DenseReference, Engine, WindowScores, head_fingerpri
 from prunelab.errors import PrunelabError
 from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
 from prunelab.options import Option
+from prunelab.readers import read_utf8
 from prunelab.tasks import Item, TaskResult
 from prunelab.windows import consecutive_windows, window_bos, window_count
 
@@ -49,12 +50,12 @@ def load_items(source: DataSource, subset: Subset) -> list[Item]:
         path = root / "wiki.test.raw"
         if not path.is_file():
             raise PrunelabError(f"data file not found: {path}")
-        lines = lines_from_raw(path.read_text(encoding="utf-8"))
+        lines = lines_from_raw(read_utf8(path))
     else:
         lines = [r["text"] for r in load_hub_split("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
     text = "\n\n".join(lines)
     if not text.strip():
-        raise PrunelabError("WikiText-2 test split is empty")
+        raise PrunelabError(f"{path if root is not None else 'WikiText-2'}: the test split is empty")
     # Windows depend on the tokenizer, so the subset is applied when the model is known.
     return [Item("document", "wikitext", {"text": text, "subset": subset})]
 

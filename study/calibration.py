@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .errors import PrunelabError
+from .errors import FileProblem, PrunelabError
 from .options import Option
 from .pruning import MaskSet, apply_mask, as_adapter, layer_index_of, resolve_sparsity, sparsity_report
 from .windows import text_width, window_bos, windows_at
+from .readers import read_utf8, reading
 
 DEFAULT_SOURCE = "c4"
 DEFAULT_SAMPLES = 128
@@ -97,6 +98,18 @@ class CalibrationSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check_source(self) -> CalibrationSpec:
+        """Read a local calibration file now, so a damaged or empty one fails before any model loads.
+
+        Hub sources are not fetched here (that needs the network and happens when pruning).
+        """
+        if self.source in HUB_SOURCES and not Path(self.source).expanduser().is_file():
+            return self
+        text, documents = _load_source(self.source)
+        if not (text or "").strip() and not documents:
+            raise FileProblem(self.source, "calibration file has no text")
+        return self
 
 
 def calibration_samples(
@@ -194,24 +207,22 @@ def _load_source(source: str) -> tuple[str | None, list[str] | None]:
 
 def _load_local(path: Path) -> tuple[str | None, list[str] | None]:
     name = path.name.lower()
-    try:
-        if name.endswith((".jsonl", ".json.gz", ".jsonl.gz")):
-            opener = gzip.open if name.endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                documents = [_document(line, path, n) for n, line in enumerate(f, 1) if line.strip()]
-            return None, documents
-        return path.read_text(encoding="utf-8"), None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PrunelabError(f"could not read calibration file {path}: {exc}") from None
+    if not name.endswith((".jsonl", ".json.gz", ".jsonl.gz")):
+        return read_utf8(path, "could not read calibration file"), None
+    opener = gzip.open if name.endswith(".gz") else open
+    documents = []
+    with reading(path, "could not read calibration file"), opener(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                documents.append(_document(line, path, number))
+    return None, documents
 
 
-def _document(line: str, path: Path, number: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise PrunelabError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
+def _document(line: bytes, path: Path, number: int) -> str:
+    with reading(f"{path}:{number}", "invalid JSON"):
+        record = json.loads(line.decode("utf-8"))
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise PrunelabError(f"{path}:{number}: expected an object with a 'text' string")
+        raise FileProblem(f"{path}:{number}", "expected an object with a 'text' string")
     return record["text"]
 
 

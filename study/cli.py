@@ -27,6 +27,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import PrunelabError
+from .readers import check_output_file, check_output_folder, describe
 
 console = Console(stderr=True)
 out = Console()
@@ -114,6 +115,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, parse_tasks, prepare_tasks, write_outputs
 
     subset = subset_from(args)
+    if args.out:
+        check_output_folder(args.out)  # before an evaluation that could not be saved
     tasks = prepare_tasks(parse_tasks(args.tasks), DataSource.resolve(args.data_dir), subset, common_task_options(args))
     loaded = load_from(args)
     with progress_bars() as bars:
@@ -212,8 +215,6 @@ def strategy_options_from(args: argparse.Namespace) -> dict[str, str]:
 
 @command("prune", "prune a model with a strategy and save it as a normal checkpoint", _add_prune)
 def run_prune(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .export import save_pruned
     from .pruning import prune, validate_options
     from .registry import default_registry
@@ -222,7 +223,7 @@ def run_prune(args: argparse.Namespace) -> int:
     strategy = default_registry().strategy(args.method)
     validate_options(strategy, options)  # fail before loading the model
     calibration = calibration_from(args, strategy, options)
-    out_dir = Path(args.out)
+    out_dir = check_output_folder(args.out)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise PrunelabError(f"output folder {out_dir} is not empty (choose another --out, or --overwrite)")
     loaded = load_from(args)
@@ -245,7 +246,7 @@ def calibration_from(args: argparse.Namespace, strategy, options: dict) -> dict 
                             "(drop the --calibration* arguments)")
     from .calibration import CalibrationSpec
 
-    CalibrationSpec.from_mapping(given)  # checks the values before the model is loaded
+    CalibrationSpec.from_mapping(given).check_source()  # checks the values and the file before the model is loaded
     return given
 
 
@@ -309,6 +310,7 @@ def run_study_command(args: argparse.Namespace) -> int:
     from .runner import load_study, run_study
 
     study = load_study(args.file, data_dir=args.data_dir)  # validated before any model is loaded
+    check_output_folder(args.out)
     with progress_bars() as bars:
         run = run_study(study, args.out, rerun=args.rerun, reporter=StudyProgress(bars))
     out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {run.parent.parent / 'index.html'}",
@@ -380,6 +382,7 @@ def run_importance(args: argparse.Namespace) -> int:
     metrics = parse_metrics(args.metric)
     calibration = {"source": args.calibration, "samples": args.samples, "seqlen": args.seqlen}
     importance_spec(calibration)  # bad values fail before the model loads
+    check_output_folder(args.out)
     check_output(args.out, args.overwrite)
     sweep = read_sweep(args.sweep) if args.sweep else None
     loaded = load_from(args)
@@ -448,6 +451,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
 
     lengths = parse_int_list(args.prompt_lengths, "--prompt-lengths")
     batches = parse_int_list(args.batch, "--batch")
+    check_output_file(args.out)
     with console.status(f"benchmarking {args.model}"):
         result = bench_model(args.model, device=args.device, dtype=args.dtype, prompt_lengths=lengths,
                              batches=batches, new_tokens=args.new_tokens, repeats=args.repeats,
@@ -485,6 +489,7 @@ def bench_table(result: dict) -> Table:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prunelab", description="Prune LLMs and measure what it costs.")
     parser.add_argument("--version", action="version", version=f"prunelab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error (or PRUNELAB_DEBUG=1)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add, run) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -494,19 +499,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not os.environ.get("PRUNELAB_DEBUG"):
+    """Run one subcommand: the one place where an expected failure becomes one line and exit 2.
+
+    Expected failures are the user's input (``PrunelabError``, which readers raise naming the file)
+    and the OS refusing a read or write (``OSError``: disk full, permission, a parent that is a
+    file). Anything else is a bug and keeps its traceback; ``--debug`` or ``PRUNELAB_DEBUG=1``
+    shows the full traceback of the expected ones too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("PRUNELAB_DEBUG", "") not in {"", "0"}
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # accepted after any subcommand
+    if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         _quiet_transformers()
     try:
         return args.handler(args)
-    except PrunelabError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    except (PrunelabError, OSError) as exc:
+        if debug:
+            raise
+        console.print(f"[red]error:[/red] {escape(one_line(exc))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of an expected failure on one line; an ``OSError`` names its file."""
+    if isinstance(exc, OSError):
+        names = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+        text = f"{' -> '.join(names)}: {describe(exc)}" if names else describe(exc)
+    else:
+        text = str(exc)
+    return " ".join(text.split())
 
 
 def _quiet_transformers() -> None:

@@ -8,16 +8,18 @@ group is represented, either as a seeded sample or as the first items (lm-eval's
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PrunelabError
+from .errors import FileProblem, PrunelabError
+from .readers import describe, read_utf8, reading
 
 DATA_ENV = "PRUNELAB_DATA"
 
@@ -82,47 +84,55 @@ def read_csv_rows(path: Path, columns: int) -> list[tuple[int, list[str]]]:
     if not path.is_file():
         raise PrunelabError(f"data file not found: {path}")
     rows: list[tuple[int, list[str]]] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        try:
-            for row in reader:
-                line = reader.line_num
-                if len(row) != columns:
-                    raise PrunelabError(
-                        f"{path}:{line}: expected {columns} columns, found {len(row)}"
-                    )
-                rows.append((line, row))
-        except csv.Error as exc:
-            raise PrunelabError(f"{path}:{reader.line_num}: malformed CSV ({exc})") from None
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    try:
+        for row in reader:
+            line = reader.line_num
+            if len(row) != columns:
+                raise FileProblem(f"{path}:{line}", f"expected {columns} columns, found {len(row)}")
+            rows.append((line, row))
+    except csv.Error as exc:
+        raise FileProblem(f"{path}:{max(reader.line_num, 1)}", f"malformed CSV ({describe(exc)})") from exc
     if not rows:
-        raise PrunelabError(f"{path}: no rows (empty split)")
+        raise FileProblem(path, "no rows (empty split)")
     return rows
 
 
-def read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file that each have the ``required`` string fields."""
+def read_jsonl(path: Path, required: tuple[str, ...],
+               check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file that each have the ``required`` string fields.
+
+    ``check`` returns what is wrong with a record for its task (None: nothing), so a row that
+    parses but cannot be scored is reported as ``file:line`` before any model is loaded.
+    """
     if not path.is_file():
         raise PrunelabError(f"data file not found: {path}")
     records: list[dict[str, Any]] = []
     for number, line in _numbered_lines(path):
-        try:
+        with reading(f"{path}:{number}", "invalid JSON"):
             record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PrunelabError(f"{path}:{number}: invalid JSON ({exc.msg})") from None
         missing = [k for k in required if not isinstance(record, dict) or not isinstance(record.get(k), str)]
         if missing:
-            raise PrunelabError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+            raise FileProblem(f"{path}:{number}", f"missing field(s) {', '.join(missing)}")
+        problem = check(record) if check else None
+        if problem:
+            raise FileProblem(f"{path}:{number}", problem)
         records.append(record)
     if not records:
-        raise PrunelabError(f"{path}: no records (empty split)")
+        raise FileProblem(path, "no records (empty split)")
     return records
 
 
 def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                yield number, line
+    with reading(path, "cannot read"):
+        data = path.read_bytes()
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FileProblem(f"{path}:{number}", describe(exc)) from exc
+        if line.strip():
+            yield number, line
 
 
 def load_hub_split(dataset: str, config: str | None, split: str) -> list[dict[str, Any]]:

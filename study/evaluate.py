@@ -156,8 +156,12 @@ def write_outputs(run: EvalRun, out_dir: str | os.PathLike) -> Path:
 
 def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     staging = path.with_name(f".{path.name}.tmp")
-    write(staging)
-    os.replace(staging, path)
+    try:
+        write(staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
 
 
 def _finite(value: Any) -> Any:

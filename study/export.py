@@ -61,8 +61,15 @@ def build_recipe(loaded, report: Mapping[str, Any]) -> dict[str, Any]:
 
 def read_recipe(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The recipe of an exported folder, or None for a model prunelab did not write."""
+    from .readers import read_json
+
     path = Path(folder) / RECIPE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    recipe = read_json(path, "invalid prunelab recipe")
+    if not isinstance(recipe.get("format"), str) or not recipe["format"].startswith("prunelab-recipe/"):
+        raise PrunelabError(f"{path}: invalid prunelab recipe: no 'format': 'prunelab-recipe/N'")
+    return recipe
 
 
 def save_pruned(loaded, out_dir: str | os.PathLike, report: Mapping[str, Any], *,

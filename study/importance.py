@@ -43,9 +43,10 @@ import torch.nn.functional as F
 
 from .adapter import Adapter
 from .calibration import CalibrationSpec, calibration_samples
-from .errors import PrunelabError
+from .errors import FileProblem, PrunelabError
 from .options import Option
 from .windows import window_bos
+from .readers import read_parquet
 
 METRICS = ("bi", "angular", "ppl")
 DEFAULT_SAMPLES = 8
@@ -585,10 +586,12 @@ def read_sweep(path) -> pl.DataFrame:
     if not path.is_file():
         raise PrunelabError(f"sweep summary not found: {path}")
     try:
-        return pl.read_csv(path) if path.suffix.lower() == ".csv" else pl.read_parquet(path)
+        return pl.read_csv(path) if path.suffix.lower() == ".csv" else read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PrunelabError(f"could not read sweep summary {path}: {first}") from None
+    except FileProblem as exc:  # a damaged parquet file (pyarrow's report)
+        raise PrunelabError(f"could not read sweep summary {path}: {exc.problem}") from exc
 
 
 def _importance_manifest(facts: Mapping[str, Any] | None) -> dict[str, Any]:

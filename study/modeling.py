@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, adapt
-from .errors import PrunelabError
+from .errors import FileProblem, PrunelabError
+from .readers import check_model_folder, read_gguf_header, reading
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,10 +114,14 @@ def gguf_to_folder(path: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    read_gguf_header(path)  # random bytes or a truncated file: one line, before transformers' traceback
+
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
     try:
-        with warnings.catch_warnings():
+        # The header is whole; what transformers still rejects (an unsupported architecture, a tensor
+        # type it cannot dequantize, missing metadata) is about this file's content.
+        with warnings.catch_warnings(), reading(path, "cannot convert this GGUF file", extra=(KeyError, IndexError)):
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -141,23 +146,63 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load model and tokenizer, put them on the chosen device and dtype, and adapt the model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kind, path = classify_source(spec)
     chosen_device = choose_device(device)
     chosen_dtype = choose_dtype(dtype, chosen_device)
     local_dir = gguf_to_folder(path) if kind == "gguf" else path
+    if local_dir is not None:
+        read_model_config(local_dir)  # every JSON file and safetensors header, before any weight
     where = str(local_dir) if local_dir is not None else spec
+    tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             where, dtype=chosen_dtype, trust_remote_code=trust_remote_code, use_safetensors=None
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PrunelabError(f"could not load model '{spec}': {first}") from None
+        raise PrunelabError(f"could not load model '{spec}': {first}") from exc
     model.to(chosen_device).eval()
     return LoadedModel(model, tokenizer, adapt(model), spec, kind, chosen_device, chosen_dtype, local_dir)
+
+
+def config_errors() -> tuple[type[BaseException], ...]:
+    """What transformers' config classes raise on an ill-typed or missing field of a config file."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (TypeError, LookupError, AttributeError, StrictDataclassError)
+
+
+def read_model_config(folder: str | os.PathLike):
+    """The ``PretrainedConfig`` of a local model folder, after checking its files (``check_model_folder``).
+
+    transformers builds the config from whatever config.json holds; an unknown ``model_type`` or a
+    field of the wrong type surfaces as one of a few exception types, reported here against the file.
+    """
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    check_model_folder(folder)
+    with reading(folder / "config.json", "invalid model config", extra=config_errors()):
+        return AutoConfig.from_pretrained(folder)
+
+
+def load_tokenizer(where: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a local folder or Hub id; a file it cannot parse is a ``FileProblem``.
+
+    The ``tokenizers`` library reports a malformed tokenizer.json as a bare ``Exception`` (no
+    subclass), so exactly that type is caught besides the usual families; any subclass is a bug.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        with reading(where, "could not load the tokenizer", extra=config_errors()):
+            return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        if type(exc) is not Exception:
+            raise
+        raise FileProblem(where, f"could not load the tokenizer: {' '.join(str(exc).split())[:200]}") from exc
 
 
 @cache

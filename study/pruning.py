@@ -393,9 +393,18 @@ class MaskSet(dict):
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
+        """Masks from a ``masks.safetensors``; a file that is not one is a ``FileProblem`` naming it."""
         from safetensors.torch import load_file
 
-        return cls(load_file(str(path)))
+        from .errors import FileProblem
+        from .readers import reading
+
+        with reading(path, "not a valid masks file"):
+            masks = load_file(str(path))
+        for name, keep in masks.items():
+            if keep.dtype != torch.bool:
+                raise FileProblem(path, f"not a valid masks file: '{name}' is {keep.dtype}, masks are bool")
+        return cls(masks)
 
     def sparsity(self) -> float:
         """Fraction of masked-out entries over all masks."""

@@ -48,13 +48,14 @@ from .adapter import adapt
 from .benchmodel import bench_rows, measure, parameter_count
 from .data import DataSource, Subset
 from .engine import Engine
-from .errors import PrunelabError
+from .errors import FileProblem, PrunelabError
 from .evaluate import PreparedTask, prepare_tasks, run_task
 from .hookspecs import MetricSpec
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import prune, validate_options
 from .reference import ReferenceStore
+from .readers import describe, read_json, read_parquet, read_utf8, reading
 from .registry import Registry, default_registry
 from .stats import DENSE
 from .surgery import parse_layer_indices, single_layer
@@ -124,9 +125,16 @@ DENSE_VARIANT = Variant(DENSE, DENSE, {})
 
 def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
                registry: Registry | None = None) -> Study:
-    """Read and validate a study file; every mistake is a one-line ``PrunelabError``, no model needed."""
-    registry = registry or default_registry()
-    path = Path(path)
+    """Read and validate a study file; every mistake is a one-line ``PrunelabError`` naming it, no model needed."""
+    try:
+        return _load_study(Path(path), data_dir, registry or default_registry())
+    except PrunelabError as exc:
+        if str(path) in str(exc):
+            raise
+        raise PrunelabError(f"{path}: {exc}") from exc  # a value checked by a shared helper
+
+
+def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Registry) -> Study:
     text, raw = _read_study_file(path)
     _check_keys(raw, TOP_KEYS, f"{path}")
     evaluation = raw.get("evaluation", {})
@@ -141,6 +149,8 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
         raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
     if "model" not in raw:
         raise PrunelabError(f"{path}: no model (e.g. model = \"Qwen/Qwen3-0.6B\")")
+    if not isinstance(raw["model"], str) or not raw["model"].strip():
+        raise PrunelabError(f"{path}: model must be a Hub id or a path, got {raw['model']!r}")
 
     per_task = {task: _task_settings(registry, task, evaluation, path) for task in tasks}
     chunk = _typed(evaluation, "chunk_items", int, CHUNK_ITEMS, f"{path} [evaluation]")
@@ -179,22 +189,15 @@ def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = 
 
 def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
     """The file's text and its table: YAML for ``.yaml``/``.yml``, TOML otherwise (same keys either way)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PrunelabError(f"cannot read study file {path}: {exc.strerror or exc}") from None
+    text = read_utf8(path, "cannot read study file")
     if path.suffix.lower() in {".yaml", ".yml"}:
-        try:
+        with reading(path, "invalid YAML"):
             raw = yaml.safe_load(text)  # plain data only: no tags that construct objects
-        except yaml.YAMLError as exc:
-            raise PrunelabError(f"{path}: invalid YAML ({' '.join(str(exc).split())})") from None
         if not isinstance(raw, dict):
             raise PrunelabError(f"{path}: a study file is a mapping of settings (model, evaluation, strategies)")
         return text, raw
-    try:
+    with reading(path, "invalid TOML"):
         return text, tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise PrunelabError(f"{path}: invalid TOML ({exc})") from None
 
 
 def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], path: Path):
@@ -224,7 +227,7 @@ def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], pa
 def _check_keys(table: Any, known: set[str], where: str) -> None:
     if not isinstance(table, dict):
         raise PrunelabError(f"{where}: expected a table, got {table!r}")
-    unknown = sorted(set(table) - known)
+    unknown = sorted(map(str, set(table) - known))  # YAML keys may be numbers
     if unknown:
         raise PrunelabError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
 
@@ -232,7 +235,7 @@ def _check_keys(table: Any, known: set[str], where: str) -> None:
 def _typed(table: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
     """``table[key]`` checked against ``kind`` (an int is a float too); a bad type is a one-line error."""
     value = table.get(key, default)
-    if value is None:
+    if value is None and default is None:  # an explicit null (YAML) only where "not set" is allowed
         return None
     allowed = (int, float) if kind is float else (kind,)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):
@@ -287,7 +290,7 @@ def _calibration(value: Any, strategies: list[StrategyGrid], registry: Registry,
     spec = dict(value)
     if "source" in spec and spec["source"] not in HUB_SOURCES:
         spec["source"] = str(_resolve_path(spec["source"], where))
-    CalibrationSpec.from_mapping(spec)  # checks the values now, not after the first dense evaluation
+    CalibrationSpec.from_mapping(spec).check_source()  # values and file now, not after the dense evaluation
     if not any(registry.strategy(s.name).uses_calibration(point) for s in strategies for point in grid_points(s.grid)):
         raise PrunelabError(f"{path}: [calibration] is given but no strategy uses calibration data")
     return spec
@@ -485,10 +488,17 @@ class WorkFolder:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.session = os.urandom(6).hex()  # tells this invocation's log events from a resumed one's
+        self.damaged: list[Path] = []  # chunks this invocation found damaged and moved aside
 
     def config_hash(self) -> str | None:
+        """The configuration this folder's chunks belong to; a damaged marker is refused, never guessed."""
         marker = self.root / "config.json"
-        return json.loads(marker.read_text(encoding="utf-8")).get("config_hash") if marker.is_file() else None
+        if not marker.is_file():
+            return None
+        digest = read_json(marker, "damaged work folder marker").get("config_hash")
+        if not isinstance(digest, str):
+            raise FileProblem(marker, "damaged work folder marker: no config_hash (delete the folder to start over)")
+        return digest
 
     def holds(self, digest: str) -> bool:
         return self.config_hash() == digest
@@ -541,15 +551,69 @@ class WorkFolder:
         return self.root / "reference" / f"{task}-{index:04d}.safetensors"
 
     def write_chunk(self, path: Path, frame: pl.DataFrame) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(path, frame.write_parquet)
+        """Write one chunk and its checksum; a failed write leaves every finished chunk as it was.
+
+        The checksum is written first and the chunk renamed into place last, so a chunk file that
+        exists either matches its checksum or is detected as damaged and computed again.
+        """
+        staging = path.with_name(f".{path.name}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            frame.write_parquet(staging)
+            digest = file_digest(staging)
+            _atomic(checksum_path(path), lambda p: p.write_text(digest + "\n", encoding="utf-8"))
+            os.replace(staging, path)
+        except (OSError, pl.exceptions.PolarsError) as exc:
+            staging.unlink(missing_ok=True)
+            raise FileProblem(path, f"cannot write this chunk: {describe(exc)}; the finished chunks are kept in "
+                                    f"{self.root}: run the same command again to resume") from exc
+
+    def chunk_problem(self, path: Path) -> str | None:
+        """Why a chunk file cannot be trusted (None: it can): missing, checksum mismatch, unreadable, wrong columns."""
+        if not path.is_file():
+            return "missing"
+        sidecar = checksum_path(path)
+        try:
+            if sidecar.is_file() and sidecar.read_text(encoding="utf-8").strip() != file_digest(path):
+                return "checksum mismatch"
+            schema = read_parquet(path).schema  # every page decodes
+        except (OSError, ValueError) as exc:  # the checksum file
+            return f"unreadable checksum ({describe(exc)})"
+        except FileProblem as exc:  # the parquet file
+            return f"unreadable ({exc.problem})"
+        wrong = [name for name, kind in CORE_COLUMNS.items() if schema.get(name) not in (kind, pl.Null)]
+        return f"wrong columns {', '.join(wrong)}" if wrong else None
+
+    def finished_chunk(self, path: Path) -> bool:
+        """True for a chunk that can be trusted; a damaged one is moved aside (``.damaged``) to be recomputed."""
+        problem = self.chunk_problem(path)
+        if problem in (None, "missing"):
+            return problem is None
+        with contextlib.suppress(OSError):
+            os.replace(path, path.with_name(path.name + ".damaged"))
+        self.damaged.append(path)
+        self.log(event="damaged", chunk=str(path.relative_to(self.root)), problem=problem)
+        return False
+
+    def read_chunk(self, path: Path) -> pl.DataFrame:
+        """A verified chunk's rows; a chunk damaged since it was checked is a one-line error naming it."""
+        problem = self.chunk_problem(path)
+        if problem:
+            raise FileProblem(path, f"damaged chunk ({problem}): run the same command again to recompute it")
+        return read_parquet(path)
 
     def load_plan(self) -> Plan | None:
+        """The saved plan, or None when there is none or it is damaged (it is then made again)."""
         path = self.root / "plan.json"
         if not path.is_file():
             return None
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        return Plan([Variant(**v) for v in doc["variants"]], {t: [tuple(r) for r in rs] for t, rs in doc["chunks"].items()})
+        try:
+            doc = read_json(path)
+            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"])) for v in doc["variants"]],
+                        {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()})
+        except (PrunelabError, LookupError, TypeError, ValueError, AttributeError):
+            return None
+        return plan if plan.variants else None
 
     def save_plan(self, plan: Plan) -> None:
         doc = {"variants": [dataclasses.asdict(v) for v in plan.variants], "chunks": plan.chunks}
@@ -561,12 +625,31 @@ class WorkFolder:
             f.write(json.dumps({"time": time.time(), "session": self.session, **event}, default=str) + "\n")
 
     def events(self) -> list[dict[str, Any]]:
+        """Every readable event; torn or damaged lines, and lines that are not events, are skipped."""
         path = self.root / "log.jsonl"
         found = []
-        for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-            with contextlib.suppress(ValueError):
-                found.append(json.loads(line))
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
+            with contextlib.suppress(ValueError, RecursionError):
+                event = json.loads(line)
+                if _whole_event(event):
+                    found.append(event)
         return found
+
+
+EVENT_FIELDS = {"chunk": ("variant", "task", "items", "seconds"), "prune": ("variant", "seconds", "report"),
+                "load": ("seconds",)}
+EVENT_TYPES: dict[str, Any] = {"event": str, "session": str, "variant": str, "task": str, "items": int,
+                               "seconds": int | float, "report": dict}
+
+
+def _whole_event(event: Any) -> bool:
+    """An event the summaries can use: a mapping with the fields its kind needs, of their types."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return False
+    if any(k not in event for k in EVENT_FIELDS.get(event["event"], ())):
+        return False
+    return all(isinstance(event[k], kind) and not isinstance(event[k], bool)
+               for k, kind in EVENT_TYPES.items() if k in event)
 
 
 @dataclass
@@ -585,8 +668,20 @@ class Plan:
 
 def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
     staging = path.with_name(f".{path.name}.tmp")
-    write(staging)
-    os.replace(staging, path)
+    try:
+        write(staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)  # a failed write leaves no half file behind
+        raise
+
+
+def checksum_path(chunk: Path) -> Path:
+    return chunk.with_name(chunk.name + ".sha256")
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -749,7 +844,9 @@ class _Session:
         return plan
 
     def evaluate(self, plan: Plan) -> None:
-        pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.chunk(v, t, i).is_file()]
+        pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.finished_chunk(self.work.chunk(v, t, i))]
+        if self.work.damaged:
+            self.reporter.message(f"recomputing {len(self.work.damaged)} damaged chunk(s) (moved aside as *.damaged)")
         units = sum(b[1] - b[0] for *_, b in plan.pairs())
         self.reporter.start(units, units - sum(b[1] - b[0] for *_, b in pending))
         if pending and self.layer_sweep and any(removed_layer(v) is not None for v in plan.variants):
@@ -861,13 +958,13 @@ def collect_bench(work: WorkFolder, plan: Plan) -> pl.DataFrame | None:
     found = [(v, work.bench(v)) for v in plan.variants if work.bench(v).is_file()]
     if not found:
         return None
-    return bench_rows([(v.name, v.strategy, v.params_json, json.loads(path.read_text(encoding="utf-8")))
+    return bench_rows([(v.name, v.strategy, v.params_json, read_json(path, "damaged bench result"))
                        for v, path in found])
 
 
 def collect_items(work: WorkFolder, plan: Plan) -> pl.DataFrame:
     """Every chunk's rows, in plan order: the run's per-item table."""
-    frames = [pl.read_parquet(work.chunk(v, t, i)) for v, t, i, _ in plan.pairs()]
+    frames = [work.read_chunk(work.chunk(v, t, i)) for v, t, i, _ in plan.pairs()]
     return pl.concat(frames, how="diagonal_relaxed")
 
 

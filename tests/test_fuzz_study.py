@@ -1,0 +1,102 @@
+"""Fuzz the study file reader (TOML and YAML): any file either validates into a Study or raises a
+PrunelabError naming it, without loading a model. Documents are built from the real keys and option
+names (so the fuzzer reaches the deep checks) with values of any type, then serialized as YAML, as
+TOML, or mutated byte by byte; the shipped study files are mutated too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from prunelab import runner
+from prunelab.registry import default_registry
+
+from .conftest import ROOT
+from .fuzzing import honours_contract, json_scalars, mutated, scratch
+
+REGISTRY = default_registry()
+OPTION_NAMES = sorted({o.name for s, _ in REGISTRY.strategies.values() for o in s.options} | {"name"})
+values = st.one_of(json_scalars, st.sampled_from([50, 0.5, "2:4", "0-3", "each", "smallest", [1, 2], "c4"]),
+                   st.lists(json_scalars | st.integers(0, 100), max_size=3))
+strategy_blocks = st.dictionaries(st.sampled_from(OPTION_NAMES), values, max_size=4).flatmap(
+    lambda block: st.sampled_from(sorted(REGISTRY.strategies) + ["nosuch"]).map(lambda name: {"name": name, **block})
+    | st.just(block))
+evaluation = st.dictionaries(st.sampled_from(sorted(runner.EVALUATION_KEYS)), values, max_size=4).flatmap(
+    lambda table: st.dictionaries(st.sampled_from(sorted(REGISTRY.evaluators)),
+                                  st.dictionaries(st.sampled_from(["limit", "fraction", "seqlen", "num_fewshot",
+                                                                   "max_new_tokens", "sample", "x"]), values,
+                                                  max_size=3), max_size=2).map(lambda tasks: {**table, **tasks}))
+documents = st.fixed_dictionaries(
+    {"model": st.sampled_from(["Qwen/Qwen3-0.6B", "./m.gguf", "${NOSUCHVAR}/m", "~/m"]) | values},
+    optional={"name": st.sampled_from(["s", "bad name", ""]) | values, "dtype": values, "device": values,
+              "prune_seed": values, "trust_remote_code": values, "evaluation": evaluation | values,
+              "strategies": st.lists(strategy_blocks, max_size=3) | values,
+              "calibration": st.dictionaries(st.sampled_from(["source", "samples", "seqlen", "x"]), values, max_size=3),
+              "bench": st.booleans() | st.dictionaries(st.sampled_from(sorted(runner.BENCH_DEFAULTS)), values, max_size=2),
+              "stray": values})
+
+
+def toml_value(value) -> str:
+    """A scalar or list in TOML syntax (JSON's strings, numbers, booleans and arrays are TOML's too)."""
+    if value is None:
+        return '""'  # TOML has no null
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def to_toml(doc: dict) -> str:
+    lines = [f"{json.dumps(k)} = {toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict)
+             and not (k == "strategies" and isinstance(v, list) and v and all(isinstance(b, dict) for b in v))]
+    for key, table in doc.items():
+        if isinstance(table, dict):
+            lines.append(f"[{json.dumps(key)}]")
+            lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+            for sub, inner in table.items():
+                if isinstance(inner, dict):
+                    lines.append(f"[{json.dumps(key)}.{json.dumps(sub)}]")
+                    lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in inner.items() if not isinstance(v, dict)]
+    for block in doc.get("strategies", []) if isinstance(doc.get("strategies"), list) else []:
+        if isinstance(block, dict):
+            lines.append("[[strategies]]")
+            lines += [f"{json.dumps(k)} = {toml_value(v)}" for k, v in block.items()]
+    return "\n".join(lines) + "\n"
+
+
+def read_study(path: Path):
+    return runner.load_study(path, registry=REGISTRY)
+
+
+@pytest.fixture(autouse=True)
+def no_model(monkeypatch):
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+@given(documents, st.sampled_from(["yaml", "toml"]), st.booleans())
+def test_fuzz_study_documents(doc, form, mutate):
+    text = (yaml.safe_dump(doc) if form == "yaml" else to_toml(doc)).encode()
+    with scratch() as folder:
+        path = folder / f"fuzz.{form}"
+        path.write_bytes(text)
+        study = honours_contract(lambda: read_study(path), path)
+        if study is not None:
+            assert study.tasks and all(t in REGISTRY.evaluators for t in study.tasks)
+            assert json.loads(json.dumps(study.settings, default=str))
+
+
+SHIPPED = {p.name: p.read_bytes() for p in sorted((ROOT / "studies").glob("*.toml"))}
+
+
+@given(st.sampled_from(sorted(SHIPPED)).flatmap(lambda name: mutated(SHIPPED[name], max_edits=3)),
+       st.sampled_from(["toml", "yaml"]))
+def test_fuzz_shipped_study_bytes(data, form):
+    with scratch() as folder:
+        path = folder / f"fuzz.{form}"
+        path.write_bytes(data)
+        honours_contract(lambda: read_study(path), path)
