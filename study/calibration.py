@@ -46,8 +46,8 @@ from .adapter import Adapter
 from .errors import FileProblem, PrunelabError
 from .options import Option
 from .pruning import MaskSet, apply_mask, as_adapter, layer_index_of, resolve_sparsity, sparsity_report
-from .windows import text_width, window_bos, windows_at
 from .readers import read_utf8, reading
+from .windows import text_width, window_bos, windows_at
 
 DEFAULT_SOURCE = "c4"
 DEFAULT_SAMPLES = 128

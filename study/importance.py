@@ -45,8 +45,8 @@ from .adapter import Adapter
 from .calibration import CalibrationSpec, calibration_samples
 from .errors import FileProblem, PrunelabError
 from .options import Option
-from .windows import window_bos
 from .readers import read_parquet
+from .windows import window_bos
 
 METRICS = ("bi", "angular", "ppl")
 DEFAULT_SAMPLES = 8

@@ -54,8 +54,8 @@ from .hookspecs import MetricSpec
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import prune, validate_options
-from .reference import ReferenceStore
 from .readers import describe, read_json, read_parquet, read_utf8, reading
+from .reference import ReferenceStore
 from .registry import Registry, default_registry
 from .stats import DENSE
 from .surgery import parse_layer_indices, single_layer
