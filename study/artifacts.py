@@ -27,6 +27,7 @@ import vl_convert as vlc
 from . import pages
 from .charts import baseline_history_chart, build_charts
 from .errors import PrunelabError
+from .healstats import healing_table
 from .stats import ALPHA, DENSE, summarize
 
 CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
@@ -96,6 +97,11 @@ def write_run(
     staging.mkdir(parents=True)
 
     files = write_tables(staging, items, summary, bench)
+    healing = healing_table(items, summary)  # healed variants (``[recovery]``) vs their unhealed selves
+    if healing.height:
+        healing.write_parquet(staging / "healing.parquet")
+        healing.write_csv(staging / "healing.csv")
+        files += ["healing.parquet", "healing.csv"]
     specs = {name: chart.to_dict() for name, chart in build_charts(summary, bench=bench).items()}
     files += write_charts(staging / "charts", specs)
     full_manifest = {
@@ -108,7 +114,8 @@ def write_run(
     }
     _write_text(staging / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
     report = pages.report_page(full_manifest, summary.to_dicts(), specs, [*files, "manifest.json"],
-                               bench.to_dicts() if bench is not None else None)
+                               bench.to_dicts() if bench is not None else None,
+                               healing_rows=healing.to_dicts() if healing.height else None)
     _write_text(staging / "report.html", report)
     os.replace(staging, final)
     build_index(root)

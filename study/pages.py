@@ -125,7 +125,8 @@ METHODS_NOTE = (
 
 
 def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], chart_specs: dict[str, dict[str, Any]],
-                files: list[str], bench_rows: list[dict[str, Any]] | None = None) -> str:
+                files: list[str], bench_rows: list[dict[str, Any]] | None = None,
+                healing_rows: list[dict[str, Any]] | None = None) -> str:
     """The page of one run: what ran, the charts, the full summary with CIs and tests, the files."""
     title = f"{manifest['study']} — {manifest['version']}"
     charts_html = "\n".join(
@@ -142,12 +143,40 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         "<h2>Headline</h2>", headline_list(manifest.get("headline", [])),
         "<h2>Charts</h2>", charts_html or '<p class="muted">no chart has data in this run</p>',
         "<h2>Summary</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
+        *(["<h2>Healing</h2>", f'<p class="muted">{HEALING_NOTE}</p>', healing_table(healing_rows)]
+          if healing_rows else []),
         *(["<h2>Size and speed</h2>", bench_table(bench_rows)] if bench_rows else []),
         "<h2>Files</h2>", f"<p>{_links(files)}</p>",
         "<h2>Study file</h2>",
         f"<pre>{html.escape(study_file)}</pre>" if study_file else '<p class="muted">not recorded</p>',
     ])
     return page(title, body, {f"chart-{name}": spec for name, spec in chart_specs.items()})
+
+
+HEALING_NOTE = (
+    "Each healed variant (&lt;variant&gt;+&lt;method&gt;) before and after healing, both paired against dense "
+    "(diff and p as in the summary), and after against before on the same items with the same test "
+    "(unhealed in the baseline's place); p (Holm) adjusts for the healed variants of a task and metric."
+)
+
+
+def healing_table(rows: list[dict[str, Any]]) -> str:
+    """Before and after healing per task: each vs dense, and after vs before (``healstats.healing_table``)."""
+    header = ["task", "metric", "healed variant", "dense", "before [95% CI]", "before − dense (p)",
+              "after [95% CI]", "after − dense (p)", "after − before", "lost / gained", "p", "p (Holm)"]
+    cells = []
+    for r in rows:
+        discordant = "—" if r["lost"] is None else f"{r['lost']} / {r['gained']}"
+        cells.append([
+            html.escape(r["task"]), html.escape(r["metric"]), html.escape(r["variant"]), fmt(r["dense_value"]),
+            f"{fmt(r['before'])} [{fmt(r['before_ci_low'])}, {fmt(r['before_ci_high'])}]",
+            f"{fmt(r['before_diff_vs_dense'], '+.4g')} ({fmt(r['before_p_vs_dense'], '.3g')})",
+            f"{fmt(r['after'])} [{fmt(r['after_ci_low'])}, {fmt(r['after_ci_high'])}]",
+            f"{fmt(r['after_diff_vs_dense'], '+.4g')} ({fmt(r['after_p_vs_dense'], '.3g')})",
+            fmt(r["diff_vs_unhealed"], "+.4g"), discordant, fmt(r["p_vs_unhealed"], ".3g"),
+            fmt(r["p_holm_vs_unhealed"], ".3g"),
+        ])
+    return table(header, cells, numeric=set(range(3, 12)))
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:

@@ -17,6 +17,7 @@ all of them:
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -268,3 +269,47 @@ def healed_recipe(report: HealReport, pruned_recipe: Mapping[str, Any] | None, m
                         pruned=dict(pruned_recipe) if pruned_recipe else None)
     recipe.masks = report.masks
     return recipe
+
+
+# ------------------------------------------------------------------------------------ studies
+RECOVERY_KEYS = {"method", "strategies"}
+
+
+def healed_name(name: str, method: str) -> str:
+    """A healed variant's (and strategy's) name: ``drop-block[k=4]+lora``; one place for the convention."""
+    return f"{name}+{method}"
+
+
+def study_recovery(value: Any, strategies: Iterable[str], registry, where: Path, path: Path) -> dict[str, Any] | None:
+    """A study file's ``[recovery]`` table, validated: method, the strategies it heals, the method's options.
+
+    ``strategies`` (default: all of the study's) names which strategies' variants get a healed twin;
+    a relative ``data`` path is relative to the study file. Nothing is loaded or trained here.
+    """
+    if value is None:
+        return None
+    where_text = f"{path} [recovery]"
+    if not isinstance(value, dict):
+        raise PrunelabError(f"{where_text}: expected a table")
+    method = value.get("method", "lora")
+    if not isinstance(method, str):
+        raise PrunelabError(f"{where_text}: method must be a name, got {method!r}")
+    known = list(dict.fromkeys(strategies))
+    chosen = value.get("strategies", known)
+    chosen = [chosen] if isinstance(chosen, str) else chosen
+    if not isinstance(chosen, list) or not chosen or not all(isinstance(s, str) for s in chosen):
+        raise PrunelabError(f"{where_text}: strategies must be a list of strategy names, got {chosen!r}")
+    missing = [s for s in chosen if s not in known]
+    if missing:
+        raise PrunelabError(f"{where_text}: strategies {', '.join(missing)} are not in the study "
+                            f"(its strategies: {', '.join(known) or 'none'})")
+    options = {k: v for k, v in value.items() if k not in RECOVERY_KEYS}
+    try:
+        _, validated = validate_recovery(method, options, registry)
+    except PrunelabError as exc:
+        raise PrunelabError(f"{where_text}: {exc}") from None
+    if isinstance(validated.get("data"), str) and validated["data"] not in HUB_TEXT:
+        data = Path(os.path.expandvars(validated["data"])).expanduser()
+        validated["data"] = str(data if data.is_absolute() else where / data)
+        check_training_source(validated["data"])
+    return {"method": method, "strategies": list(dict.fromkeys(chosen)), "options": validated}
