@@ -28,8 +28,12 @@ from prunelab.recovery import check_disjoint, heal, overlap, training_windows, w
 from prunelab.registry import default_registry
 from prunelab.stats import summarize
 
+from . import test_runner
 from .conftest import DATA
-from .test_runner import one_thread, small_data, study_text  # noqa: F401 - fixtures
+
+one_thread = test_runner.one_thread  # fixtures shared with the runner's tests
+small_data = test_runner.small_data
+study_text = test_runner.study_text
 
 VALID = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
 
