@@ -288,8 +288,9 @@ def _add_heal(parser: argparse.ArgumentParser) -> None:
                         help="Linear names to adapt, e.g. q_proj,v_proj (default: every decoder Linear)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="any other option of the method (repeatable), e.g. --option dropout=0")
-    parser.add_argument("--masks", default="auto", metavar="auto|none|FILE",
-                        help="pruning masks to keep: auto = the model folder's masks.safetensors, else its zeros")
+    parser.add_argument("--masks", default="auto", metavar="auto|none|zeros|FILE",
+                        help="pruning masks to keep: auto = the folder's masks.safetensors (or its zeros if its "
+                             "prunelab.json records a weight pruning); zeros = every zero weight; none")
     parser.add_argument("--seed", type=int, default=0, help="seed of the adapter init, dropout and data order")
     parser.add_argument("--out", required=True, help="folder for the healed model, adapter/ and prunelab.json")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -302,7 +303,6 @@ def run_heal(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .export import read_recipe, save_pruned
-    from .pruning import MaskSet
     from .recovery import check_training_source, heal, healed_recipe, masks_of, validate_recovery
 
     options = strategy_options_from(args, HEAL_SHORTCUTS)
@@ -312,15 +312,10 @@ def run_heal(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
         raise PrunelabError(f"output folder {out_dir} is not empty (choose another --out, or --overwrite)")
-    if args.masks not in {"auto", "none"} and not Path(args.masks).is_file():
+    if args.masks not in {"auto", "none", "zeros"} and not Path(args.masks).is_file():
         raise PrunelabError(f"masks file not found: {args.masks}")
     loaded = load_from(args)
-    if args.masks == "none":
-        masks, masks_source = MaskSet(), "none (--masks none)"
-    elif args.masks == "auto":
-        masks, masks_source = masks_of(loaded.local_dir if loaded.kind == "dir" else None, loaded.adapter)
-    else:
-        masks, masks_source = MaskSet.load(args.masks), args.masks
+    masks, masks_source = masks_of(loaded.local_dir if loaded.kind == "dir" else None, loaded.adapter, args.masks)
     steps = int(validated.get("steps") or 0) or None
     with tempfile.TemporaryDirectory(prefix="prunelab-adapter-") as adapter_dir, progress_bars() as bars:
         bar = bars.add_task(f"{args.method}: healing", total=steps)

@@ -200,14 +200,30 @@ def zero_masks(adapter: Adapter) -> MaskSet:
     return masks
 
 
-def masks_of(folder: str | Path | None, adapter: Adapter) -> tuple[MaskSet, str]:
-    """The masks to keep for a model folder: its ``masks.safetensors``, else the zeros in its weights."""
-    from .export import MASKS_FILE
+def masks_of(folder: str | Path | None, adapter: Adapter, choice: str = "auto") -> tuple[MaskSet, str]:
+    """The masks to keep and where they came from: ``auto``, ``none``, ``zeros`` or a mask file.
 
+    ``auto``: the folder's ``masks.safetensors``; else, when its ``prunelab.json`` records a weight
+    pruning (a sparsity report), the zeros in the weights; else none. Zeros are not guessed for any
+    model: a dequantized GGUF has exact zeros that no pruning made.
+    """
+    from .export import MASKS_FILE, read_recipe
+
+    if choice == "none":
+        return MaskSet(), "none"
+    if choice == "zeros":
+        return zero_masks(adapter), "zeros found in the decoder Linear weights"
+    if choice != "auto":
+        if not Path(choice).is_file():
+            raise PrunelabError(f"masks file not found: {choice}")
+        return MaskSet.load(choice), str(choice)
     path = Path(folder) / MASKS_FILE if folder is not None else None
     if path is not None and path.is_file():
         return MaskSet.load(path), str(path)
-    return zero_masks(adapter), "zeros found in the decoder Linear weights"
+    recipe = read_recipe(folder) if folder is not None else None
+    if recipe and "sparsity" in recipe:
+        return zero_masks(adapter), "zeros of the weight-pruned model (its prunelab.json; no masks file)"
+    return MaskSet(), "none (no masks file, no weight pruning recorded)"
 
 
 def masked_nonzeros(masks: MaskSet, adapter: Adapter) -> int:

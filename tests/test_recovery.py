@@ -24,7 +24,7 @@ from prunelab.evaluate import prepare_tasks
 from prunelab.healstats import healed_pairs, healing_table
 from prunelab.modeling import load_model
 from prunelab.pruning import prune, resolve_parameter
-from prunelab.recovery import check_disjoint, heal, overlap, training_windows, window_order
+from prunelab.recovery import check_disjoint, heal, masks_of, overlap, training_windows, window_order
 from prunelab.registry import default_registry
 from prunelab.stats import summarize
 
@@ -95,6 +95,24 @@ def test_target_modules_narrow_by_name_and_none_is_an_error(tiny_models, heal_te
     assert report["target_modules"] == 2 * 4
     with pytest.raises(PrunelabError, match="no Linear module named gate in the decoder layers"):
         heal(loaded, "lora", target_modules="gate", **quick(heal_text, steps=1))
+
+
+def test_auto_masks_come_from_the_file_or_a_recorded_weight_pruning(tiny_qwen3, tmp_path):
+    loaded = load_model(str(tiny_qwen3), dtype="float32", device="cpu")
+    pruned = prune(loaded, "magnitude", sparsity=50)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    masks, source = masks_of(folder, loaded.adapter)
+    assert len(masks) == 0 and source.startswith("none")  # zeros are not guessed without a recorded pruning
+    (folder / "prunelab.json").write_text(json.dumps({"strategy": "magnitude", "sparsity": {}}))
+    masks, _ = masks_of(folder, loaded.adapter)
+    assert set(masks) == set(pruned.masks) and all(torch.equal(masks[n], pruned.masks[n]) for n in masks)
+    pruned.masks.save(folder / "masks.safetensors")
+    masks, source = masks_of(folder, loaded.adapter)
+    assert source.endswith("masks.safetensors") and set(masks) == set(pruned.masks)
+    assert len(masks_of(folder, loaded.adapter, "none")[0]) == 0
+    with pytest.raises(PrunelabError, match="masks file not found"):
+        masks_of(folder, loaded.adapter, str(tmp_path / "nope.safetensors"))
 
 
 def test_training_windows_cut_the_text_in_order_and_epochs_shuffle_all(tiny_qwen3, tmp_path):
@@ -215,7 +233,7 @@ def test_bad_recovery_blocks_fail_before_any_model(tmp_path):
 
 def test_study_heals_each_variant_and_reports_before_and_after(tiny_qwen3, small_data, heal_text, tmp_path,
                                                                one_thread):
-    strategies = ('[[strategies]]\nname = "drop-block"\nk = [1, 2]\n\n[[strategies]]\nname = "magnitude"\n'
+    strategies = ('[[strategies]]\nname = "drop-block"\nk = [2]\n\n[[strategies]]\nname = "magnitude"\n'
                   'pattern = "2:4"\n\n[calibration]\nsamples = 2\nseqlen = 32\n'
                   f'source = "{heal_text}"\n\n[recovery]\nstrategies = ["drop-block", "magnitude"]\nsteps = 2\n'
                   f'batch = 2\nseqlen = 32\nlr = 0.05\ndata = "{heal_text}"\n')
@@ -225,12 +243,10 @@ def test_study_heals_each_variant_and_reports_before_and_after(tiny_qwen3, small
                                                                                        "chunk_items = 8"))
     loaded = runner.load_study(study)
     assert [v.name for v in runner.expand_variants(loaded, 4)] == [
-        "dense", "drop-block[k=1]", "drop-block[k=1]+lora", "drop-block[k=2]", "drop-block[k=2]+lora",
-        "magnitude[pattern=2:4]", "magnitude[pattern=2:4]+lora"]
+        "dense", "drop-block[k=2]", "drop-block[k=2]+lora", "magnitude[pattern=2:4]", "magnitude[pattern=2:4]+lora"]
     run = runner.run_study(loaded, tmp_path / "out")
     healing = pl.read_parquet(run / "healing.parquet")
-    assert sorted(set(healing["variant"])) == ["drop-block[k=1]+lora", "drop-block[k=2]+lora",
-                                               "magnitude[pattern=2:4]+lora"]
+    assert sorted(set(healing["variant"])) == ["drop-block[k=2]+lora", "magnitude[pattern=2:4]+lora"]
     assert set(healing["task"]) == {"mmlu", "wikitext"} and healing["p_vs_unhealed"].null_count() == 0
     summary = pl.read_parquet(run / "summary.parquet")
     for row in healing.iter_rows(named=True):
