@@ -15,7 +15,7 @@ optimizer step); peak memory is the process's peak RSS while healing (VmHWM rese
 
 Usage (the BENCHMARKS.md runs, CPU):
     OMP_NUM_THREADS=2 python benchmarks/bench_healing.py --model ~/.cache/prunelab-test-models/smollm2/*.gguf \\
-        --k 2,4,8 --steps 20 --batch 4 --seqlen 256 --windows 4 --threads 1 --json benchmarks/results/healing_smollm2.json
+        --k 2,4,8 --steps 10 --batch 4 --seqlen 256 --windows 4 --threads 1 --json benchmarks/results/healing_smollm2.json
     OMP_NUM_THREADS=2 python benchmarks/bench_healing.py --model ~/.cache/prunelab-test-models/qwen2.5/*.gguf \
         --k 4 --steps 10 --batch 2 --seqlen 256 --windows 4 --threads 1 --json benchmarks/results/healing_qwen2.5.json
 The same on a GPU (bf16, a real budget):

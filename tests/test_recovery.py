@@ -264,3 +264,39 @@ def test_study_heals_each_variant_and_reports_before_and_after(tiny_qwen3, small
     spec = (run / "charts" / "removal_plans.html").read_text()
     assert "drop-block+lora" in spec
     assert "Healing" in (run / "report.html").read_text()
+
+
+def test_a_third_party_recovery_gets_the_masks_kept_by_the_core(tiny_qwen3, monkeypatch):
+    """A method that fills every weight in (a dense update, as a merged adapter is) still leaves the zeros."""
+    import importlib.metadata as md
+    import sys
+    import types
+
+    from prunelab.hookspecs import Recovery, hookimpl
+    from prunelab.options import Option
+    from prunelab.registry import ENTRY_POINT_GROUP, build_registry
+
+    def recover(model, options, context):
+        with torch.no_grad():
+            for layer in context.adapter.layers:
+                for module in layer.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.weight.add_(options["shift"])
+        context.report_step(1, 0.0)
+        return {"loss": [0.0]}
+
+    plugin = types.ModuleType("fake_recovery_plugin")
+    plugin.prunelab_recoveries = hookimpl(lambda: [Recovery("shift", "adds a constant", recover,
+                                                            (Option("shift", float, 1.0),))])
+    monkeypatch.setitem(sys.modules, "fake_recovery_plugin", plugin)
+    registry = build_registry([md.EntryPoint("fake", "fake_recovery_plugin", ENTRY_POINT_GROUP)])
+    loaded = load_model(str(tiny_qwen3), dtype="float32", device="cpu")
+    pruned = prune(loaded, "magnitude", pattern="2:4")
+    before = {name: resolve_parameter(loaded.adapter, name).detach().clone() for name in pruned.masks}
+    steps = []
+    report = heal(loaded, "shift", masks=pruned.masks, registry=registry, progress=lambda s, loss: steps.append(s),
+                  shift=0.5)
+    assert report["method"] == "shift" and steps == [1]
+    for name, keep in pruned.masks.items():
+        weight = resolve_parameter(loaded.adapter, name).detach()
+        assert torch.equal(weight, (before[name] + 0.5) * keep)
