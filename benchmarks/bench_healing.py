@@ -85,6 +85,8 @@ def drop_block(dense, k: int, calibration: dict[str, Any]):
 
     model = copy.deepcopy(dense.model)
     loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
+    if k == 0:  # the control: heal the dense model itself (how much is domain adaptation?)
+        return loaded, {"dropped_layers": []}
     report = prune(loaded, "drop-block", seed=0, calibration=calibration, k=k)
     return loaded, report
 
@@ -107,7 +109,7 @@ def heal_timed(loaded, options: dict[str, Any]) -> tuple[dict[str, Any], dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--k", default="2,4,8", help="block sizes to remove")
+    parser.add_argument("--k", default="2,4,8", help="block sizes to remove (0: heal the dense model, a control)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256, help="healing window length")
