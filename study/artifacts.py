@@ -28,6 +28,7 @@ from . import fidelity, pages
 from .charts import baseline_history_chart, build_charts
 from .errors import PrunelabError
 from .findings import findings, headline
+from .healstats import healing_table
 from .stats import harm_order, statistics_manifest, summarize
 
 CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
@@ -151,6 +152,11 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     metric_specs = {(m["task"], m["name"]): m for m in manifest.get("metrics") or []}
     summary = summary if summary is not None else summarize(items, metrics=metric_specs)
     files = write_tables(folder, items if write_items else None, summary, bench)
+    healing = healing_table(items, summary)  # healed variants (``[recovery]``) vs their unhealed selves
+    if healing.height:
+        healing.write_parquet(folder / "healing.parquet")
+        healing.write_csv(folder / "healing.csv")
+        files += ["healing.parquet", "healing.csv"]
     extras = fidelity.summary_records(items)
     charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
     charts.update(extra_charts(extras))
@@ -165,7 +171,8 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     _write_text(folder / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
     report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
                                bench.to_dicts() if bench is not None else None, findings=findings(summary),
-                               extra_sections=pages.sensitive_sections(extras))
+                               extra_sections=pages.sensitive_sections(extras),
+                               healing_rows=healing.to_dicts() if healing.height else None)
     _write_text(folder / "report.html", report)
     return full_manifest
 

@@ -155,7 +155,7 @@ def summary_table(run) -> Table:
 
 
 # ---------------------------------------------------------------------- plugins
-@command("plugins", "list discovered strategies and evaluators", lambda parser: None)
+@command("plugins", "list discovered strategies, evaluators and recovery methods", lambda parser: None)
 def run_plugins(args: argparse.Namespace) -> int:
     from .registry import default_registry
 
@@ -167,6 +167,8 @@ def run_plugins(args: argparse.Namespace) -> int:
         table.add_row("strategy", name, info.package, info.version, strategy.description)
     for name, (evaluator, info) in sorted(registry.evaluators.items()):
         table.add_row("evaluator", name, info.package, info.version, evaluator.description)
+    for name, (recovery, info) in sorted(registry.recoveries.items()):
+        table.add_row("recovery", name, info.package, info.version, recovery.description)
     out.print(table)
     failed = [p for p in registry.plugins if p.error]
     for plugin in failed:
@@ -193,8 +195,9 @@ def _add_prune(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-masks", action="store_true", help="do not write masks.safetensors")
 
 
-def strategy_options_from(args: argparse.Namespace) -> dict[str, str]:
-    """The --layers/--sparsity/--pattern shortcuts and every --option KEY=VALUE, as one mapping."""
+def strategy_options_from(args: argparse.Namespace,
+                          shortcuts: tuple[str, ...] = ("layers", "sparsity", "pattern")) -> dict[str, str]:
+    """The shortcut arguments (--layers/--sparsity/--pattern) and every --option KEY=VALUE, as one mapping."""
     options: dict[str, str] = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -204,7 +207,7 @@ def strategy_options_from(args: argparse.Namespace) -> dict[str, str]:
         if key in options:
             raise PrunelabError(f"option '{key}' given twice")
         options[key] = value.strip()
-    for key in ("layers", "sparsity", "pattern"):
+    for key in shortcuts:
         value = getattr(args, key)
         if value is not None:
             if key in options:
@@ -264,6 +267,90 @@ def prune_table(report, path) -> Table:
     if "sparsity" in report:
         total = report["sparsity"]["total"]
         table.add_row("achieved sparsity of targets", f"{total['sparsity_pct']:.2f}% ({total['zeros']:,} / {total['params']:,})")
+    return table
+
+
+# ---------------------------------------------------------------------- heal
+HEAL_SHORTCUTS = ("rank", "alpha", "steps", "lr", "batch", "seqlen", "data", "target_modules")
+
+
+def _add_heal(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--method", default="lora", help="recovery method (see `prunelab plugins`; default lora)")
+    parser.add_argument("--rank", default=None, help="LoRA rank (default 8)")
+    parser.add_argument("--alpha", default=None, help="LoRA alpha (default 16)")
+    parser.add_argument("--steps", default=None, help="optimizer steps (default 100)")
+    parser.add_argument("--lr", default=None, help="learning rate (default 2e-4)")
+    parser.add_argument("--batch", default=None, help="windows per step (default 4)")
+    parser.add_argument("--seqlen", default=None, help="tokens per window (default 512)")
+    parser.add_argument("--data", default=None, metavar="SOURCE",
+                        help="wikitext2 (Hub train split), c4 (Hub) or a local text/.jsonl file; never the test set")
+    parser.add_argument("--target-modules", dest="target_modules", default=None,
+                        help="Linear names to adapt, e.g. q_proj,v_proj (default: every decoder Linear)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other option of the method (repeatable), e.g. --option dropout=0")
+    parser.add_argument("--masks", default="auto", metavar="auto|none|zeros|FILE",
+                        help="pruning masks to keep: auto = the folder's masks.safetensors (or its zeros if its "
+                             "prunelab.json records a weight pruning); zeros = every zero weight; none")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the adapter init, dropout and data order")
+    parser.add_argument("--out", required=True, help="folder for the healed model, adapter/ and prunelab.json")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+
+
+@command("heal", "fine-tune a pruned model to recover quality (LoRA), keeping its masks; save it merged", _add_heal)
+def run_heal(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from .export import read_recipe, save_pruned
+    from .recovery import check_training_source, heal, healed_recipe, masks_of, validate_recovery
+
+    options = strategy_options_from(args, HEAL_SHORTCUTS)
+    _, validated = validate_recovery(args.method, options)  # bad options fail before the model loads
+    if isinstance(validated.get("data"), str):
+        check_training_source(validated["data"])  # a missing file too
+    out_dir = Path(args.out)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not args.overwrite:
+        raise PrunelabError(f"output folder {out_dir} is not empty (choose another --out, or --overwrite)")
+    if args.masks not in {"auto", "none", "zeros"} and not Path(args.masks).is_file():
+        raise PrunelabError(f"masks file not found: {args.masks}")
+    loaded = load_from(args)
+    masks, masks_source = masks_of(loaded.local_dir if loaded.kind == "dir" else None, loaded.adapter, args.masks)
+    steps = int(validated.get("steps") or 0) or None
+    with tempfile.TemporaryDirectory(prefix="prunelab-adapter-") as adapter_dir, progress_bars() as bars:
+        bar = bars.add_task(f"{args.method}: healing", total=steps)
+
+        def step_done(step: int, loss: float) -> None:
+            bars.update(bar, completed=step, description=f"{args.method}: loss {loss:.3f}")
+
+        report = heal(loaded, args.method, masks=masks, seed=args.seed, progress=step_done,
+                      adapter_dir=adapter_dir, **options)
+        recipe = healed_recipe(report, read_recipe(loaded.local_dir) if loaded.kind == "dir" else None, masks_source)
+
+        def copy_adapter(folder: Path) -> None:
+            if any(Path(adapter_dir).iterdir()):
+                shutil.copytree(adapter_dir, folder / "adapter")
+
+        with console.status(f"saving to {out_dir}"):
+            path = save_pruned(loaded, out_dir, recipe, overwrite=args.overwrite, extra_files=copy_adapter)
+    out.print(heal_table(report, path))
+    return 0
+
+
+def heal_table(report, path) -> Table:
+    table = Table(title=f"{report['method']} -> {path}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key, value in report["options"].items():
+        table.add_row(f"option {key}", str(value))
+    losses = report.get("loss") or []
+    if losses:
+        table.add_row("loss (first -> last step)", f"{losses[0]:.4f} -> {losses[-1]:.4f}")
+    if report.get("trainable_parameters") is not None:
+        table.add_row("trainable parameters", f"{report['trainable_parameters']:,}")
+    table.add_row("pruned weights kept at zero", f"{report['masks']['pruned_weights_kept_zero']:,}")
+    table.add_row("seconds", f"{report['seconds']:.1f}")
     return table
 
 

@@ -20,7 +20,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,13 @@ def read_recipe(folder: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def save_pruned(loaded, out_dir: str | os.PathLike, report: Mapping[str, Any], *,
-                overwrite: bool = False, save_masks: bool = True) -> Path:
-    """Write model, tokenizer, ``prunelab.json`` (and the masks, if any) into ``out_dir``; returns it."""
+                overwrite: bool = False, save_masks: bool = True,
+                extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write model, tokenizer, ``prunelab.json`` (and the masks, if any) into ``out_dir``; returns it.
+
+    ``extra_files(folder)`` writes more files (a healing adapter) into the folder before it is renamed
+    into place, so they are part of the same all-or-nothing write.
+    """
     target = Path(out_dir).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise PrunelabError(f"output {target} exists and is not a folder")
@@ -89,6 +94,8 @@ def save_pruned(loaded, out_dir: str | os.PathLike, report: Mapping[str, Any], *
         masks = getattr(report, "masks", None)
         if save_masks and masks:
             masks.save(staging / MASKS_FILE)
+        if extra_files is not None:
+            extra_files(staging)
         recipe = build_recipe(loaded, report)
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         umask = os.umask(0)

@@ -1,8 +1,8 @@
 """The hook specifications: the whole contract between prunelab and its plugins.
 
 A plugin is any module registered under the ``prunelab`` entry-point group (built-ins use the
-same group). It implements one or both hooks and returns descriptions of what it adds: a
-``Strategy`` changes a model, an ``Evaluator`` scores one.
+same group). It implements any of the hooks and returns descriptions of what it adds: a
+``Strategy`` changes a model, an ``Evaluator`` scores one, a ``Recovery`` heals a pruned one.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from .options import Option, OptionSet
 if TYPE_CHECKING:
     from .data import DataSource, Subset
     from .engine import Engine
+    from .recovery import RecoveryContext
     from .tasks import Item, TaskResult
 
 hookspec = pluggy.HookspecMarker("prunelab")
@@ -89,6 +90,25 @@ class Evaluator:
         return OptionSet(f"task '{self.name}'", self.options)
 
 
+@dataclass(frozen=True)
+class Recovery:
+    """A recovery ("healing") method: fine-tunes a pruned model in place, keeping its masks.
+
+    ``recover(model, options, context)`` trains, leaves a plain model (adapters merged) and returns
+    a JSON-able report (at least the loss curve). The core re-applies the pruning masks afterwards,
+    so a pruned weight stays zero whatever the method did (see ``prunelab.recovery.heal``).
+    """
+
+    name: str
+    description: str
+    recover: Callable[[Any, dict[str, Any], RecoveryContext], dict[str, Any]]
+    options: tuple[Option, ...] = field(default_factory=tuple)
+
+    @property
+    def option_set(self) -> OptionSet:
+        return OptionSet(f"recovery '{self.name}'", self.options)
+
+
 @hookspec
 def prunelab_strategies() -> list[Strategy]:
     """Return the pruning strategies this plugin adds."""
@@ -97,3 +117,8 @@ def prunelab_strategies() -> list[Strategy]:
 @hookspec
 def prunelab_evaluators() -> list[Evaluator]:
     """Return the evaluation tasks this plugin adds."""
+
+
+@hookspec
+def prunelab_recoveries() -> list[Recovery]:
+    """Return the recovery (healing) methods this plugin adds."""

@@ -135,7 +135,8 @@ METHODS_NOTE = (
 
 def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], chart_specs: dict[str, dict[str, Any]],
                 files: list[str], bench_rows: list[dict[str, Any]] | None = None,
-                findings: list[dict[str, Any]] | None = None, extra_sections: str = "") -> str:
+                findings: list[dict[str, Any]] | None = None, extra_sections: str = "",
+                healing_rows: list[dict[str, Any]] | None = None) -> str:
     """The page of one run: what ran, what it found, the charts, the summary by harm, the files."""
     title = f"{manifest['study']} — {manifest['version']}"
     charts_html = "\n".join(
@@ -153,6 +154,8 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         *(["<h2>Findings</h2>", findings_html(findings)] if findings else []),
         "<h2>Charts</h2>", charts_html or '<p class="muted">no chart has data in this run</p>',
         "<h2>Summary (most harmful first)</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
+        *(["<h2>Healing</h2>", f'<p class="muted">{HEALING_NOTE}</p>', healing_table(healing_rows)]
+          if healing_rows else []),
         extra_sections,
         *(["<h2>Size and speed</h2>", bench_table(bench_rows)] if bench_rows else []),
         "<h2>Files</h2>", f"<p>{_links(files)}</p>",
@@ -228,6 +231,8 @@ def _at_floor(row: dict[str, Any]) -> bool:
 
 def _row_class(row: dict[str, Any]) -> str:
     return {"worse": "drop", "better": "gain", "underpowered": "underpowered"}.get(row.get("verdict") or "", "")
+
+
 FIDELITY_NOTE = (
     "As llama.cpp's <code>perplexity --kl-divergence</code>: on the same WikiText windows, the exact "
     "KL(dense ‖ variant) of the next-token distributions over the full vocabulary (dense log-probabilities "
@@ -300,6 +305,30 @@ def category_html(rows: list[dict[str, Any]]) -> str:
         cells.append([html.escape(task), html.escape(variant),
                       *(f"{fmt(r['accuracy'], '.3f')} (n={r['n']})" if r else "—" for r in found)])
     return table(["task", "variant", *map(html.escape, categories)], cells, numeric=set(range(2, 2 + len(categories))))
+HEALING_NOTE = (
+    "Each healed variant (&lt;variant&gt;+&lt;method&gt;) before and after healing, both paired against dense "
+    "(diff and p as in the summary), and after against before on the same items with the same test "
+    "(unhealed in the baseline's place); p (Holm) adjusts for the healed variants of a task and metric."
+)
+
+
+def healing_table(rows: list[dict[str, Any]]) -> str:
+    """Before and after healing per task: each vs dense, and after vs before (``healstats.healing_table``)."""
+    header = ["task", "metric", "healed variant", "dense", "before [95% CI]", "before − dense (p)",
+              "after [95% CI]", "after − dense (p)", "after − before", "lost / gained", "p", "p (Holm)"]
+    cells = []
+    for r in rows:
+        discordant = "—" if r["lost"] is None else f"{r['lost']} / {r['gained']}"
+        cells.append([
+            html.escape(r["task"]), html.escape(r["metric"]), html.escape(r["variant"]), fmt(r["dense_value"]),
+            f"{fmt(r['before'])} [{fmt(r['before_ci_low'])}, {fmt(r['before_ci_high'])}]",
+            f"{fmt(r['before_diff_vs_dense'], '+.4g')} ({fmt(r['before_p_vs_dense'], '.3g')})",
+            f"{fmt(r['after'])} [{fmt(r['after_ci_low'])}, {fmt(r['after_ci_high'])}]",
+            f"{fmt(r['after_diff_vs_dense'], '+.4g')} ({fmt(r['after_p_vs_dense'], '.3g')})",
+            fmt(r["diff_vs_unhealed"], "+.4g"), discordant, fmt(r["p_vs_unhealed"], ".3g"),
+            fmt(r["p_holm_vs_unhealed"], ".3g"),
+        ])
+    return table(header, cells, numeric=set(range(3, 12)))
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:

@@ -8,14 +8,14 @@ never takes the tool down.
 from __future__ import annotations
 
 import importlib.metadata as md
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 import pluggy
 
 from . import hookspecs
 from .errors import PrunelabError
-from .hookspecs import Evaluator, Strategy
+from .hookspecs import Evaluator, Recovery, Strategy
 
 ENTRY_POINT_GROUP = "prunelab"
 
@@ -39,6 +39,7 @@ class Registry:
     plugins: list[PluginInfo]
     strategies: dict[str, tuple[Strategy, PluginInfo]]
     evaluators: dict[str, tuple[Evaluator, PluginInfo]]
+    recoveries: dict[str, tuple[Recovery, PluginInfo]] = field(default_factory=dict)
 
     def strategy(self, name: str) -> Strategy:
         if name not in self.strategies:
@@ -52,6 +53,12 @@ class Registry:
             raise PrunelabError(f"unknown task '{name}' (available: {known})")
         return self.evaluators[name][0]
 
+    def recovery(self, name: str) -> Recovery:
+        if name not in self.recoveries:
+            known = ", ".join(sorted(self.recoveries)) or "none"
+            raise PrunelabError(f"unknown recovery method '{name}' (available: {known})")
+        return self.recoveries[name][0]
+
 
 def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
     """Load the plugins of the entry-point group (or the given entry points) into a new registry."""
@@ -62,6 +69,7 @@ def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
     infos: list[PluginInfo] = []
     strategies: dict[str, tuple[Strategy, PluginInfo]] = {}
     evaluators: dict[str, tuple[Evaluator, PluginInfo]] = {}
+    recoveries: dict[str, tuple[Recovery, PluginInfo]] = {}
     for ep in sorted(entry_points, key=lambda e: e.name):
         package, version = _distribution_of(ep)
         try:
@@ -69,6 +77,7 @@ def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
             manager.register(module, name=ep.name)
             found_s = _collect(manager, module, "prunelab_strategies")
             found_e = _collect(manager, module, "prunelab_evaluators")
+            found_r = _collect(manager, module, "prunelab_recoveries")
         except Exception as exc:  # a broken plugin must not break the others
             infos.append(PluginInfo(ep.name, ep.value, package, version, f"{type(exc).__name__}: {exc}"))
             continue
@@ -78,7 +87,9 @@ def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
             strategies[strategy.name] = (strategy, info)
         for evaluator in found_e:
             evaluators[evaluator.name] = (evaluator, info)
-    return Registry(manager, infos, strategies, evaluators)
+        for recovery in found_r:
+            recoveries[recovery.name] = (recovery, info)
+    return Registry(manager, infos, strategies, evaluators, recoveries)
 
 
 def _collect(manager: pluggy.PluginManager, module: object, hook_name: str) -> list:

@@ -53,8 +53,9 @@ from .evaluate import PreparedTask, prepare_tasks, run_task
 from .hookspecs import MetricSpec
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
-from .pruning import prune, validate_options
+from .pruning import MaskSet, prune, validate_options
 from .readers import describe, read_json, read_parquet, read_utf8, reading
+from .recovery import check_disjoint, heal, healed_name, study_recovery
 from .reference import ReferenceStore
 from .registry import Registry, default_registry
 from .stats import DENSE
@@ -65,7 +66,7 @@ EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known
 CHUNK_ITEMS = 32
 WORK = ".work"
 TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
-            "strategies", "bench"}
+            "strategies", "bench", "recovery"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
 TASK_OPTION_KEYS = {"num_fewshot", "seqlen", "max_new_tokens"}  # common settings, for the tasks that declare them
@@ -105,6 +106,7 @@ class Study:
     strategies: list[StrategyGrid]
     settings: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] | None = None  # ``[bench]``: measure each variant's speed (prunelab.benchmodel)
+    recovery: dict[str, Any] | None = None  # ``[recovery]``: heal variants (prunelab.recovery.study_recovery)
 
 
 @dataclass(frozen=True)
@@ -114,10 +116,15 @@ class Variant:
     name: str
     strategy: str
     params: dict[str, Any]
+    recovery: str | None = None  # a healed twin: pruned with ``pruned_by``, then healed by this method
 
     @property
     def params_json(self) -> str:
         return json.dumps(self.params)
+
+    @property
+    def pruned_by(self) -> str:
+        return self.strategy.removesuffix(f"+{self.recovery}") if self.recovery else self.strategy
 
 
 DENSE_VARIANT = Variant(DENSE, DENSE, {})
@@ -159,6 +166,7 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(_blocks(raw, path))]
     calibration = _calibration(raw.get("calibration"), strategies, registry, where, path)
     bench = _bench_settings(raw.get("bench"), path)
+    recovery = study_recovery(raw.get("recovery"), [s.name for s in strategies], registry, where, path)
     chosen_data = Path(data_dir).expanduser() if data_dir else (
         _resolve_path(evaluation["data_dir"], where) if "data_dir" in evaluation else None)
     device = _typed(raw, "device", str, "auto", f"{path}")
@@ -177,13 +185,14 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
         "calibration": raw.get("calibration"),
         "strategies": [{"name": s.name, **s.grid} for s in strategies],
         **({"bench": bench} if bench else {}),
+        **({"recovery": raw["recovery"]} if recovery else {}),
     }
     return Study(
         name=name, path=path, text=text, model=_model_path(str(raw["model"]), where),
         device=device, dtype=dtype, trust_remote_code=settings["trust_remote_code"],
         prune_seed=settings["prune_seed"], tasks=tasks, subsets={t: s for t, (s, _) in per_task.items()},
         task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
-        strategies=strategies, settings=settings, bench=bench,
+        strategies=strategies, settings=settings, bench=bench, recovery=recovery,
     )
 
 
@@ -345,7 +354,11 @@ def _model_path(spec: str, where: Path) -> str:
 
 # ---------------------------------------------------------------------------------------- variants
 def expand_variants(study: Study, num_layers: int) -> list[Variant]:
-    """The dense baseline, then every grid point of every strategy (``layers = "each"`` -> each layer)."""
+    """The dense baseline, then every grid point of every strategy (``layers = "each"`` -> each layer).
+
+    With ``[recovery]`` each variant of a healed strategy is followed by its healed twin
+    (``<variant>+lora``), so every statistic compares it with dense like any other variant.
+    """
     variants = [DENSE_VARIANT]
     for block in study.strategies:
         grid = {k: [layer for value in values for layer in (range(num_layers) if value == EACH_LAYER else [value])]
@@ -354,6 +367,10 @@ def expand_variants(study: Study, num_layers: int) -> list[Variant]:
             _check_layers(block.name, point, num_layers)
             settings = ",".join(f"{k}={v}" for k, v in point.items())
             variants.append(Variant(f"{block.name}[{settings}]" if settings else block.name, block.name, point))
+            if study.recovery and block.name in study.recovery["strategies"]:  # its healed twin right after it
+                method = study.recovery["method"]
+                variants.append(Variant(healed_name(variants[-1].name, method), healed_name(block.name, method),
+                                        point, method))
     seen: set[str] = set()
     for variant in variants:
         if variant.name in seen:
@@ -776,6 +793,8 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
     started = time.perf_counter()
     data = DataSource.resolve(study.data_dir)
     tasks = [prepare_tasks([name], data, study.subsets[name], study.task_options[name])[0] for name in study.tasks]
+    if study.recovery and isinstance(study.recovery["options"].get("data"), str):
+        reporter.message(f"healing data: {check_disjoint(study.recovery['options']['data'], tasks)}")
     config = study_config(study, tasks)
     digest = artifacts.config_hash(config)
     study_dir = Path(out) / study.name
@@ -916,10 +935,16 @@ class _Session:
         start = time.perf_counter()
         model = copy.deepcopy(dense.model)
         loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
-        report = prune(loaded, variant.strategy, seed=self.study.prune_seed, calibration=self.study.calibration,
+        report = prune(loaded, variant.pruned_by, seed=self.study.prune_seed, calibration=self.study.calibration,
                        **variant.params)
+        compact = compact_report(report)
+        if variant.recovery:
+            self.reporter.message(f"healing: {variant.name}")
+            healed = heal(loaded, variant.recovery, masks=report.masks or MaskSet(), seed=self.study.prune_seed,
+                          **self.study.recovery["options"])
+            compact["recovery"] = compact_report(healed)
         self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
-                      report=compact_report(report))
+                      report=compact)
         return loaded
 
     def run_chunk(self, engine: Engine, variant: Variant, task: str, index: int, start: int, stop: int,
