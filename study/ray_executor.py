@@ -26,13 +26,14 @@ so a killed driver resumes from them when started again (its actors die with it)
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from .errors import PrunelabError
 from .executors import ExecutorSettings
@@ -124,6 +125,16 @@ class StudyWorker:
 
 
 # ---------------------------------------------------------------------------------------- the driver
+_RAISED = re.compile(r"^[\w.]*(?:Error|Exception): (.+)$")
+
+
+def cause_line(exc: Exception) -> str:
+    """The message a worker's exception was raised with, from the traceback text Ray wraps it in."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [m[1] for line in lines if (m := _RAISED.match(line))]
+    return (raised or lines or [type(exc).__name__])[-1]
+
+
 def check_reachable(address: str) -> None:
     """``ray://HOST:PORT`` or ``HOST:PORT`` answers a TCP connection, or a one-line error now."""
     if address == "auto":
@@ -157,6 +168,8 @@ class RayExecutor:
         else:  # a Ray instance on this machine, sized to the workers asked for
             workers = self.settings.workers
             options["num_cpus"] = workers * self.settings.cpus_per_worker if workers else os.cpu_count()
+            # Ray starts workers at niceness 15; here they are the study itself, not background work
+            os.environ.setdefault("RAY_worker_niceness", "0")
         try:
             ray.init(address=address or "local", **options)
         except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
@@ -259,7 +272,9 @@ class WorkerPool:
                 worker = self.starting.pop(ref)
                 try:
                     ray.get(ref)
-                except RayActorError:  # restarts used up, or it cannot be placed any more
+                except RayActorError as exc:  # restarts used up, or it cannot be placed any more
+                    if exc.actor_init_failed:  # the same on every node: say why, now
+                        raise PrunelabError(f"a Ray worker could not start: {cause_line(exc)}") from None
                     self.workers.remove(worker)
                     continue
                 self.free.append(worker)
@@ -283,6 +298,8 @@ class WorkerPool:
                 except RayActorError as exc:
                     self.lost(worker, unit, queue, exc)
                     continue
+                except RayTaskError as exc:  # the evaluation itself failed: it would fail anywhere
+                    raise PrunelabError(f"{unit.describe()} failed on a Ray worker: {cause_line(exc)}") from None
                 self.session.reporter.advance(items)
                 self.free.append(worker)
 

@@ -201,3 +201,17 @@ def test_the_study_file_chooses_the_executor_and_the_command_line_overrides_it(t
     plain = runner.load_study(tiny_study)
     assert runner.study_config(plain, runner.prepare_study_tasks(plain)) == runner.study_config(
         runner.load_study(study), runner.prepare_study_tasks(plain)), "the executor is not in the config hash"
+
+
+def test_a_workers_error_is_reported_by_its_message(local_ray):
+    """What a worker raises reaches the command line as its one-line message, not Ray's traceback."""
+    from prunelab.ray_executor import cause_line
+
+    @ray.remote(num_cpus=1)
+    def fails() -> None:
+        raise PrunelabError("data folder /nowhere does not exist on this node")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as error:
+        ray.get(fails.remote())
+    assert "Traceback" in str(error.value) or "\n" in str(error.value)
+    assert cause_line(error.value) == "data folder /nowhere does not exist on this node"

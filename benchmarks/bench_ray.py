@@ -1,0 +1,95 @@
+"""Studies on Ray: the smoke study locally, and on a local Ray instance with 1 and 2 workers.
+
+Every configuration runs the whole study from scratch (model load, pruning, evaluation, artifacts)
+with one torch thread per worker, side by side in one process, and the per-item results of every
+Ray run are checked against the local run's. Prints one row per configuration and writes
+``benchmarks/results/ray_scaling.json``:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_ray.py [--study studies/smoke.toml] [--order ray2,ray1,local]
+
+Throughput is evaluated items (MMLU questions, GSM8K problems, WikiText windows, per variant) per
+second of wall time. ``chunk_s`` sums the seconds the chunks took inside the workers; ``prune_s``
+the pruning; what the wall time has beyond them is start-up (Ray, actors, model loads) and the
+driver's scheduling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from prunelab import runner
+from prunelab.executors import ExecutorSettings, make_executor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_once(study: runner.Study, out: Path, workers: int | None) -> dict:
+    executor = None if workers is None else make_executor(ExecutorSettings(kind="ray", workers=workers))
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    folder = runner.run_study(study, out, executor=executor)
+    wall = time.perf_counter() - started
+    manifest = json.loads((folder / "manifest.json").read_text())
+    timings = manifest["timings"]
+    items = pl.read_parquet(folder / "items.parquet")
+    evaluated = items.select("variant", "task", "item_id").unique().height
+    return {"config": "local" if workers is None else f"ray{workers}", "wall_s": round(wall, 2),
+            "items": evaluated, "rows": items.height, "items_per_s": round(evaluated / wall, 3),
+            "chunk_s": timings["evaluate_total_s"], "prune_s": round(sum(timings["prune_s"].values()), 2),
+            "load_s": timings["load_s"], "sessions": len(timings["sessions"]),
+            "loadavg_1min_before": round(load, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
+            "folder": str(folder)}
+
+
+def same_items(a: str, b: str) -> bool:
+    cols = ["variant", "task", "metric", "item_id", "correct", "nll_sum", "tokens"]
+    left = pl.read_parquet(Path(a) / "items.parquet").sort(cols[:4]).select(cols)
+    right = pl.read_parquet(Path(b) / "items.parquet").sort(cols[:4]).select(cols)
+    return left.equals(right)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default=str(ROOT / "studies" / "smoke.toml"))
+    parser.add_argument("--order", default="ray2,ray1,local", help="configurations, in running order")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ray_scaling.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    study = runner.load_study(args.study)
+    import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as the executor's own local instance: no handicap
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as scratch:
+        for config in args.order.split(","):
+            workers = None if config == "local" else int(config.removeprefix("ray"))
+            row = run_once(study, Path(scratch) / config, workers)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        local = next((r for r in rows if r["config"] == "local"), None)
+        for row in rows:
+            row["identical_to_local"] = same_items(row["folder"], local["folder"]) if local else None
+            row.pop("folder")
+        shutil.rmtree(scratch, ignore_errors=True)
+    by = {r["config"]: r for r in rows}
+    summary = {"cpu": os.cpu_count(), "torch_threads_per_worker": 1, "study": Path(args.study).name, "runs": rows}
+    if "ray1" in by and "ray2" in by:
+        summary["speedup_2_workers"] = round(by["ray1"]["wall_s"] / by["ray2"]["wall_s"], 3)
+    if "ray1" in by and "local" in by:
+        summary["ray_overhead_1_worker"] = round(by["ray1"]["wall_s"] / by["local"]["wall_s"] - 1, 3)
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "runs"}))
+
+
+if __name__ == "__main__":
+    main()
