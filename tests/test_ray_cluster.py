@@ -26,7 +26,7 @@ from .test_runner import SUBJECTS, study_text
 
 DOCKER = os.environ.get("DOCKER", "docker")
 VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
-IMAGE = os.environ.get("PRUNELAB_IMAGE", f"prunelab:{VERSION}")  # the Makefile's IMAGE default
+IMAGE = os.environ.get("PRUNELAB_IMAGE", f"prunelab:{VERSION}")  # `make test` passes the Makefile's IMAGE
 WORKERS = ("worker-1", "worker-2")
 COLUMNS = ["variant", "task", "metric", "item_id", "correct", "nll_sum", "tokens"]
 
@@ -35,19 +35,35 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return subprocess.run([DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
-def engine_and_image() -> str | None:
-    """Why the test cannot run here, or None."""
+def project_image() -> str | None:
+    """``IMAGE`` if it exists, else the newest ``prunelab:<version>-<commit>`` build of this version."""
+    if docker("image", "inspect", IMAGE, check=False).returncode == 0:
+        return IMAGE
+    tags = docker("images", "prunelab", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout.split()
+    return next((t for t in tags if t.startswith(f"prunelab:{VERSION}-")), None)
+
+
+def engine_and_image() -> tuple[str | None, str | None]:
+    """(the image, None), or (None, why the test cannot run here)."""
     try:
         docker("info", timeout=20)
     except (OSError, subprocess.SubprocessError):
-        return "no Docker engine answers"
-    if docker("image", "inspect", IMAGE, check=False).returncode != 0:
-        return f"image {IMAGE} is absent (make image)"
-    return None
+        return None, "no Docker engine answers"
+    image = project_image()
+    return (image, None) if image else (None, f"image {IMAGE} is absent (make image)")
 
 
 @pytest.fixture(scope="module")
-def shared(tiny_qwen3, tmp_path_factory) -> Path:
+def image() -> str:
+    """The project image; skips before anything is built when there is no engine or no image."""
+    found, reason = engine_and_image()
+    if reason:
+        pytest.skip(reason)
+    return found
+
+
+@pytest.fixture(scope="module")
+def shared(image, tiny_qwen3, tmp_path_factory) -> Path:
     """The volume: the tiny model, a two-subject data folder and the study file (container paths)."""
     root = tmp_path_factory.mktemp("ray-cluster")
     shutil.copytree(tiny_qwen3, root / "model")
@@ -66,10 +82,8 @@ def shared(tiny_qwen3, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(shared):
+def cluster(image, shared):
     """Head (no CPUs for work: the driver runs there) and two 1-CPU workers on an internal network."""
-    if reason := engine_and_image():
-        pytest.skip(reason)
     tag = f"prunelab-ray-test-{uuid.uuid4().hex[:8]}"
     names = {"head": f"{tag}-head", **{w: f"{tag}-{w}" for w in WORKERS}}
     docker("network", "create", "--internal", tag)  # no route out: the containers talk to each other only
@@ -77,10 +91,10 @@ def cluster(shared):
               "-e", "RAY_AUTH_MODE=disabled", "-e", "OMP_NUM_THREADS=1", "-e", "HF_HUB_OFFLINE=1",
               "-v", f"{shared}:/shared", "--shm-size=512m", "--entrypoint", "ray"]
     try:
-        docker(*common, "--name", names["head"], "--hostname", "head", IMAGE,
+        docker(*common, "--name", names["head"], "--hostname", "head", image,
                "start", "--head", "--port=6379", "--num-cpus=0", "--include-dashboard=false", "--block")
         for worker in WORKERS:
-            docker(*common, "--name", names[worker], IMAGE,
+            docker(*common, "--name", names[worker], image,
                    "start", f"--address={names['head']}:6379", "--num-cpus=1", "--block")
         wait_for_nodes(names["head"], 3)
         yield names
