@@ -5,7 +5,11 @@ with one torch thread per worker, side by side in one process, and the per-item 
 Ray run are checked against the local run's. Prints one row per configuration and writes
 ``benchmarks/results/ray_scaling.json``:
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_ray.py [--study studies/smoke.toml] [--order ray2,ray1,local]
+    OMP_NUM_THREADS=1 python benchmarks/bench_ray.py [--study studies/smoke.toml] [--order ray2,ray1,local] [--quick]
+
+``--quick``: the smoke study's model and 7 variants, on smaller subsets in finer chunks (GSM8K: 4
+problems, 32 new tokens; WikiText-2: 8 windows of 256 tokens; no MMLU; 2 items a chunk) -- what
+fits a shared 2-core machine several times over.
 
 Throughput is evaluated items (MMLU questions, GSM8K problems, WikiText windows, per variant) per
 second of wall time. ``chunk_s`` sums the seconds the chunks took inside the workers; ``prune_s``
@@ -50,6 +54,25 @@ def run_once(study: runner.Study, out: Path, workers: int | None) -> dict:
             "folder": str(folder)}
 
 
+QUICK = {"tasks": 'tasks = ["gsm8k", "wikitext"]', "[evaluation.mmlu]": "[evaluation.unused]",
+         "limit = 1           # per subject: 57 questions\n": "", "num_fewshot = 0     # 5-shot": "# 5-shot",
+         "limit = 8\nnum_fewshot = 5\nmax_new_tokens = 64": "limit = 4\nnum_fewshot = 5\nmax_new_tokens = 32",
+         "limit = 12          # windows": "limit = 8          # windows"}
+
+
+def quick_study(path: Path) -> Path:
+    """The smoke study on smaller subsets, 2 items a chunk, next to the original (same relative paths)."""
+    text = path.read_text(encoding="utf-8")
+    text = text.replace('tasks = ["mmlu", "gsm8k", "wikitext"]', QUICK["tasks"])
+    for old, new in list(QUICK.items())[1:]:
+        assert old in text, old
+        text = text.replace(old, new)
+    text = text.replace("[evaluation.unused]\n", "").replace("[evaluation]\n", "[evaluation]\nchunk_items = 2\n", 1)
+    quick = path.with_name(f"{path.stem}-quick.toml")  # removed once loaded
+    quick.write_text(text, encoding="utf-8")
+    return quick
+
+
 def same_items(a: str, b: str) -> bool:
     cols = ["variant", "task", "metric", "item_id", "correct", "nll_sum", "tokens"]
     left = pl.read_parquet(Path(a) / "items.parquet").sort(cols[:4]).select(cols)
@@ -62,9 +85,17 @@ def main() -> None:
     parser.add_argument("--study", default=str(ROOT / "studies" / "smoke.toml"))
     parser.add_argument("--order", default="ray2,ray1,local", help="configurations, in running order")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ray_scaling.json"))
+    parser.add_argument("--quick", action="store_true", help="smaller subsets, finer chunks (see above)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    study = runner.load_study(args.study)
+    path = Path(args.study)
+    if args.quick:
+        path = quick_study(path)
+    try:
+        study = runner.load_study(path)
+    finally:
+        if args.quick:
+            path.unlink()
     import ray
 
     os.environ.setdefault("RAY_worker_niceness", "0")  # as the executor's own local instance: no handicap
@@ -82,7 +113,8 @@ def main() -> None:
             row.pop("folder")
         shutil.rmtree(scratch, ignore_errors=True)
     by = {r["config"]: r for r in rows}
-    summary = {"cpu": os.cpu_count(), "torch_threads_per_worker": 1, "study": Path(args.study).name, "runs": rows}
+    summary = {"cpu": os.cpu_count(), "torch_threads_per_worker": 1, "study": Path(args.study).name,
+               "quick": args.quick, "runs": rows}
     if "ray1" in by and "ray2" in by:
         summary["speedup_2_workers"] = round(by["ray1"]["wall_s"] / by["ray2"]["wall_s"], 3)
     if "ray1" in by and "local" in by:
