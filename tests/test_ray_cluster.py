@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -27,6 +28,8 @@ from .test_runner import SUBJECTS, study_text
 DOCKER = os.environ.get("DOCKER", "docker")
 VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
 IMAGE = os.environ.get("PRUNELAB_IMAGE", f"prunelab:{VERSION}")  # `make test` passes the Makefile's IMAGE
+# more `docker run` arguments, e.g. to try a development tree mounted into a base image
+EXTRA_RUN_ARGS = shlex.split(os.environ.get("PRUNELAB_CLUSTER_RUN_ARGS", ""))
 WORKERS = ("worker-1", "worker-2")
 COLUMNS = ["variant", "task", "metric", "item_id", "correct", "nll_sum", "tokens"]
 
@@ -89,7 +92,7 @@ def cluster(image, shared):
     docker("network", "create", "--internal", tag)  # no route out: the containers talk to each other only
     common = ["run", "-d", "--network", tag, "--user", f"{os.getuid()}:{os.getgid()}", "-e", "HOME=/tmp",
               "-e", "RAY_AUTH_MODE=disabled", "-e", "OMP_NUM_THREADS=1", "-e", "HF_HUB_OFFLINE=1",
-              "-v", f"{shared}:/shared", "--shm-size=512m", "--entrypoint", "ray"]
+              "-v", f"{shared}:/shared", "--shm-size=512m", "--entrypoint", "ray", *EXTRA_RUN_ARGS]
     try:
         docker(*common, "--name", names["head"], "--hostname", "head", image,
                "start", "--head", "--port=6379", "--num-cpus=0", "--include-dashboard=false", "--block")
