@@ -180,8 +180,11 @@ class RayExecutor:
     def plan(self, session: _Session) -> Plan:
         self.connect()
         pool = self.pool(session)
-        worker = pool.first_ready()
-        plan = ray.get(worker.plan.remote())
+        try:
+            plan = ray.get(pool.first_ready().plan.remote())
+        except BaseException:
+            self.close_pool()
+            raise
         session.work.save_plan(plan)  # the worker wrote it to the shared folder; this one is the driver's
         return plan
 
@@ -200,8 +203,7 @@ class RayExecutor:
                 missing = [v for v in plan.variants if not session.work.bench(v).is_file()]
                 pool.drain([Unit("bench", (), v) for v in missing])
         finally:
-            pool.close()
-            self._pool = None
+            self.close_pool()
 
     def model_revision(self, session: _Session) -> str | None:
         return self.revision
@@ -211,6 +213,12 @@ class RayExecutor:
         if getattr(self, "_pool", None) is None:
             self._pool = WorkerPool(self.settings, session)
         return self._pool
+
+    def close_pool(self) -> None:
+        """End the workers (also those still waiting for resources): nothing outlives the run."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.close()
+            self._pool = None
 
 
 def units(session: _Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
