@@ -142,6 +142,7 @@ def main() -> None:
         local = next((r for r in rows if r["config"] == "local"), None)
         for row in rows:
             row["identical_to_local"] = same_items(row["folder"], local["folder"]) if local else None
+        for row in rows:
             row.pop("folder")
         shutil.rmtree(scratch, ignore_errors=True)
     by = {r["config"]: r for r in rows}
