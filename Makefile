@@ -7,6 +7,8 @@ PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 SHARED ?= ../shared
 DATA ?= $(SHARED)/data
+# The image tests/test_ray_cluster.py starts its Ray cluster from (skipped when it is absent).
+export PRUNELAB_IMAGE ?= $(IMAGE)
 
 .PHONY: install install-test test test-fast lint format eval-smollm2
 

@@ -363,6 +363,11 @@ def _add_study(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out", default="artifacts", help="artifacts root (default: artifacts)")
     run.add_argument("--data-dir", default=None, help="local data folder, overrides the study file's data_dir")
     run.add_argument("--rerun", action="store_true", help="compute a configuration that already finished again")
+    run.add_argument("--executor", choices=("local", "ray"), default=None,
+                     help="where the chunks run (default: the study file's [executor], else local); see docs/scale-out.md")
+    run.add_argument("--address", default=None,
+                     help="ray: auto or ray://HOST:PORT (default: a new Ray instance here, or $RAY_ADDRESS)")
+    run.add_argument("--workers", type=int, default=None, help="ray: number of workers (default: what the cluster fits)")
 
 
 class StudyProgress:
@@ -394,12 +399,16 @@ class StudyProgress:
 
 @command("study", "run a study file: every strategy x task pair, resumable, into versioned artifacts", _add_study)
 def run_study_command(args: argparse.Namespace) -> int:
+    from .executors import make_executor
     from .runner import load_study, run_study
 
     study = load_study(args.file, data_dir=args.data_dir)  # validated before any model is loaded
     check_output_folder(args.out)
+    executor = make_executor(study.executor.replace(
+        "command line", kind=args.executor, address=args.address, workers=args.workers))
+    executor.connect()  # an unreachable cluster fails here, before any model is loaded
     with progress_bars() as bars:
-        run = run_study(study, args.out, rerun=args.rerun, reporter=StudyProgress(bars))
+        run = run_study(study, args.out, rerun=args.rerun, reporter=StudyProgress(bars), executor=executor)
     out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {run.parent.parent / 'index.html'}",
               highlight=False, markup=False)
     return 0

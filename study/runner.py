@@ -50,6 +50,7 @@ from .data import DataSource, Subset
 from .engine import Engine
 from .errors import FileProblem, PrunelabError
 from .evaluate import PreparedTask, prepare_tasks, run_task
+from .executors import Executor, ExecutorSettings, LocalExecutor
 from .hookspecs import MetricSpec
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
@@ -66,7 +67,7 @@ EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known
 CHUNK_ITEMS = 32
 WORK = ".work"
 TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
-            "strategies", "bench", "recovery"}
+            "strategies", "bench", "recovery", "executor"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
 TASK_OPTION_KEYS = {"num_fewshot", "seqlen", "max_new_tokens"}  # common settings, for the tasks that declare them
@@ -107,6 +108,9 @@ class Study:
     settings: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] | None = None  # ``[bench]``: measure each variant's speed (prunelab.benchmodel)
     recovery: dict[str, Any] | None = None  # ``[recovery]``: heal variants (prunelab.recovery.study_recovery)
+    # ``[executor]``: where the pairs run (local, ray); not in the configuration hash -- every executor
+    # writes the same chunk files, so a Ray run resumes a local one and the other way round
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
         prune_seed=settings["prune_seed"], tasks=tasks, subsets={t: s for t, (s, _) in per_task.items()},
         task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
         strategies=strategies, settings=settings, bench=bench, recovery=recovery,
+        executor=ExecutorSettings.from_table(raw.get("executor"), f"{path} [executor]"),
     )
 
 
@@ -779,20 +784,25 @@ def decoding_settings(study: Study) -> dict[str, Any]:
 def declared_metrics(tasks: list[PreparedTask]) -> list[dict[str, Any]]:
     """Each task's declared metrics as the manifest stores them (the report reads them back)."""
     return [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
+def prepare_study_tasks(study: Study) -> list[PreparedTask]:
+    """Each task's items as the study selects them (the driver and every Ray worker prepare the same)."""
+    data = DataSource.resolve(study.data_dir)
+    return [prepare_tasks([name], data, study.subsets[name], study.task_options[name])[0] for name in study.tasks]
 
 
 def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool = False,
-              reporter: Reporter | None = None, layer_sweep: bool = True) -> Path:
+              reporter: Reporter | None = None, layer_sweep: bool = True, executor: Executor | None = None) -> Path:
     """Run (or resume) every variant x task pair and write the run's artifacts; returns the run folder.
 
     ``layer_sweep``: when the study removes single layers, score them (and the dense model) through
     one ``LayerSweep`` per chunk instead of one pruned model each -- the same per-item results
     (to float rounding), about half the compute. Off only to measure or debug that.
+    ``executor``: where the chunks are evaluated (default: this process; see ``prunelab.executors``).
     """
     reporter = reporter or Reporter()
+    executor = executor or LocalExecutor()
     started = time.perf_counter()
-    data = DataSource.resolve(study.data_dir)
-    tasks = [prepare_tasks([name], data, study.subsets[name], study.task_options[name])[0] for name in study.tasks]
+    tasks = prepare_study_tasks(study)
     if study.recovery and isinstance(study.recovery["options"].get("data"), str):
         reporter.message(f"healing data: {check_disjoint(study.recovery['options']['data'], tasks)}")
     config = study_config(study, tasks)
@@ -813,13 +823,13 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
     work.claim(config, digest)
     with work.locked():
         state = _Session(study, tasks, work, reporter, layer_sweep)
-        plan = work.load_plan() or state.plan()
-        state.evaluate(plan)
+        plan = work.load_plan() or executor.plan(state)
+        executor.evaluate(state, plan)
         items = collect_items(work, plan)
         manifest = {
             "config_hash": digest, "config": config, "study_file": study.text, "model": model_label(study.model),
             "model_path": study.model,
-            "model_hash": config["model_hash"], "model_revision": model_revision(state.dense),
+            "model_hash": config["model_hash"], "model_revision": executor.model_revision(state),
             "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
             "variants": prune_reports(work.events()),

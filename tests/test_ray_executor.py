@@ -1,0 +1,217 @@
+"""Studies on Ray (``--executor ray``), on a local Ray instance of 2 CPUs with the tiny models.
+
+The reference is always the local path: a Ray run -- whole, with a worker killed in the middle, or
+resumed after its driver was killed -- must give every item the local run's result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from prunelab import runner
+from prunelab.errors import PrunelabError
+from prunelab.executors import ExecutorSettings, make_executor
+
+from .test_runner import chunk_files, one_thread, small_data, sorted_items, study_text  # noqa: F401
+
+ray = pytest.importorskip("ray")
+
+COLUMNS = ["variant", "task", "metric", "item_id", "correct", "nll_sum", "tokens", "prediction",
+           "loglikelihoods", "generated"]
+ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the module (starting one costs seconds on 2 cores)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def ray_executor(**settings) -> object:
+    return make_executor(ExecutorSettings(kind="ray", cpus_per_worker=1, **settings))
+
+
+def comparable(folder: Path) -> pl.DataFrame:
+    items = sorted_items(folder)
+    return items.select([c for c in COLUMNS if c in items.columns])
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tiny_qwen3, small_data, tmp_path_factory) -> Path:  # noqa: F811
+    """The runner tests' study (dense, two single-layer removals, magnitude 50 %) and its local run."""
+    root = tmp_path_factory.mktemp("ray-study")
+    study = root / "tiny.toml"
+    study.write_text(study_text(tiny_qwen3, small_data))
+    return study
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_study) -> Path:
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return runner.run_study(runner.load_study(tiny_study), tiny_study.parent / "local")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_local_execution_imports_nothing_of_ray(tiny_study, tmp_path):
+    """``import prunelab.cli`` and a whole local study leave Ray out of the process."""
+    code = ("import sys; from prunelab.cli import main; assert 'ray' not in sys.modules; "
+            f"status = main(['study', 'run', {str(tiny_study)!r}, '--out', {str(tmp_path)!r}]); "
+            "assert status == 0, status; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_ray_run_equals_local_run_item_for_item(local_ray, tiny_study, local_run, tmp_path):
+    run = runner.run_study(runner.load_study(tiny_study), tmp_path, executor=ray_executor(workers=2))
+    assert comparable(run).equals(comparable(local_run))
+    timings = json.loads((run / "manifest.json").read_text())["timings"]
+    workers = [s for s in timings["sessions"] if s["chunks"]]
+    assert len(workers) == 2, "both workers evaluated chunks"
+    # the layer sweep is kept: dense + 2 removals share each mmlu and wikitext chunk (4 + 2 chunks)
+    assert sum(s["swept_chunks"] for s in workers) == 3 * 6
+    assert sum(s["chunks"] for s in timings["sessions"]) == 4 * 8  # 4 variants x 8 chunks, each once
+
+
+def test_killed_worker_loses_only_its_chunk_and_the_study_equals_local(local_ray, tiny_study, local_run, tmp_path):
+    """SIGKILL a worker process while it evaluates: its unit is evaluated again, nothing else changes."""
+    log = tmp_path / "tiny" / runner.WORK / "log.jsonl"
+    killed: list[int] = []
+
+    def kill_a_worker_mid_run() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            events = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+            chunks = [e for e in events if e.get("event") == "chunk"]
+            if len(chunks) >= 3:  # some work is done; the workers are in the middle of more
+                victim = next(e for e in events if e.get("event") == "worker")["pid"]
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+                return
+            time.sleep(0.01)
+
+    class Messages(runner.Reporter):
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def message(self, text: str) -> None:
+            self.lines.append(text)
+
+    messages = Messages()
+    killer = threading.Thread(target=kill_a_worker_mid_run)
+    killer.start()
+    run = runner.run_study(runner.load_study(tiny_study), tmp_path, executor=ray_executor(workers=2),
+                           reporter=messages)
+    killer.join()
+    assert killed, "no worker was killed"
+    lost = [line for line in messages.lines if line.startswith("a Ray worker was lost during")]
+    assert len(lost) == 1, messages.lines  # one unit in flight on the killed worker, evaluated again
+    assert comparable(run).equals(comparable(local_run))
+
+
+def test_killed_driver_resumes_from_the_work_folder(tiny_study, local_run, tmp_path):
+    """SIGKILL ``prunelab study run --executor ray`` mid-run; the same command finishes the study."""
+    command = [sys.executable, "-m", "prunelab.cli", "study", "run", str(tiny_study), "--out", str(tmp_path),
+               "--executor", "ray", "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
+                               start_new_session=True)
+    deadline = time.monotonic() + 240
+    work = tmp_path / "tiny" / runner.WORK
+    while len(chunk_files(tmp_path) if work.is_dir() else {}) < 4:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.monotonic() < deadline, "no chunk written in time"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+    process.wait()
+    process.stderr.close()
+    before = {path: pl.read_parquet(path) for path in chunk_files(tmp_path)}
+    assert 4 <= len(before) < 32, "killed too late: the run had finished"
+
+    again = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    run = next((tmp_path / "tiny").glob("*-*"))
+    assert comparable(run).equals(comparable(local_run))
+    sessions = json.loads((run / "manifest.json").read_text())["timings"]["sessions"]
+    assert sum(s["chunks"] for s in sessions) <= 32 + 2 * 3  # at most the 2 in-flight units were redone
+
+
+def test_unreachable_address_fails_in_one_line_before_any_model(tiny_study, tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "prunelab.cli", "study", "run", str(tiny_study), "--out",
+                           str(tmp_path), "--executor", "ray", "--address", f"ray://127.0.0.1:{port}"],
+                          capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"Ray cluster at ray://127.0.0.1:{port} is not reachable" in lines[0], done.stderr
+    assert not (tmp_path / "tiny").exists(), "nothing was started"
+    assert time.monotonic() - started < 60
+
+
+def test_a_request_no_node_can_satisfy_fails_after_the_wait(local_ray, tiny_study, tmp_path):
+    """A GPU worker on this CPU-only Ray instance: a clear error after ``wait_s``, not a hang."""
+    executor = ray_executor(workers=1, gpus_per_worker=1, wait_s=3)
+    started = time.monotonic()
+    with pytest.raises(PrunelabError, match=r"no Ray worker started within 3 s: each needs .*'GPU': 1"):
+        runner.run_study(runner.load_study(tiny_study), tmp_path, executor=executor)
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(("table", "fragment"), [
+    ('kind = "dask"', "kind must be one of local, ray"),
+    ("workers = 0", "workers must be at least 1"),
+    ('wait_s = "long"', "wait_s must be float"),
+    ("nodes = 2", "unknown key(s) nodes"),
+])
+def test_bad_executor_tables_are_one_line_errors(tiny_study, tmp_path, table, fragment):
+    study = tmp_path / "bad.toml"
+    study.write_text(tiny_study.read_text() + f"\n[executor]\n{table}\n")
+    with pytest.raises(PrunelabError, match=r"bad\.toml \[executor\]") as error:
+        runner.load_study(study)
+    assert fragment in str(error.value)
+
+
+def test_the_study_file_chooses_the_executor_and_the_command_line_overrides_it(tiny_study, tmp_path):
+    study = tmp_path / "ray.toml"
+    study.write_text(tiny_study.read_text() + '\n[executor]\nkind = "ray"\naddress = "auto"\nwait_s = 5\n')
+    settings = runner.load_study(study).executor
+    assert (settings.kind, settings.address, settings.wait_s) == ("ray", "auto", 5.0)
+    assert settings.replace("command line", kind="local", workers=3).kind == "local"
+    plain = runner.load_study(tiny_study)
+    assert runner.study_config(plain, runner.prepare_study_tasks(plain)) == runner.study_config(
+        runner.load_study(study), runner.prepare_study_tasks(plain)), "the executor is not in the config hash"
+
+
+def test_a_workers_error_is_reported_by_its_message(local_ray):
+    """What a worker raises reaches the command line as its one-line message, not Ray's traceback."""
+    from prunelab.ray_executor import cause_line
+
+    @ray.remote(num_cpus=1)
+    def fails() -> None:
+        raise PrunelabError("data folder /nowhere does not exist on this node")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as error:
+        ray.get(fails.remote())
+    assert "Traceback" in str(error.value) or "\n" in str(error.value)
+    assert cause_line(error.value) == "data folder /nowhere does not exist on this node"
