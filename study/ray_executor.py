@@ -190,7 +190,7 @@ class RayExecutor:
 
     def evaluate(self, session: _Session, plan: Plan) -> None:
         self.connect()
-        pending = [p for p in plan.pairs() if not session.work.chunk(p[0], p[1], p[2]).is_file()]
+        pending = [p for p in plan.pairs() if not session.work.finished_chunk(session.work.chunk(p[0], p[1], p[2]))]
         total = sum(b[1] - b[0] for *_, b in plan.pairs())
         session.reporter.start(total, total - sum(b[1] - b[0] for *_, b in pending))
         pool = self.pool(session)
@@ -198,7 +198,8 @@ class RayExecutor:
             if pending:
                 info = ray.get(pool.first_ready().describe.remote())
                 self.revision = info["revision"]
-                pool.drain(units(session, pending, sweep=session.layer_sweep and info["sweep"]))
+                for phase in dense_first(units(session, pending, sweep=session.layer_sweep and info["sweep"])):
+                    pool.drain(phase)
             if session.study.bench:
                 missing = [v for v in plan.variants if not session.work.bench(v).is_file()]
                 pool.drain([Unit("bench", (), v) for v in missing])
@@ -233,6 +234,20 @@ def units(session: _Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
     taken = {id(p) for group in swept.values() for p in group}
     chunks = [Unit("chunk", (p,), p[0]) for p in pending if id(p) not in taken]
     return [Unit("sweep", tuple(group), None) for group in swept.values()] + chunks
+
+
+def dense_first(queue: list[Unit]) -> list[list[Unit]]:
+    """The units holding the dense model's chunks, then the rest.
+
+    The dense chunks write the reference that other variants are compared with (KL to dense, see
+    ``prunelab.reference``); a variant chunk evaluated before it would get no fidelity metrics and
+    differ from a local run.
+    """
+    from .stats import DENSE
+
+    has_dense = [u for u in queue if any(pair[0].strategy == DENSE for pair in u.pairs)]
+    rest = [u for u in queue if u not in has_dense]
+    return [phase for phase in (has_dense, rest) if phase]
 
 
 class WorkerPool:
