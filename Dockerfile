@@ -33,10 +33,10 @@ RUN if ! "python${PYTHON_VERSION}" -c "import ensurepip, venv" 2>/dev/null; then
 # Dependencies first, from the lock alone, so that code changes do not reinstall torch. The wheels come
 # from the wheelhouse that `make wheelhouse` fills on the host (pip inside a container may not reach or
 # trust an index): --no-index, every file checked against the lock's sha256, nothing built from source.
-COPY requirements.lock /tmp/requirements.lock
+# wheelhouse/py3.X/requirements.lock is requirements.lock without its comments.
 COPY wheelhouse/py${PYTHON_VERSION} /tmp/wheelhouse
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --find-links /tmp/wheelhouse \
-        --require-hashes --only-binary=:all: -r /tmp/requirements.lock
+        --require-hashes --only-binary=:all: -r /tmp/wheelhouse/requirements.lock
 
 # The code, without touching the dependencies. setuptools comes from the lock, so --no-build-isolation
 # keeps the build free of anything unhashed.

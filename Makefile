@@ -60,7 +60,7 @@ MODELS ?= $(HOME)/.cache/prunelab-test-models
 # One cache volume per user: files one uid creates in a shared volume are not writable by another.
 CACHE_VOLUME ?= prunelab-cache-$(shell id -u)
 
-.PHONY: image base-image wheelhouse preflight study study-local smoke lock lock-check docker-lint
+.PHONY: image image-tag image-base base-image wheelhouse preflight study study-local smoke lock lock-check docker-lint
 
 # Checks that take a second, before anything takes minutes: daemon and lock (image); study file and
 # GPU runtime too (study). Each failure is one line and exit status 2.
@@ -83,6 +83,11 @@ image:
 	$(DOCKER) build --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg PYTHON_VERSION=$(PYTHON_VERSION) \
 		--build-arg BASE_IMAGE_ID="$$($(DOCKER) image inspect --format '{{.Id}}' $(BASE_IMAGE) 2>/dev/null)" \
 		--build-arg IMAGE_TAG=$(IMAGE) --build-arg GIT_COMMIT=$(GIT_COMMIT) -t $(IMAGE) -t prunelab:latest .
+
+image-tag:
+	@echo $(IMAGE)
+image-base:
+	@echo $(BASE_IMAGE)
 
 # Runs as the caller's uid so the results in ARTIFACTS are theirs; the image's ID goes into the
 # manifest. Models ($(MODELS)) and data ($(DATA)) are mounted read-only when they exist; models and

@@ -15,7 +15,7 @@ die() { echo "wheelhouse: $*" >&2; exit 2; }
 [ -f "$lock" ] || die "$lock not found"
 
 abi="cp${py/./}"
-key=$(cat "$lock" <(echo "$py $glibc") | sha256sum | cut -c1-16)
+key=$(cat <(grep -v "^ *#" "$lock") <(echo "$py $glibc") | sha256sum | cut -c1-16)  # comments do not matter
 mkdir -p "$cache/.sets"
 set_file="$cache/.sets/$abi-$key.txt"
 
@@ -42,4 +42,7 @@ mkdir -p "$out"
 while read -r f; do
   ln "$cache/$f" "$out/$f" 2>/dev/null || cp "$cache/$f" "$out/$f"  # a hard link when on one file system
 done <"$set_file"
+# The lock without its comments: what the image installs (--require-hashes), so that a change to the
+# lock's annotations alone does not reinstall torch in the image.
+grep -v '^ *#' "$lock" >"$out/requirements.lock"
 echo "wheelhouse: $(wc -l <"$set_file") wheels for CPython $py in $out" >&2
