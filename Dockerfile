@@ -73,7 +73,11 @@ RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu && rm -rf /home/ubuntu;
     && chmod 1777 /cache /app/artifacts
 
 COPY --from=builder /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH \
+# The NVIDIA runtime refuses a driver too old for torch's CUDA 13.0 build at start-up (the CUDA base
+# sets this too; the Debian base does not), and mounts the compute libraries.
+ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/cache \

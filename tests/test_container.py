@@ -222,6 +222,8 @@ def test_base_image_cuda_matches_the_cuda_build_of_torch_in_the_lock(instruction
         f"torch in the lock is built for CUDA {'.'.join(runtime_version[:2])}, the base image has {base}"
     )
     assert "+" not in pinned_version(lock["torch"][0]), "the lock holds a local (e.g. +cpu) torch build"
+    required = re.search(r'NVIDIA_REQUIRE_CUDA="cuda>=(\d+)\.(\d+)"', DOCKERFILE.read_text())
+    assert required and [required[1], required[2]] == runtime_version[:2], "NVIDIA_REQUIRE_CUDA != the lock's CUDA"
 
 
 def test_lock_covers_every_python_the_image_may_be_built_with(instructions, defaults, universal_lock, pyproject):

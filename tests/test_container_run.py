@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from prunelab import artifacts
+from tests.conftest import SHARED
 from tests.test_artifacts import chromium, render
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path.home() / ".cache" / "prunelab-test-models"
 SMOLLM2 = MODELS / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED / "data"
 
 
 def make(*arguments: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
