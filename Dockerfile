@@ -38,13 +38,14 @@ COPY wheelhouse/py${PYTHON_VERSION} /tmp/wheelhouse
 RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --find-links /tmp/wheelhouse \
         --require-hashes --only-binary=:all: -r /tmp/wheelhouse/requirements.lock
 
-# The code, without touching the dependencies. setuptools comes from the lock, so --no-build-isolation
-# keeps the build free of anything unhashed.
+# The code as a wheel, outside /opt/venv: a code change then leaves the environment's layer (torch, some
+# GB) untouched in both stages. setuptools comes from the lock, so --no-build-isolation keeps the build
+# free of anything unhashed.
 COPY pyproject.toml README.md LICENSE /tmp/src/
 COPY study /tmp/src/study
 COPY plugins /tmp/src/plugins
-RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps \
-        --no-build-isolation /tmp/src
+RUN /opt/venv/bin/pip wheel --no-cache-dir --disable-pip-version-check --no-index --no-deps \
+        --no-build-isolation --wheel-dir /tmp/dist /tmp/src
 
 # --- the image: the base, its Python, the environment; no compiler, no pip cache, no wheels -------------
 FROM ${BASE_IMAGE}
@@ -73,6 +74,9 @@ RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu && rm -rf /home/ubuntu;
     && chmod 1777 /cache /app/artifacts
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /tmp/dist /tmp/dist
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist
 # The NVIDIA runtime refuses a driver too old for torch's CUDA 13.0 build at start-up (the CUDA base
 # sets this too; the Debian base does not), and mounts the compute libraries.
 ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
