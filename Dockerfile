@@ -92,9 +92,14 @@ ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
 WORKDIR /app
 COPY studies ./studies
 
+USER ${APP_UID}:${APP_UID}
+ENTRYPOINT ["prunelab"]
+CMD ["study", "run", "studies/seed.toml"]
+
 # Provenance for the run manifest (prunelab.artifacts.container_provenance): the commit the image was
 # built from (read when there is no git checkout), its tag, and the base image's reference and ID.
 # The image's own ID cannot be known inside it: `make study` passes it as PRUNELAB_CONTAINER_IMAGE.
+# Last, so that a new commit rebuilds only these two layers.
 ARG IMAGE_TAG=prunelab:dev
 ARG GIT_COMMIT=unknown
 ARG BASE_IMAGE_ID=unknown
@@ -106,7 +111,3 @@ ENV PRUNELAB_IMAGE_TAG=${IMAGE_TAG} \
     PRUNELAB_BASE_IMAGE=${BASE_IMAGE} \
     PRUNELAB_BASE_IMAGE_ID=${BASE_IMAGE_ID} \
     PRUNELAB_GIT_COMMIT=${GIT_COMMIT}
-
-USER ${APP_UID}:${APP_UID}
-ENTRYPOINT ["prunelab"]
-CMD ["study", "run", "studies/seed.toml"]
