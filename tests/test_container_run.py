@@ -183,7 +183,7 @@ def test_image_tag_names_version_and_commit(image):
 def test_plugins_are_listed_inside_the_image(image):
     done = in_image(image[0], "plugins")
     assert done.returncode == 0, done.stderr
-    for name in ("mmlu", "gsm8k", "wikitext", "wanda", "magnitude", "drop_layers"):
+    for name in ("mmlu", "gsm8k", "wikitext", "wanda", "magnitude", "drop-layers"):
         assert name in done.stdout, f"plugin {name} missing in the image: {done.stdout}"
 
 
