@@ -32,6 +32,12 @@ from .healstats import healing_table
 from .stats import harm_order, statistics_manifest, summarize
 
 CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
+# Set in the image at build time (Dockerfile), read when there is no git checkout to ask.
+GIT_COMMIT_ENV = "PRUNELAB_GIT_COMMIT"
+# Manifest field <- environment variable, for runs inside the prunelab image: the image's tag, the
+# base image's reference and its ID (the digest of what the image was built on).
+CONTAINER_FIELDS = {"image_tag": "PRUNELAB_IMAGE_TAG", "base_image": "PRUNELAB_BASE_IMAGE",
+                    "base_image_id": "PRUNELAB_BASE_IMAGE_ID"}
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 PNG_SCALE = 1
 
@@ -43,7 +49,11 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str | None:
-    """The short commit of the prunelab checkout (None outside git), with ``+dirty`` for local edits."""
+    """The short commit of the prunelab checkout, with ``+dirty`` for local edits.
+
+    An installed copy without a checkout (the container image: no git, no .git) answers with the
+    commit baked in at build time, ``$PRUNELAB_GIT_COMMIT``; None when neither is known.
+    """
     repo = Path(repo) if repo else Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"],
@@ -51,8 +61,15 @@ def git_commit(repo: str | os.PathLike | None = None) -> str | None:
         dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        baked = os.environ.get(GIT_COMMIT_ENV, "").strip()
+        return baked if baked and baked != "unknown" else None
     return f"{head}+dirty" if dirty else head
+
+
+def container_provenance() -> dict[str, str]:
+    """Image tag, base image reference and base image ID when running in the prunelab image."""
+    return {field: os.environ[env] for field, env in CONTAINER_FIELDS.items()
+            if os.environ.get(env, "unknown") not in {"", "unknown"}}
 
 
 def version_id(config_digest: str, commit: str | None, now: datetime) -> str:
@@ -132,6 +149,7 @@ def write_run(
         **manifest, "study": study, "version": version, "created": f"{now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
         "config_hash": digest, "git_commit": commit,
         "container_image": manifest.get("container_image") or os.environ.get(CONTAINER_IMAGE_ENV),
+        **container_provenance(),
         "packages": manifest.get("packages") or package_versions(),
         "machine": manifest.get("machine") or machine(),
     }

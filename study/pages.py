@@ -421,6 +421,7 @@ def _run_facts(manifest: dict[str, Any]) -> str:
         ("created (UTC)", manifest.get("created")), ("git commit", manifest.get("git_commit")),
         ("config hash", manifest.get("config_hash")), ("device", manifest.get("device")),
         ("container image", manifest.get("container_image")),
+        ("base image", manifest.get("base_image_id") or manifest.get("base_image")),
     ]
     rows = [[html.escape(k), html.escape(str(v)) if v is not None else "—"] for k, v in facts]
     for key in ("timings", "packages"):

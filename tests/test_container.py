@@ -1,10 +1,10 @@
 """Static checks that the Dockerfile, requirements.lock, pyproject.toml and Makefile agree.
 
-No Docker engine runs on the development machines or in CI, so the image is checked the way a
-reviewer would read it: hadolint (from PyPI) lints the Dockerfile, the base image is pinned by digest
-and matches the CUDA build of torch in the lock, the lock pins every dependency with hashes and is
-installed with --require-hashes, the build context holds what the Dockerfile copies, and the
-container runs as a non-root user.
+They run without Docker (tests/test_container_run.py builds and runs the image where an engine
+answers): hadolint (from PyPI) lints the Dockerfile, the default base image is pinned by digest and
+matches the CUDA build of torch in the lock, the lock pins every dependency with hashes for every
+Python the image may be built with and is installed with --require-hashes from the wheelhouse, the
+build context holds what the Dockerfile copies, and the container runs as a non-root user.
 """
 
 from __future__ import annotations
@@ -63,17 +63,38 @@ def expand(value: str, defaults: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m[1] or m[2], m[0]), value)
 
 
-def read_lock(path: Path) -> dict[str, tuple[Requirement, list[str]]]:
-    """Each locked package: its requirement line (name==version) and its --hash values."""
-    entries = {}
+def read_lock(path: Path) -> dict[str, list[tuple[Requirement, list[str]]]]:
+    """Each locked package: its requirement lines (name==version, with a marker in a universal lock,
+    where one package may be pinned differently per Python) and their --hash values."""
+    entries: dict[str, list[tuple[Requirement, list[str]]]] = {}
     for line in path.read_text().replace("\\\n", " ").splitlines():
-        tokens = line.split()
-        if not tokens or tokens[0].startswith("#"):
+        if not line.strip() or line.lstrip().startswith("#"):
             continue
-        requirement = Requirement(tokens[0])
-        hashes = [t.removeprefix("--hash=") for t in tokens[1:] if t.startswith("--hash=")]
-        entries[canonicalize_name(requirement.name)] = (requirement, hashes)
+        requirement_text, _, rest = line.partition(" --hash=")
+        requirement = Requirement(requirement_text.strip())
+        hashes = [t.removeprefix("--hash=") for t in f"--hash={rest}".split() if t.startswith("--hash=")]
+        entries.setdefault(canonicalize_name(requirement.name), []).append((requirement, hashes))
     return entries
+
+
+def linux_x86_64(python: str) -> dict[str, str]:
+    """Marker environment of the image: CPython `python` (e.g. "3.11") on Linux x86_64."""
+    return {"python_version": python, "python_full_version": f"{python}.0", "sys_platform": "linux",
+            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython",
+            "platform_release": "", "platform_version": "", "implementation_version": f"{python}.0"}
+
+
+def locked_for(lock: dict[str, list[tuple[Requirement, list[str]]]], python: str
+               ) -> dict[str, tuple[Requirement, list[str]]]:
+    """What pip installs from the lock on the image's platform with this Python: at most one pin each."""
+    chosen = {}
+    for name, entries in lock.items():
+        applying = [e for e in entries if e[0].marker is None or e[0].marker.evaluate(linux_x86_64(python))]
+        assert len(applying) <= 1, f"{name} is pinned {len(applying)} times for Python {python}"
+        if applying:
+            chosen[name] = applying[0]
+    return chosen
 
 
 def pinned_version(requirement: Requirement) -> str:
@@ -92,9 +113,18 @@ def defaults(instructions) -> dict[str, str]:
     return arg_defaults(instructions)
 
 
+IMAGE_PYTHONS = ["3.11", "3.12"]  # the offline Debian base (make base-image), the CUDA base (default)
+
+
 @pytest.fixture(scope="module")
-def lock() -> dict[str, tuple[Requirement, list[str]]]:
+def universal_lock() -> dict[str, list[tuple[Requirement, list[str]]]]:
     return read_lock(LOCK)
+
+
+@pytest.fixture(scope="module")
+def lock(universal_lock, defaults) -> dict[str, tuple[Requirement, list[str]]]:
+    """The lock as the Dockerfile's default build (its PYTHON_VERSION) installs it."""
+    return locked_for(universal_lock, defaults["PYTHON_VERSION"])
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +155,16 @@ def test_readers_on_a_known_dockerfile_and_lock(tmp_path):
     assert expand("${BASE} $BASE $OTHER", arg_defaults(parsed)) == "img:1@sha256:abc img:1@sha256:abc $OTHER"
 
     lock_file = tmp_path / "lock.txt"
-    lock_file.write_text("# header\nFoo_Bar==1.2 \\\n    --hash=sha256:aa \\\n    --hash=sha256:bb\n    # via x\n")
-    (requirement, hashes), = read_lock(lock_file).values()
+    lock_file.write_text("# header\nFoo_Bar==1.2 \\\n    --hash=sha256:aa \\\n    --hash=sha256:bb\n    # via x\n"
+                         "nx==3.6 ; python_full_version < '3.12' \\\n    --hash=sha256:cc\n"
+                         "nx==3.7 ; python_full_version >= '3.12' \\\n    --hash=sha256:dd\n"
+                         "colorama==0.4 ; sys_platform == 'win32' \\\n    --hash=sha256:ee\n")
+    parsed = read_lock(lock_file)
+    (requirement, hashes), = parsed["foo-bar"]
     assert (requirement.name, pinned_version(requirement), hashes) == ("Foo_Bar", "1.2", ["sha256:aa", "sha256:bb"])
+    for python, nx in [("3.11", "3.6"), ("3.12", "3.7")]:
+        chosen = locked_for(parsed, python)
+        assert pinned_version(chosen["nx"][0]) == nx and "colorama" not in chosen
 
 
 # --- hadolint ------------------------------------------------------------------------------------------
@@ -175,7 +212,7 @@ def test_every_base_image_is_pinned_by_digest(instructions, defaults):
 
 
 def test_base_image_cuda_matches_the_cuda_build_of_torch_in_the_lock(instructions, defaults, lock):
-    (base,) = [expand(arguments.split()[0], defaults) for keyword, arguments in instructions if keyword == "FROM"]
+    (base,) = {expand(arguments.split()[0], defaults) for keyword, arguments in instructions if keyword == "FROM"}
     match = re.match(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", base)
     assert match, f"the base image {base!r} is not an nvidia/cuda image"
     runtimes = [name for name in lock if re.fullmatch(r"nvidia-cuda-runtime(-cu\d+)?", name)]
@@ -185,15 +222,26 @@ def test_base_image_cuda_matches_the_cuda_build_of_torch_in_the_lock(instruction
         f"torch in the lock is built for CUDA {'.'.join(runtime_version[:2])}, the base image has {base}"
     )
     assert "+" not in pinned_version(lock["torch"][0]), "the lock holds a local (e.g. +cpu) torch build"
+    required = re.search(r'NVIDIA_REQUIRE_CUDA="cuda>=(\d+)\.(\d+)"', DOCKERFILE.read_text())
+    assert required and [required[1], required[2]] == runtime_version[:2], "NVIDIA_REQUIRE_CUDA != the lock's CUDA"
 
 
-def test_image_python_is_the_python_the_lock_was_resolved_for(instructions):
-    lock_recipe = makefile_target("lock")
-    python_version = re.search(r"--python-version\s+(\d+\.\d+)", lock_recipe)[1]
-    assert "--python-platform x86_64-manylinux" in lock_recipe
-    assert any(f"python{python_version} -m venv" in run for run in runs(instructions)), (
-        f"the lock is resolved for Python {python_version}, but the image does not create its venv with it"
-    )
+def test_lock_covers_every_python_the_image_may_be_built_with(instructions, defaults, universal_lock, pyproject):
+    flags = re.search(r"^LOCK_FLAGS = (.*)$", (ROOT / "Makefile").read_text(), re.MULTILINE)[1]
+    assert "--universal" in flags and "--extra ray" in flags
+    lowest = re.search(r"--python-version\s+(\d+\.\d+)", flags)[1]
+    assert pyproject["project"]["requires-python"] == f">={lowest}"
+    makefile_python = re.search(r"^PYTHON_VERSION \?= (\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)[1]
+    assert {defaults["PYTHON_VERSION"], makefile_python} <= set(IMAGE_PYTHONS)
+    assert any('"python${PYTHON_VERSION}" -m venv' in run for run in runs(instructions))
+    wanted = [Requirement(d) for d in [*pyproject["project"]["dependencies"],
+                                       *pyproject["project"]["optional-dependencies"]["ray"]]]
+    for python in IMAGE_PYTHONS:
+        chosen = locked_for(universal_lock, python)  # at most one pin per package for this Python
+        for requirement in wanted:
+            name = canonicalize_name(requirement.name)
+            assert name in chosen, f"{requirement} is not locked for Python {python} (make lock)"
+            assert requirement.specifier.contains(pinned_version(chosen[name][0]), prereleases=True)
 
 
 # --- The lock and how it is installed --------------------------------------------------------------------
@@ -210,12 +258,13 @@ def test_every_pyproject_dependency_is_pinned_in_the_lock_with_a_hash(pyproject,
         assert hashes, f"{name} has no hash in requirements.lock"
 
 
-def test_every_locked_package_has_a_sha256_hash(lock):
+def test_every_locked_package_has_a_sha256_hash(universal_lock):
     """pip --require-hashes refuses the whole lock if a single entry lacks one."""
-    for name, (requirement, hashes) in lock.items():
-        pinned_version(requirement)
-        assert hashes, f"{name} has no hash"
-        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), f"{name}: {hashes}"
+    for name, entries in universal_lock.items():
+        for requirement, hashes in entries:
+            pinned_version(requirement)
+            assert hashes, f"{name} has no hash"
+            assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes), f"{name}: {hashes}"
 
 
 def test_locked_torch_is_the_makefile_pin_and_satisfies_pyproject(pyproject, lock):
@@ -226,20 +275,27 @@ def test_locked_torch_is_the_makefile_pin_and_satisfies_pyproject(pyproject, loc
     assert locked == makefile_pin, f"lock has torch {locked}, the Makefile pins {makefile_pin}: run make lock"
 
 
-def test_dockerfile_installs_the_lock_with_require_hashes_and_nothing_unhashed(instructions, defaults):
-    copied_lock = [
-        arguments.split()[-1]
-        for keyword, arguments in instructions
-        if keyword == "COPY" and arguments.split()[0] == "requirements.lock"
-    ]
-    assert copied_lock, "the Dockerfile does not copy requirements.lock"
+def test_dockerfile_installs_the_lock_from_the_wheelhouse_with_require_hashes(instructions):
+    copied = [arguments.split() for keyword, arguments in instructions if keyword == "COPY"]
+    assert ["wheelhouse/py${PYTHON_VERSION}", "/tmp/wheelhouse"] in copied
     pip_installs = [run for run in runs(instructions) if "pip install" in run]
     assert any(
-        "--require-hashes" in run and re.search(rf"-r\s+{re.escape(copied_lock[0])}(\s|$)", run)
+        "--require-hashes" in run and "--no-index" in run and "--find-links /tmp/wheelhouse" in run
+        and re.search(r"-r\s+/tmp/wheelhouse/requirements\.lock(\s|$)", run)
         for run in pip_installs
-    ), "requirements.lock is not installed with pip install --require-hashes -r"
-    for run in pip_installs:  # anything else pip installs must bring no dependencies of its own
-        assert "--require-hashes" in run or "--no-deps" in run, f"unhashed install: {run}"
+    ), "the lock is not installed with pip install --no-index --require-hashes -r from the wheelhouse"
+    for run in pip_installs:  # anything else pip installs must bring nothing of its own, from nowhere
+        assert "--no-index" in run and ("--require-hashes" in run or "--no-deps" in run), f"unhashed: {run}"
+    # The wheelhouse's requirements.lock is the lock itself, comments dropped.
+    script = (ROOT / "docker" / "wheelhouse.sh").read_text()
+    assert """grep -v '^ *#' "$lock" >"$out/requirements.lock\"""" in script
+
+
+def test_wheelhouse_is_ignored_by_git_and_reaches_only_the_builder(instructions):
+    assert "/wheelhouse/" in (ROOT / ".gitignore").read_text().split()
+    final_stage = DOCKERFILE.read_text().rsplit("\nFROM ", 1)[1]
+    assert "COPY wheelhouse" not in final_stage
+    assert "COPY --from=builder /opt/venv /opt/venv" in final_stage
 
 
 # --- The build context and the runtime -------------------------------------------------------------------
@@ -279,9 +335,13 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_heavy(instru
         line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    sources = [s for keyword, arguments in instructions if keyword == "COPY" for s in arguments.split()[:-1]]
+    sources = [s for keyword, arguments in instructions if keyword == "COPY" and "--from=" not in arguments
+               for s in arguments.split()[:-1]]
     assert sources
     for source in sources:
+        if source.startswith("wheelhouse/"):  # made by `make wheelhouse`, not in the repository
+            assert in_build_context("wheelhouse/py3.11/torch-2.13.0-cp311-cp311-manylinux_2_28_x86_64.whl", rules)
+            continue
         path = ROOT / source
         assert path.exists(), f"the Dockerfile copies {source}, which is not in the repository"
         files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
