@@ -104,7 +104,7 @@ def test_auto_masks_come_from_the_file_or_a_recorded_weight_pruning(tiny_qwen3, 
     folder.mkdir()
     masks, source = masks_of(folder, loaded.adapter)
     assert len(masks) == 0 and source.startswith("none")  # zeros are not guessed without a recorded pruning
-    (folder / "prunelab.json").write_text(json.dumps({"strategy": "magnitude", "sparsity": {}}))
+    (folder / "prunelab.json").write_text(json.dumps({"format": "prunelab-recipe/1", "strategy": "magnitude", "sparsity": {}}))
     masks, _ = masks_of(folder, loaded.adapter)
     assert set(masks) == set(pruned.masks) and all(torch.equal(masks[n], pruned.masks[n]) for n in masks)
     pruned.masks.save(folder / "masks.safetensors")
