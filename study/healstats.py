@@ -58,7 +58,7 @@ def healing_table(items: pl.DataFrame, summary: pl.DataFrame) -> pl.DataFrame:
 
 def _row(versus: dict[str, Any], healed: str, base: str, summary: pl.DataFrame) -> dict[str, Any]:
     task, metric = versus["task"], versus["metric"]
-    column = "accuracy" if versus["kind"] == "accuracy" else "perplexity"
+    column = "value"  # the metric itself, whatever its kind (accuracy, perplexity, a mean)
 
     def of(variant: str) -> dict[str, Any]:
         found = summary.filter((pl.col("variant") == variant) & (pl.col("task") == task) & (pl.col("metric") == metric))

@@ -252,9 +252,10 @@ def test_study_heals_each_variant_and_reports_before_and_after(tiny_qwen3, small
     for row in healing.iter_rows(named=True):
         after = summary.filter((pl.col("variant") == row["variant"]) & (pl.col("task") == row["task"]))
         before = summary.filter((pl.col("variant") == row["unhealed"]) & (pl.col("task") == row["task"]))
-        column = "accuracy" if row["kind"] == "accuracy" else "perplexity"
-        assert row["after"] == after[column][0] and row["before"] == before[column][0]
-    wikitext = healing.filter(pl.col("task") == "wikitext")
+        after = after.filter(pl.col("metric") == row["metric"])
+        before = before.filter(pl.col("metric") == row["metric"])
+        assert row["after"] == after["value"][0] and row["before"] == before["value"][0]
+    wikitext = healing.filter((pl.col("task") == "wikitext") & (pl.col("metric") == "perplexity"))
     assert (wikitext["after"] != wikitext["before"]).all(), "healing must change the model"
     manifest = json.loads((run / "manifest.json").read_text())
     healed_report = manifest["variants"]["drop-block[k=2]+lora"]
