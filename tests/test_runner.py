@@ -169,13 +169,15 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     variants = ["dense", "drop-layers[layers=1]", "drop-layers[layers=3]", "magnitude[sparsity=50,order=smallest]"]
     assert list(dict.fromkeys(items["variant"])) == variants
     counts = dict(((task, metric), n) for task, metric, n in items.group_by("task", "metric").len().iter_rows())
-    assert counts == {("mmlu", "acc"): 4 * 4, ("gsm8k", "exact_match_strict"): 4 * 2,
-                      ("gsm8k", "exact_match_flexible"): 4 * 2, ("wikitext", "perplexity"): 4 * 2}
-    wikitext = items.filter(pl.col("task") == "wikitext")
+    assert counts == {("mmlu", "acc"): 4 * 4, ("mmlu", "gold_prob"): 4 * 4, ("gsm8k", "exact_match_strict"): 4 * 2,
+                      ("gsm8k", "exact_match_flexible"): 4 * 2, ("wikitext", "perplexity"): 4 * 2,
+                      ("wikitext", "kl_mean"): 4 * 2, ("wikitext", "top1_agree"): 4 * 2}
+    wikitext = items.filter((pl.col("task") == "wikitext") & (pl.col("metric") == "perplexity"))
     assert wikitext["correct"].null_count() == 8 and (wikitext["tokens"] == 63).all()
     # every variant is compared with the dense model, also those the killed session left to the resumed one
-    assert wikitext["kl_mean"].null_count() == 0 and (wikitext.filter(pl.col("variant") != "dense")["kl_mean"] > 0).all()
-    for row in items.filter(pl.col("task") == "mmlu").iter_rows(named=True):  # rows are the evaluator's records
+    kl = items.filter((pl.col("task") == "wikitext") & (pl.col("metric") == "kl_mean"))
+    assert kl["value"].null_count() == 0 and (kl.filter(pl.col("variant") != "dense")["value"] > 0).all()
+    for row in items.filter((pl.col("task") == "mmlu") & (pl.col("metric") == "acc")).iter_rows(named=True):
         lls = json.loads(row["loglikelihoods"])
         assert row["prediction"] == "ABCD"[max(range(4), key=lambda j: lls[j])]
         assert row["correct"] == (row["prediction"] == row["target"])
@@ -205,7 +207,8 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     # 6. the manifest says what ran: declared metrics, decoding, machine, tests; the config hash covers the code
     assert {(m["task"], m["name"], m["kind"]) for m in manifest["metrics"]} == {
         ("mmlu", "acc", "accuracy"), ("gsm8k", "exact_match_strict", "accuracy"),
-        ("gsm8k", "exact_match_flexible", "accuracy"), ("wikitext", "perplexity", "perplexity")}
+        ("gsm8k", "exact_match_flexible", "accuracy"), ("wikitext", "perplexity", "perplexity"),
+        ("mmlu", "gold_prob", "mean"), ("wikitext", "kl_mean", "mean"), ("wikitext", "top1_agree", "mean")}
     assert manifest["decoding"]["decoding"].startswith("greedy") and manifest["machine"]["torch_threads"] == 1
     assert manifest["config"]["code"]["prunelab"] and "statistics" in manifest
 
@@ -443,19 +446,21 @@ def test_layer_sweep_in_the_runner_equals_one_pruned_model_per_variant(tiny_qwen
     got, expected = sorted_items(swept), sorted_items(naive)
     assert got.select("variant", "task", "metric", "item_id", "prediction", "correct").equals(
         expected.select("variant", "task", "metric", "item_id", "prediction", "correct"))
-    mmlu = got["task"] == "mmlu"
+    mmlu = (pl.col("task") == "mmlu") & (pl.col("metric") == "acc")  # one row per question
     lls = [json.loads(x) for x in got.filter(mmlu)["loglikelihoods"]]
     reference = [json.loads(x) for x in expected.filter(mmlu)["loglikelihoods"]]
     assert len(lls) == 6 * 4 and lls == [pytest.approx(r, abs=1e-5) for r in reference]
-    windows = got["task"] == "wikitext"
+    windows = (pl.col("task") == "wikitext") & (pl.col("metric") == "perplexity")
     assert got.filter(windows)["nll_sum"].to_list() == pytest.approx(expected.filter(windows)["nll_sum"].to_list(), rel=1e-6)
     # fidelity to dense: the sweep compares with its own dense pass, the naive run with the stored reference
-    for column in ("kl_mean", "top1_agree"):
-        assert got.filter(windows)[column].to_list() == pytest.approx(expected.filter(windows)[column].to_list(),
-                                                                      rel=1e-5, abs=1e-7)
-    dense_windows = got.filter(windows & (pl.col("variant") == "dense"))
-    assert (dense_windows["kl_mean"] == 0).all() and (dense_windows["top1_agree"] == 1).all()
-    assert (got.filter(windows & (pl.col("variant") != "dense"))["kl_mean"] > 0).all()
+    for metric in ("kl_mean", "top1_agree"):
+        rows = (pl.col("task") == "wikitext") & (pl.col("metric") == metric)
+        assert got.filter(rows)["value"].to_list() == pytest.approx(expected.filter(rows)["value"].to_list(),
+                                                                    rel=1e-5, abs=1e-7)
+    kl, top1 = ((pl.col("task") == "wikitext") & (pl.col("metric") == m) for m in ("kl_mean", "top1_agree"))
+    dense = pl.col("variant") == "dense"
+    assert (got.filter(kl & dense)["value"] == 0).all() and (got.filter(top1 & dense)["value"] == 1).all()
+    assert (got.filter(kl & ~dense)["value"] > 0).all()
     gsm8k = got["task"] == "gsm8k"  # generated, one pruned model at a time either way
     assert got.filter(gsm8k)["generated"].to_list() == expected.filter(gsm8k)["generated"].to_list()
     assert len(set(lls[4 * k][0] for k in range(6))) == 6, "variants must differ from each other"
