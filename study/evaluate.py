@@ -25,6 +25,7 @@ from .engine import Engine
 from .errors import PrunelabError
 from .hookspecs import Evaluator
 from .modeling import LoadedModel
+from .readers import atomic_write
 from .reference import ReferenceStore
 from .registry import Registry, default_registry
 from .tasks import Item, TaskResult
@@ -149,19 +150,10 @@ def write_outputs(run: EvalRun, out_dir: str | os.PathLike) -> Path:
     """Write results.json and items.parquet atomically (a reader never sees half a file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results_document(run), indent=2) + "\n"))
-    _atomic_write(out / "items.parquet", lambda p: items_frame(run).write_parquet(p))
+    atomic_write(out / "results.json", lambda p: p.write_text(json.dumps(results_document(run), indent=2) + "\n"))
+    atomic_write(out / "items.parquet", lambda p: items_frame(run).write_parquet(p))
     return out
 
-
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        write(staging)
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)  # a full disk leaves no half file behind
-        raise
 
 
 def _finite(value: Any) -> Any:

@@ -19,13 +19,24 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from .errors import FileProblem
+
+
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(staging)`` then rename onto ``path``: a reader never sees half a file, a failed write leaves none."""
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)

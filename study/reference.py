@@ -10,11 +10,12 @@ of the same chunk loads it. Evaluators that need no reference ignore the store.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .readers import atomic_write
 
 
 class ReferenceStore:
@@ -29,9 +30,8 @@ class ReferenceStore:
         if not self.is_dense:
             raise RuntimeError("only the dense model's evaluation writes the reference")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        staging = self.path.with_name(f".{self.path.name}.tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging), metadata=metadata or {})
-        os.replace(staging, self.path)
+        atomic_write(self.path, lambda staging: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                                          str(staging), metadata=metadata or {}))
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
         """The dense model's tensors and metadata for this chunk, or None when it left none."""

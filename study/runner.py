@@ -35,7 +35,7 @@ import re
 import shutil
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ from .hookspecs import MetricSpec
 from .layersweep import LayerSweep
 from .modeling import LoadedModel, choose_device, choose_dtype, load_model, source_fingerprint
 from .pruning import MaskSet, prune, validate_options
-from .readers import describe, read_json, read_parquet, read_utf8, reading
+from .readers import atomic_write, describe, read_json, read_parquet, read_utf8, reading
 from .recovery import check_disjoint, heal, healed_name, study_recovery
 from .reference import ReferenceStore
 from .registry import Registry, default_registry
@@ -541,7 +541,7 @@ class WorkFolder:
                     f"use another --out, or delete the folder to discard it")
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic(self.root / "config.json", lambda p: p.write_text(json.dumps({"config_hash": digest, "config": config}, indent=2)))
+        atomic_write(self.root / "config.json", lambda p: p.write_text(json.dumps({"config_hash": digest, "config": config}, indent=2)))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -583,7 +583,7 @@ class WorkFolder:
             path.parent.mkdir(parents=True, exist_ok=True)
             frame.write_parquet(staging)
             digest = file_digest(staging)
-            _atomic(checksum_path(path), lambda p: p.write_text(digest + "\n", encoding="utf-8"))
+            atomic_write(checksum_path(path), lambda p: p.write_text(digest + "\n", encoding="utf-8"))
             os.replace(staging, path)
         except (OSError, pl.exceptions.PolarsError) as exc:
             staging.unlink(missing_ok=True)
@@ -639,7 +639,7 @@ class WorkFolder:
 
     def save_plan(self, plan: Plan) -> None:
         doc = {"variants": [dataclasses.asdict(v) for v in plan.variants], "chunks": plan.chunks}
-        _atomic(self.root / "plan.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
+        atomic_write(self.root / "plan.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
 
     def log(self, **event: Any) -> None:
         """Append one event (a chunk evaluated, a variant pruned); a torn last line is skipped on reading."""
@@ -687,15 +687,6 @@ class Plan:
                 for index, bounds in enumerate(ranges):
                     yield variant, task, index, bounds
 
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        write(staging)
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)  # a failed write leaves no half file behind
-        raise
 
 
 def checksum_path(chunk: Path) -> Path:
@@ -907,7 +898,7 @@ class _Session:
         result = {"parameters": parameter_count(loaded.model), "decoder_layers": loaded.adapter.num_layers,
                   **measure(loaded.adapter, **self.study.bench)}
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic(path, lambda staging: staging.write_text(json.dumps(result, default=str), encoding="utf-8"))
+        atomic_write(path, lambda staging: staging.write_text(json.dumps(result, default=str), encoding="utf-8"))
         self.work.log(event="bench", variant=variant.name)
 
     def sweepable(self, variant: Variant, task: str) -> bool:
