@@ -30,7 +30,13 @@ DATA = SHARED / "data"
 def make(*arguments: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "--no-print-directory", "-s", f"PYTHON={sys.executable}", *arguments],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**outside_make(os.environ), **(env or {})})
+
+
+def outside_make(environ) -> dict[str, str]:
+    """The environment without make's own variables: under `make test` (CI) the child make would
+    otherwise run as a sub-make and add a 'make[1]: ***' line to the one-line errors under test."""
+    return {k: v for k, v in environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"}}
 
 
 def docker_answers() -> bool:
