@@ -96,7 +96,7 @@ USER ${APP_UID}:${APP_UID}
 ENTRYPOINT ["prunelab"]
 CMD ["study", "run", "studies/seed.toml"]
 
-# Provenance for the run manifest (prunelab.artifacts.container_provenance): the commit the image was
+# Provenance for the run manifest (prunelab.report.artifacts.container_provenance): the commit the image was
 # built from (read when there is no git checkout), its tag, and the base image's reference and ID.
 # The image's own ID cannot be known inside it: `make study` passes it as PRUNELAB_CONTAINER_IMAGE.
 # Last, so that a new commit rebuilds only these two layers.

@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from prunelab.adapter import adapt
-from prunelab.engine import DenseReference, Engine, head_fingerprint
-from prunelab.modeling import load_model
-from prunelab.surgery import drop_layers
-from prunelab.windows import consecutive_windows, window_bos
+from prunelab.evaluate.engine import DenseReference, Engine, head_fingerprint
+from prunelab.model.adapter import adapt
+from prunelab.model.loading import load_model
+from prunelab.model.surgery import drop_layers
+from prunelab.model.windows import consecutive_windows, window_bos
 
 HERE = Path(__file__).resolve().parent
 SHARED = Path(os.environ.get("PRUNELAB_SHARED", HERE.parent.parent / "shared"))

@@ -1,7 +1,7 @@
 """Healing after layer removal: WikiText-2 perplexity and KL to dense, before and after a LoRA heal.
 
 For each K: drop the contiguous block of K layers with the smallest angular distance (drop-block,
-calibrated on the WikiText-2 *validation* file), score it, heal it with ``prunelab.recovery.heal``
+calibrated on the WikiText-2 *validation* file), score it, heal it with ``prunelab.prune.recovery.heal``
 (LoRA on every decoder Linear, trained on the same validation file, never the test split), score it
 again. Scoring runs on the same WikiText-2 *test* windows for dense and every variant:
 
@@ -11,7 +11,7 @@ again. Scoring runs on the same WikiText-2 *test* windows for dense and every va
 
 Time per healing step is the median of the method's own per-step timings (forward, backward,
 optimizer step); peak memory is the process's peak RSS while healing (VmHWM reset at the start,
-``prunelab.benchmodel.PeakMemory``; on CUDA ``max_memory_allocated``).
+``prunelab.model.bench.PeakMemory``; on CUDA ``max_memory_allocated``).
 
 Usage (the BENCHMARKS.md runs, CPU):
     OMP_NUM_THREADS=2 python benchmarks/bench_healing.py --model ~/.cache/prunelab-test-models/smollm2/*.gguf \\
@@ -80,8 +80,8 @@ def score(model, windows: torch.Tensor, dense: list[torch.Tensor] | None) -> dic
 
 
 def drop_block(dense, k: int, calibration: dict[str, Any]):
-    from prunelab.adapter import adapt
-    from prunelab.pruning import prune
+    from prunelab.model.adapter import adapt
+    from prunelab.prune.api import prune
 
     model = copy.deepcopy(dense.model)
     loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
@@ -92,8 +92,8 @@ def drop_block(dense, k: int, calibration: dict[str, Any]):
 
 
 def heal_timed(loaded, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from prunelab.benchmodel import PeakMemory
-    from prunelab.recovery import heal
+    from prunelab.model.bench import PeakMemory
+    from prunelab.prune.recovery import heal
 
     with PeakMemory(loaded.device) as peak:
         report = heal(loaded, "lora", seed=0, progress=lambda step, loss: print(f"  step {step} loss {loss:.4f}",
@@ -127,7 +127,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from prunelab.modeling import load_model
+    from prunelab.model.loading import load_model
 
     started = time.perf_counter()
     dense = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -18,7 +18,7 @@ median over rounds; the speedup is the median over rounds of the paired
 ratio dense seconds / variant seconds of the same round, with its range over rounds.
 
 Expected speedup for K of N layers: N/(N-K) for the decoder layers alone, and the per-token matmul
-bound with the output head (``prunelab.benchmodel.expected_speedup``); zeros in dense tensors:
+bound with the output head (``prunelab.model.bench.expected_speedup``); zeros in dense tensors:
 1.0 (the same dense matmuls run).
 
 Usage (the BENCHMARKS.md run):
@@ -51,8 +51,8 @@ CALIBRATION = SHARED / "data" / "calibration" / "wikitext-2-valid.tokens.txt"
 
 def build_variants(dense, ks: list[int], calibration: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
     """name -> (loaded model, prune report or {}); the dense model itself is never changed."""
-    from prunelab.adapter import adapt
-    from prunelab.pruning import prune
+    from prunelab.model.adapter import adapt
+    from prunelab.prune.api import prune
 
     def copy_of():
         model = copy.deepcopy(dense.model)
@@ -73,7 +73,7 @@ def build_variants(dense, ks: list[int], calibration: dict[str, Any]) -> dict[st
 
 def file_bytes(loaded) -> int:
     """Size of the weights ``save_pretrained`` writes for this variant (saved to a temporary folder)."""
-    from prunelab.benchmodel import weight_file_bytes
+    from prunelab.model.bench import weight_file_bytes
 
     folder = Path(tempfile.mkdtemp(prefix="prunelab-bench-"))
     try:
@@ -85,7 +85,7 @@ def file_bytes(loaded) -> int:
 
 def measure_rounds(variants, lengths: list[int], batches: list[int], new_tokens: int, repeats: int) -> dict:
     """seconds[variant][config] over ``repeats`` interleaved rounds (after one warm-up round)."""
-    from prunelab.benchmodel import random_prompts, time_decode, time_prefill
+    from prunelab.model.bench import random_prompts, time_decode, time_prefill
 
     configs = [("prefill", length, 1) for length in lengths] + [("decode", min(lengths), b) for b in batches]
     seconds: dict[str, dict[tuple, list[float]]] = {name: {c: [] for c in configs} for name in variants}
@@ -122,8 +122,8 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    from prunelab.benchmodel import expected_speedup, parameter_count, parse_int_list
-    from prunelab.modeling import load_model
+    from prunelab.model.bench import expected_speedup, parameter_count, parse_int_list
+    from prunelab.model.loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """Single-layer sweep through the study runner: shared-prefix reuse (LayerSweep) vs one pruned model each.
 
 The same study (dense + every single-layer removal, MMLU 5-shot on a few subjects and WikiText-2
-windows) is run twice through ``prunelab.runner.run_study``: once as users get it (the layer sweep:
+windows) is run twice through ``prunelab.runner.run.run_study``: once as users get it (the layer sweep:
 layers below the removed one computed once per chunk for all variants) and once with
 ``layer_sweep=False`` (each variant a pruned copy evaluated from scratch -- the naive loop). Reports
 wall and process-CPU seconds of both, their ratio, and how the per-item results compare: identical
@@ -23,7 +23,9 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from prunelab import runner
+from prunelab.model.loading import load_model
+from prunelab.runner.run import run_study
+from prunelab.runner.studyfile import load_study
 
 HERE = Path(__file__).resolve().parent
 
@@ -63,7 +65,7 @@ layers = "each"
 
 def timed_run(study, out: Path, layer_sweep: bool) -> tuple[pl.DataFrame, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
-    run = runner.run_study(study, out, layer_sweep=layer_sweep)
+    run = run_study(study, out, layer_sweep=layer_sweep)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     items = pl.read_parquet(run / "items.parquet").sort("variant", "task", "metric", "item_id")
     return items, wall, cpu
@@ -104,8 +106,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         data = small_data(Path(args.data_dir), args.subjects, folder / "data")
-        study = runner.load_study(study_file(folder, args, data))
-        runner.load_model(study.model, dtype=args.dtype)  # converts a GGUF once, outside both timings
+        study = load_study(study_file(folder, args, data))
+        load_model(study.model, dtype=args.dtype)  # converts a GGUF once, outside both timings
         naive, naive_wall, naive_cpu = timed_run(study, folder / "naive", layer_sweep=False)
         sweep, sweep_wall, sweep_cpu = timed_run(study, folder / "sweep", layer_sweep=True)
     report = {

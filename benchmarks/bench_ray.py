@@ -30,17 +30,18 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from prunelab import runner
-from prunelab.executors import ExecutorSettings, make_executor
+from prunelab.runner.executors import ExecutorSettings, make_executor
+from prunelab.runner.run import run_study
+from prunelab.runner.studyfile import Study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_once(study: runner.Study, out: Path, workers: int | None) -> dict:
+def run_once(study: Study, out: Path, workers: int | None) -> dict:
     executor = None if workers is None else make_executor(ExecutorSettings(kind="ray", workers=workers))
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    folder = runner.run_study(study, out, executor=executor)
+    folder = run_study(study, out, executor=executor)
     wall = time.perf_counter() - started
     manifest = json.loads((folder / "manifest.json").read_text())
     timings = manifest["timings"]
@@ -124,7 +125,7 @@ def main() -> None:
     if args.quick:
         path = quick_study(path)
     try:
-        study = runner.load_study(path)
+        study = load_study(path)
     finally:
         if args.quick:
             path.unlink()

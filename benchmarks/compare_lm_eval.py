@@ -112,7 +112,7 @@ def lm_gsm8k_records(samples: list) -> dict[str, dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- prunelab side
 def prunelab_records(engine, task, items) -> dict[str, dict[str, Any]]:
-    from prunelab.evaluate import PreparedTask, run_task
+    from prunelab.evaluate.run import PreparedTask, run_task
 
     result = run_task(engine, PreparedTask(task.evaluator, items, task.options))
     return {r["item_id"]: r for r in result.records}
@@ -207,7 +207,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_folder(spec: str) -> Path:
-    from prunelab.modeling import classify_source, gguf_to_folder
+    from prunelab.model.loading import classify_source, gguf_to_folder
 
     kind, path = classify_source(spec)
     if kind == "gguf":
@@ -225,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from lm_eval.tasks import TaskManager
 
-    from prunelab.data import DataSource, Subset
-    from prunelab.engine import Engine
-    from prunelab.evaluate import prepare_tasks
-    from prunelab.modeling import load_model
+    from prunelab.evaluate.data import DataSource, Subset
+    from prunelab.evaluate.engine import Engine
+    from prunelab.evaluate.run import prepare_tasks
+    from prunelab.model.loading import load_model
 
     os.environ["PRUNELAB_DATA"] = args.data_dir  # read by benchmarks/lm_eval_tasks/utils.py
     folder = resolve_folder(args.model)

@@ -81,7 +81,7 @@ def peak_memory(device: torch.device):
 
 
 def perplexity(lm, windows: torch.Tensor) -> tuple[float, float]:
-    from prunelab.engine import Engine
+    from prunelab.evaluate.engine import Engine
 
     engine = Engine(lm.model, lm.tokenizer, lm.adapter)
     start = time.perf_counter()
@@ -95,7 +95,7 @@ def wikitext_windows(tokenizer, seqlen: int, count: int | None) -> tuple[torch.T
 
     raw = (SHARED / "data" / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8")
     text = "\n\n".join(lines_from_raw(raw))
-    from prunelab.windows import consecutive_windows, window_bos, window_count
+    from prunelab.model.windows import consecutive_windows, window_bos, window_count
 
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt", verbose=False)["input_ids"][0]
     bos = window_bos(tokenizer)  # the evaluator's windows: BOS first where the tokenizer adds it
@@ -106,8 +106,8 @@ def wikitext_windows(tokenizer, seqlen: int, count: int | None) -> tuple[torch.T
 
 def run_variant(args, method: str, pattern: str) -> dict[str, Any]:
     """Load, prune and score one variant (in its own process, so memory baselines are clean)."""
-    from prunelab.modeling import load_model
-    from prunelab.pruning import prune
+    from prunelab.model.loading import load_model
+    from prunelab.prune.api import prune
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -183,7 +183,7 @@ def main() -> None:
         print("ROW " + json.dumps(run_variant(args, method, pattern)), flush=True)
         return
 
-    from prunelab.modeling import load_model
+    from prunelab.model.loading import load_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.importance import (
+from prunelab.model import drop_layers
+from prunelab.plugin import Strategy, hookimpl
+from prunelab.prune import (
+    PruneContext,
     best_block,
     check_removal_count,
     layer_count_option,
     representation_stats,
     samples_for_context,
 )
-from prunelab.pruning import PruneContext
-from prunelab.surgery import drop_layers
 
 
 def prune(model, options: dict[str, Any], context: PruneContext) -> dict[str, Any]:

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunelab.data import DataSource, Subset
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.importance import (
+from prunelab.evaluate import DataSource, Subset
+from prunelab.plugin import Option, Strategy, hookimpl
+from prunelab.prune import (
+    PruneContext,
     check_removal_count,
     layer_count_option,
     plan_greedy,
     plan_greedy_by_task,
     samples_for_context,
 )
-from prunelab.options import Option
-from prunelab.pruning import PruneContext
 
 GUIDES = ("calibration", "mmlu", "wikitext")
 

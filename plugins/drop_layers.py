@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.options import Option
-from prunelab.pruning import PruneContext
-from prunelab.surgery import check_layer_spec, drop_layers
+from prunelab.model import check_layer_spec, drop_layers
+from prunelab.plugin import Option, Strategy, hookimpl
+from prunelab.prune import PruneContext
 
 
 def prune(model, options: dict[str, Any], context: PruneContext) -> dict[str, Any]:

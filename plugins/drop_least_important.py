@@ -1,6 +1,6 @@
 """Strategy ``drop-least-important``: remove the K layers with the lowest importance score.
 
-The score (``bi``, ``angular`` or ``ppl``, see ``prunelab.importance``) is computed once on a few
+The score (``bi``, ``angular`` or ``ppl``, see ``prunelab.prune.layer_scores``) is computed once on a few
 calibration samples; the K lowest-scoring layers are then removed together, as ShortGPT does with
 Block Influence. Unlike ``drop-greedy`` the rest are not re-scored after each removal.
 """
@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.importance import (
+from prunelab.model import drop_layers
+from prunelab.plugin import Option, Strategy, hookimpl
+from prunelab.prune import (
     METRICS,
+    PruneContext,
     check_removal_count,
     layer_count_option,
     samples_for_context,
     score_layers,
 )
-from prunelab.options import Option
-from prunelab.pruning import PruneContext
-from prunelab.surgery import drop_layers
 
 
 def prune(model, options: dict[str, Any], context: PruneContext) -> dict[str, Any]:

@@ -11,12 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prunelab.data import DataSource, Subset, load_hub_split, read_jsonl
-from prunelab.engine import Engine, GenerationRequest
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
-from prunelab.options import Option
-from prunelab.tasks import Item, TaskResult, mean_and_stderr
+from prunelab.evaluate import DataSource, Engine, GenerationRequest, Subset, load_hub_split, read_jsonl
+from prunelab.plugin import Evaluator, Item, MetricSpec, Option, TaskResult, hookimpl, mean_and_stderr
 
 STOP = ("Question:", "</s>", "<|im_end|>")
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")

@@ -4,7 +4,7 @@ The recipe of the depth-pruning papers (LLM-Pruner; Gromov et al. with QLoRA): l
 the decoder's Linear layers, a few hundred steps of next-token loss on generic text, merged into
 the weights. Targets are found like the pruning targets -- every ``nn.Linear`` inside the decoder
 layers, whatever the family calls them -- and can be narrowed by name (``q_proj,v_proj``). The core
-(``prunelab.recovery.heal``) re-applies the pruning masks after the merge.
+(``prunelab.prune.recovery.heal``) re-applies the pruning masks after the merge.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Recovery, hookimpl
-from prunelab.options import Option
-from prunelab.recovery import RecoveryContext
+from prunelab.plugin import Option, Recovery, hookimpl
+from prunelab.prune import RecoveryContext
 
 
 def _positive(value: float) -> str | None:

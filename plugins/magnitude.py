@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunelab.calibration import allocation_options, layer_sparsities, target_fractions
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.options import Option
-from prunelab.pruning import (
+from prunelab.plugin import Option, Strategy, hookimpl
+from prunelab.prune import (
     ORDERS,
     SCOPES,
     MaskSet,
     PruneContext,
+    allocation_options,
     apply_mask,
+    layer_sparsities,
     magnitude_scores,
     mask_from_scores,
     nm_mask,
     resolve_sparsity,
     sparsity_report,
+    target_fractions,
     targets_from_options,
     weight_pruning_options,
 )

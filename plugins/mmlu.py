@@ -16,12 +16,9 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from prunelab.data import DataSource, Subset, load_hub_split, read_csv_rows
-from prunelab.engine import Engine, LoglikelihoodRequest
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
-from prunelab.options import Option
-from prunelab.tasks import Item, TaskResult, mean_and_stderr
+from prunelab.evaluate import DataSource, Engine, LoglikelihoodRequest, Subset, load_hub_split, read_csv_rows
+from prunelab.plugin import Evaluator, Item, MetricSpec, Option, TaskResult, hookimpl, mean_and_stderr
 
 LETTERS = ("A", "B", "C", "D")
 METRICS = (

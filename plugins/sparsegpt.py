@@ -16,14 +16,63 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.calibration import Hessian, allocation_options, calibrated_prune
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.options import Option
-from prunelab.pruning import PruneContext, mask_from_scores, nm_mask, pattern_option, sparsity_option
+from prunelab.plugin import Option, Strategy, hookimpl
+from prunelab.prune import (
+    PruneContext,
+    allocation_options,
+    calibrated_prune,
+    mask_from_scores,
+    nm_mask,
+    pattern_option,
+    sparsity_option,
+)
 
 DEFAULT_BLOCKSIZE = 128
 DEFAULT_DAMP = 0.01
+
+
+class Hessian:
+    """SparseGPT's H = 2/n * sum over samples of X X^T, kept as a running mean in float32.
+
+    ``n`` counts calibration samples (sequences), as in the reference code; the scale does not
+    matter to the result (damping is relative to the mean diagonal).
+    """
+
+    def __init__(self, module: nn.Linear) -> None:
+        self.H = torch.zeros(module.in_features, module.in_features, dtype=torch.float32, device=module.weight.device)
+        self.samples = 0
+        self._inverse: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, inputs: torch.Tensor) -> None:
+        self.H *= self.samples / (self.samples + 1)
+        self.samples += 1
+        x = inputs.float() * (2 / self.samples) ** 0.5
+        self.H.addmm_(x.T, x)
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """||X_j||_2 up to a common factor (the diagonal), so OWL/Wanda scores work from a Hessian too."""
+        return self.H.diagonal().clamp(min=0).sqrt()
+
+    def inverse_cholesky(self, damp_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(upper Cholesky factor of the damped H^-1, dead-column mask), cached: q/k/v share one H."""
+        if damp_fraction not in self._inverse:
+            H = self.H.clone()
+            dead = H.diagonal() == 0
+            H[dead, dead] = 1
+            damp = damp_fraction * H.diagonal().mean()
+            for _ in range(6):  # grow the damping if H is numerically not positive definite
+                try:
+                    L = torch.linalg.cholesky(H + damp * torch.eye(len(H), device=H.device))
+                    break
+                except torch.linalg.LinAlgError:
+                    damp = damp * 10 if damp > 0 else 1e-6 * H.diagonal().abs().mean().clamp(min=1e-12)
+            else:
+                raise PrunelabError("SparseGPT: the Hessian is not positive definite even with strong damping")
+            inverse = torch.cholesky_inverse(L)
+            self._inverse[damp_fraction] = (torch.linalg.cholesky(inverse, upper=True), dead)
+        return self._inverse[damp_fraction]
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 The score of weight W_ij is |W_ij| times the L2 norm of input feature j over all calibration tokens,
 compared within each output row i (unstructured) or within each group of M consecutive inputs (N:M).
-The calibration pass, the layer-by-layer propagation and OWL come from ``prunelab.calibration``.
+The calibration pass, the layer-by-layer propagation and OWL come from ``prunelab.prune.calibration``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.calibration import InputNorms, allocation_options, calibrated_prune, wanda_scores
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.pruning import PruneContext, mask_from_scores, nm_mask, pattern_option, sparsity_option
+from prunelab.plugin import Strategy, hookimpl
+from prunelab.prune import (
+    InputNorms,
+    PruneContext,
+    allocation_options,
+    calibrated_prune,
+    mask_from_scores,
+    nm_mask,
+    pattern_option,
+    sparsity_option,
+    wanda_scores,
+)
 
 
 def wanda_keep_mask(weight: torch.Tensor, norms: torch.Tensor, sparsity: float,

@@ -5,7 +5,7 @@ non-overlapping windows of ``seqlen`` tokens (default 2048, never the model's 40
 and perplexity is exp of the mean NLL over every predicted token. Windows are the items, so
 ``--fraction``/``--limit`` choose windows and each window's NLL is kept for paired comparisons.
 A window starts as the model's tokenizer starts a text: BOS first where it adds one
-(``prunelab.windows``, shared with calibration), with ``seqlen - 1`` scored tokens either way.
+(``prunelab.model.windows``, shared with calibration), with ``seqlen - 1`` scored tokens either way.
 
 Fidelity to the dense model (llama.cpp's ``perplexity --kl-divergence``): in a study the dense
 model's evaluation stores its final hidden states per chunk (``DenseReference``); each variant's
@@ -22,14 +22,19 @@ from typing import Any
 
 import torch
 
-from prunelab.data import DataSource, Subset, load_hub_split
-from prunelab.engine import DenseReference, Engine, WindowScores, head_fingerprint
 from prunelab.errors import PrunelabError
-from prunelab.hookspecs import Evaluator, MetricSpec, hookimpl
-from prunelab.options import Option
+from prunelab.evaluate import (
+    DataSource,
+    DenseReference,
+    Engine,
+    Subset,
+    WindowScores,
+    head_fingerprint,
+    load_hub_split,
+)
+from prunelab.model import consecutive_windows, window_bos, window_count
+from prunelab.plugin import Evaluator, Item, MetricSpec, Option, TaskResult, hookimpl
 from prunelab.readers import read_utf8
-from prunelab.tasks import Item, TaskResult
-from prunelab.windows import consecutive_windows, window_bos, window_count
 
 METRICS = (
     MetricSpec("perplexity", "perplexity", None, higher_is_better=False, label="perplexity"),

@@ -25,9 +25,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
-from .errors import PrunelabError
-from .readers import check_output_file, check_output_folder, describe
+from prunelab import __version__
+from prunelab.errors import PrunelabError
+from prunelab.readers import check_output_file, check_output_folder, describe
 
 console = Console(stderr=True)
 out = Console()
@@ -54,7 +54,7 @@ def progress_bars():
 
 # ---------------------------------------------------------------------- shared arguments
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from .modeling import DEFAULT_MODEL
+    from prunelab.model.loading import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, local HF folder, or .gguf file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -83,20 +83,20 @@ def common_task_options(args: argparse.Namespace) -> dict:
 
 
 def subset_from(args: argparse.Namespace):
-    from .data import Subset
+    from prunelab.evaluate.data import Subset
 
     return Subset(fraction=args.fraction, sample=args.sample, limit=args.limit, seed=args.seed)
 
 
 def engine_for(loaded, args: argparse.Namespace):
-    from .engine import Engine
+    from prunelab.evaluate.engine import Engine
 
     return Engine(loaded.model, loaded.tokenizer, loaded.adapter, batch_tokens=args.batch_tokens,
                   chat_template=args.chat_template, enable_thinking=args.enable_thinking)
 
 
 def load_from(args: argparse.Namespace):
-    from .modeling import load_model
+    from prunelab.model.loading import load_model
 
     with console.status(f"loading {args.model}"):
         return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -111,8 +111,8 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
 
 @command("eval", "evaluate a model (MMLU, GSM8K, WikiText-2 perplexity)", _add_eval)
 def run_eval(args: argparse.Namespace) -> int:
-    from .data import DataSource
-    from .evaluate import evaluate, parse_tasks, prepare_tasks, write_outputs
+    from prunelab.evaluate.data import DataSource
+    from prunelab.evaluate.run import evaluate, parse_tasks, prepare_tasks, write_outputs
 
     subset = subset_from(args)
     if args.out:
@@ -157,7 +157,7 @@ def summary_table(run) -> Table:
 # ---------------------------------------------------------------------- plugins
 @command("plugins", "list discovered strategies, evaluators and recovery methods", lambda parser: None)
 def run_plugins(args: argparse.Namespace) -> int:
-    from .registry import default_registry
+    from prunelab.registry import default_registry
 
     registry = default_registry()
     table = Table(title="prunelab plugins")
@@ -218,9 +218,10 @@ def strategy_options_from(args: argparse.Namespace,
 
 @command("prune", "prune a model with a strategy and save it as a normal checkpoint", _add_prune)
 def run_prune(args: argparse.Namespace) -> int:
-    from .export import save_pruned
-    from .pruning import prune, validate_options
-    from .registry import default_registry
+    from prunelab.model.export import save_pruned
+    from prunelab.prune.api import prune
+    from prunelab.prune.masks import validate_options
+    from prunelab.registry import default_registry
 
     options = strategy_options_from(args)
     strategy = default_registry().strategy(args.method)
@@ -247,7 +248,7 @@ def calibration_from(args: argparse.Namespace, strategy, options: dict) -> dict 
     if not strategy.uses_calibration(options):
         raise PrunelabError(f"strategy '{strategy.name}' uses no calibration data with these options "
                             "(drop the --calibration* arguments)")
-    from .calibration import CalibrationSpec
+    from prunelab.prune.calibration import CalibrationSpec
 
     CalibrationSpec.from_mapping(given).check_source()  # checks the values and the file before the model is loaded
     return given
@@ -303,8 +304,14 @@ def run_heal(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from .export import read_recipe, save_pruned
-    from .recovery import check_training_source, heal, healed_recipe, masks_of, validate_recovery
+    from prunelab.model.export import read_recipe, save_pruned
+    from prunelab.prune.recovery import (
+        check_training_source,
+        heal,
+        healed_recipe,
+        masks_of,
+        validate_recovery,
+    )
 
     options = strategy_options_from(args, HEAL_SHORTCUTS)
     _, validated = validate_recovery(args.method, options)  # bad options fail before the model loads
@@ -399,8 +406,9 @@ class StudyProgress:
 
 @command("study", "run a study file: every strategy x task pair, resumable, into versioned artifacts", _add_study)
 def run_study_command(args: argparse.Namespace) -> int:
-    from .executors import make_executor
-    from .runner import load_study, run_study
+    from prunelab.runner.executors import make_executor
+    from prunelab.runner.run import run_study
+    from prunelab.runner.studyfile import load_study
 
     study = load_study(args.file, data_dir=args.data_dir)  # validated before any model is loaded
     check_output_folder(args.out)
@@ -422,7 +430,7 @@ def _add_index(parser: argparse.ArgumentParser) -> None:
 def run_index(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .artifacts import build_index
+    from prunelab.report.artifacts import build_index
 
     if not Path(args.root).is_dir():
         raise PrunelabError(f"artifacts folder not found: {args.root}")
@@ -437,7 +445,7 @@ def _add_report(parser: argparse.ArgumentParser) -> None:
 @command("report", "rebuild a run's summary, charts, report and the index from its stored items (no model)",
          _add_report)
 def run_report(args: argparse.Namespace) -> int:
-    from .artifacts import rebuild_run
+    from prunelab.report.artifacts import rebuild_run
 
     folder = rebuild_run(args.run_dir)
     out.print(f"rebuilt {folder / 'report.html'}\nindex: {folder.parent.parent / 'index.html'}",
@@ -465,15 +473,8 @@ def _add_importance(parser: argparse.ArgumentParser) -> None:
 
 @command("importance", "score every decoder layer (bi, angular, ppl) from calibration text", _add_importance)
 def run_importance(args: argparse.Namespace) -> int:
-    from .importance import (
-        check_output,
-        importance_spec,
-        layer_importance,
-        parse_metrics,
-        read_sweep,
-        sweep_correlations,
-        write_importance,
-    )
+    from prunelab.prune.layer_scores import importance_spec, layer_importance, parse_metrics
+    from prunelab.report.importance import check_output, read_sweep, sweep_correlations, write_importance
 
     metrics = parse_metrics(args.metric)
     calibration = {"source": args.calibration, "samples": args.samples, "seqlen": args.seqlen}
@@ -543,7 +544,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .benchmodel import bench_model, parse_int_list
+    from prunelab.model.bench import bench_model, parse_int_list
 
     lengths = parse_int_list(args.prompt_lengths, "--prompt-lengths")
     batches = parse_int_list(args.batch, "--batch")

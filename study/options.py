@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PrunelabError
+from prunelab.errors import PrunelabError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import FileProblem
+from prunelab.errors import FileProblem
 
 
 def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:

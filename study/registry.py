@@ -13,9 +13,9 @@ from functools import cache
 
 import pluggy
 
-from . import hookspecs
-from .errors import PrunelabError
-from .hookspecs import Evaluator, Recovery, Strategy
+from prunelab import plugin as hookspecs
+from prunelab.errors import PrunelabError
+from prunelab.plugin import Evaluator, Recovery, Strategy
 
 ENTRY_POINT_GROUP = "prunelab"
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from prunelab import artifacts, charts
-from prunelab.benchmodel import bench_rows
 from prunelab.errors import PrunelabError
-from prunelab.stats import summarize
+from prunelab.model.bench import bench_rows
+from prunelab.report import artifacts, charts
+from prunelab.report.stats import summarize
 
 NOW = datetime(2026, 11, 28, 14, 30, 0, tzinfo=UTC)
 LIBRARY_DEFINITION = "window.vegaEmbed="  # occurs once in vl-convert's bundle
@@ -319,9 +319,9 @@ def test_removal_plans_chart_has_one_line_per_plan_over_k():
 
 def test_a_third_party_mean_metric_flows_from_records_to_the_report(tmp_path):
     """An evaluator declaring a float per item ("mean") gets the same paired test, table and findings."""
-    from prunelab.hookspecs import MetricSpec
-    from prunelab.runner import Variant, item_rows
-    from prunelab.tasks import TaskResult
+    from prunelab.plugin import MetricSpec, TaskResult
+    from prunelab.runner.chunks import item_rows
+    from prunelab.runner.variants import Variant
 
     specs = (MetricSpec("acc", "accuracy", "correct"),
              MetricSpec("surprise", "mean", "surprise", higher_is_better=False, label="mean surprise"))

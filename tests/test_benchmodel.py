@@ -11,7 +11,9 @@ import statistics
 import pytest
 import torch
 
-from prunelab.benchmodel import (
+from prunelab.cli import main
+from prunelab.errors import PrunelabError
+from prunelab.model.bench import (
     SEMI_STRUCTURED_NEEDS_CUDA,
     bench_model,
     convert_semi_structured,
@@ -22,11 +24,10 @@ from prunelab.benchmodel import (
     prefill,
     random_prompts,
 )
-from prunelab.cli import main
-from prunelab.errors import PrunelabError
-from prunelab.export import save_pruned
-from prunelab.modeling import load_model
-from prunelab.pruning import nm_mask, prune
+from prunelab.model.export import save_pruned
+from prunelab.model.loading import load_model
+from prunelab.prune.api import prune
+from prunelab.prune.masks import nm_mask
 
 SMALL = {"prompt_lengths": (8, 16), "batches": (1, 2), "new_tokens": 3, "repeats": 2}
 
@@ -121,7 +122,7 @@ def test_semi_structured_converts_exactly_the_2_4_linears(tiny_qwen3, monkeypatc
     The real ``to_sparse_semi_structured`` needs a GPU; the selection around it (2:4 weights
     converted, others kept dense and listed, a kernel refusal kept dense with its reason) does not.
     """
-    import prunelab.benchmodel as benchmodel
+    import prunelab.model.bench as benchmodel
 
     loaded = load_model(str(tiny_qwen3), dtype="float32")
     adapter = loaded.adapter

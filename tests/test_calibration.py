@@ -8,19 +8,14 @@ import warnings
 import pytest
 import torch
 
-from prunelab.adapter import adapt
-from prunelab.calibration import (
-    CalibrationSpec,
-    Hessian,
-    InputNorms,
-    calibration_samples,
-    outlier_ratio,
-    owl_sparsities,
-    run_layerwise,
-)
 from prunelab.errors import PrunelabError
-from prunelab.modeling import load_model
-from prunelab.pruning import prune
+from prunelab.model.adapter import adapt
+from prunelab.model.loading import load_model
+from prunelab.prune.api import prune
+from prunelab.prune.calibration import CalibrationSpec, calibration_samples
+from prunelab.prune.layerwise import InputNorms, run_layerwise
+from prunelab.prune.owl import outlier_ratio, owl_sparsities
+from prunelab_plugins.sparsegpt import Hessian
 from tests.conftest import DATA, QWEN3_TOKENIZER, tiny_config
 
 CALIBRATION_FILE = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
@@ -216,8 +211,9 @@ def test_owl_allocation_follows_the_paper_formula():
 
 def test_owl_allocation_through_the_core_helpers_for_magnitude_style_pruning(tiny_models, tmp_path):
     """Magnitude with allocation=owl: per-layer fractions by name, plugin == the core helpers by hand."""
-    from prunelab.calibration import layer_sparsities, target_fractions
-    from prunelab.pruning import PruneContext, apply_mask, magnitude_scores, mask_from_scores, select_targets
+    from prunelab.prune.api import PruneContext
+    from prunelab.prune.masks import apply_mask, magnitude_scores, mask_from_scores, select_targets
+    from prunelab.prune.owl import layer_sparsities, target_fractions
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from prunelab import artifacts
+from prunelab.report import artifacts
 from tests.conftest import SHARED
 from tests.test_artifacts import chromium, render
 

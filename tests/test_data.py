@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from prunelab.data import DataSource, Subset
 from prunelab.errors import PrunelabError
+from prunelab.evaluate.data import DataSource, Subset
 from prunelab_plugins import gsm8k, mmlu, wikitext
 
 from .conftest import DATA

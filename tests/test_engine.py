@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunelab.engine import Engine, GenerationRequest, LoglikelihoodRequest
-from prunelab.modeling import load_model
+from prunelab.evaluate.engine import Engine, GenerationRequest, LoglikelihoodRequest
+from prunelab.model.loading import load_model
 
 ARCHS = ["qwen3", "qwen2", "llama", "gemma3"]
 PREFIX = "The following are multiple choice questions (with answers) about algebra.\n\n" + (

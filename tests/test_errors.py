@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from prunelab import cli, modeling, runner
+from prunelab import cli, runner
 from prunelab.errors import PrunelabError
+from prunelab.model import loading as modeling
 
 from .test_fuzz_models import GGUF
 

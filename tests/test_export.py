@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 
-from prunelab.adapter import adapt
 from prunelab.cli import main
 from prunelab.errors import PrunelabError
-from prunelab.export import MASKS_FILE, RECIPE_FILE, save_pruned
-from prunelab.modeling import load_model, source_fingerprint
-from prunelab.pruning import MaskSet, prune, select_targets, sparsity_report
+from prunelab.model.adapter import adapt
+from prunelab.model.export import MASKS_FILE, RECIPE_FILE, save_pruned
+from prunelab.model.loading import load_model, source_fingerprint
+from prunelab.prune.api import prune
+from prunelab.prune.masks import MaskSet, select_targets, sparsity_report
 
 from .conftest import DATA
 

@@ -17,15 +17,15 @@ import pytest
 import torch
 from scipy.stats import entropy
 
-from prunelab import engine as engine_module
-from prunelab.data import DataSource, Subset
-from prunelab.engine import DenseReference, Engine, head_fingerprint, kl_from_logits
 from prunelab.errors import PrunelabError
-from prunelab.evaluate import prepare_tasks, run_task
-from prunelab.modeling import load_model
-from prunelab.reference import ReferenceStore
-from prunelab.surgery import drop_layers
-from prunelab.windows import window_bos
+from prunelab.evaluate import engine as engine_module
+from prunelab.evaluate.data import DataSource, Subset
+from prunelab.evaluate.engine import DenseReference, Engine, head_fingerprint, kl_from_logits
+from prunelab.evaluate.reference import ReferenceStore
+from prunelab.evaluate.run import prepare_tasks, run_task
+from prunelab.model.loading import load_model
+from prunelab.model.surgery import drop_layers
+from prunelab.model.windows import window_bos
 
 from .conftest import DATA, QWEN3_TOKENIZER, tiny_config
 
@@ -104,7 +104,7 @@ def test_windows_without_bos_are_unchanged_for_qwen(tiny_qwen3, wikitext_data):
 
 
 def test_calibration_windows_share_the_bos_rule(tiny_bos):
-    from prunelab.calibration import CalibrationSpec, calibration_samples
+    from prunelab.prune.calibration import CalibrationSpec, calibration_samples
 
     lm = load_model(str(tiny_bos), dtype="float32")
     source = str(DATA / "calibration" / "wikitext-2-valid.tokens.txt")
@@ -131,7 +131,7 @@ def test_window_kl_and_top1_equal_full_vocab_hf_computation(tiny_qwen3, monkeypa
     dense = load_model(str(tiny_qwen3), dtype="float32")
     variant_model = copy.deepcopy(dense.model)
     drop_layers(variant_model, [2])
-    from prunelab.adapter import adapt
+    from prunelab.model.adapter import adapt
 
     windows = torch.randint(0, 5000, (3, 33), generator=torch.Generator().manual_seed(3))
     dense_engine = Engine(dense.model, dense.tokenizer, dense.adapter)
@@ -160,7 +160,7 @@ def test_a_variant_with_another_head_or_other_windows_is_refused(tiny_qwen3):
     windows = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
     reference = DenseReference(torch.zeros(1, 9, 64), windows, head_fingerprint(dense.adapter))
     variant = copy.deepcopy(dense.model)
-    from prunelab.adapter import adapt
+    from prunelab.model.adapter import adapt
 
     adapter = adapt(variant)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikit
     assert all(r["kl_mean"] == 0.0 and r["top1_agree"] == 1.0 for r in dense_result.records)
     variant_model = copy.deepcopy(dense.model)
     drop_layers(variant_model, [1])
-    from prunelab.adapter import adapt
+    from prunelab.model.adapter import adapt
 
     engine = Engine(variant_model, dense.tokenizer, adapt(variant_model))
     result = run_task(engine, task, reference=ReferenceStore(path, is_dense=False))
@@ -243,7 +243,7 @@ def items_table() -> pl.DataFrame:
 def test_fidelity_table_against_numpy_and_scipy():
     from scipy.stats import t
 
-    from prunelab.fidelity import chance_levels, fidelity_table
+    from prunelab.report.fidelity import chance_levels, fidelity_table
 
     items = items_table()
     table = {r["variant"]: r for r in fidelity_table(items).to_dicts()}
@@ -262,7 +262,7 @@ def test_fidelity_table_against_numpy_and_scipy():
 
 
 def test_answer_letters_categories_and_gold_probability_tables():
-    from prunelab.fidelity import answer_letters, category_accuracy, mean_metric_table
+    from prunelab.report.fidelity import answer_letters, category_accuracy, mean_metric_table
 
     items = items_table()
     letters = {r["variant"]: r for r in answer_letters(items).to_dicts()}
@@ -276,7 +276,7 @@ def test_answer_letters_categories_and_gold_probability_tables():
 
 
 def test_report_shows_fidelity_answers_and_the_chance_line(tmp_path):
-    from prunelab import artifacts
+    from prunelab.report import artifacts
 
     items = items_table().with_columns(pl.lit("{}").alias("params"), pl.lit(None, pl.Float64).alias("nll_sum"))
     items = items.with_columns(pl.when(pl.col("task") == "wikitext").then(pl.col("tokens") * 3.0)

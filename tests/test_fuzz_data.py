@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prunelab.calibration import _load_source
-from prunelab.data import DataSource, Subset
 from prunelab.errors import FileProblem
+from prunelab.evaluate.data import DataSource, Subset
+from prunelab.prune.calibration import _load_source
 from prunelab.registry import default_registry
 
 from .fuzzing import honours_contract, json_values, mutated, scratch

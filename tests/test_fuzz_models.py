@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prunelab.errors import FileProblem
-from prunelab.export import RECIPE_FILE, read_recipe
-from prunelab.modeling import load_tokenizer, read_model_config
-from prunelab.pruning import MaskSet
+from prunelab.model.export import RECIPE_FILE, read_recipe
+from prunelab.model.loading import load_tokenizer, read_model_config
+from prunelab.prune.masks import MaskSet
 from prunelab.readers import check_model_folder, read_gguf_header, read_safetensors_header
 
 from .fuzzing import bytes_like, honours_contract, json_values, mutated, scratch

@@ -14,8 +14,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prunelab import runner
 from prunelab.registry import default_registry
+from prunelab.runner import run as run_module
+from prunelab.runner.studyfile import BENCH_DEFAULTS, EVALUATION_KEYS, load_study
 
 from .conftest import ROOT
 from .fuzzing import honours_contract, json_scalars, mutated, scratch
@@ -27,7 +28,7 @@ values = st.one_of(json_scalars, st.sampled_from([50, 0.5, "2:4", "0-3", "each",
 strategy_blocks = st.dictionaries(st.sampled_from(OPTION_NAMES), values, max_size=4).flatmap(
     lambda block: st.sampled_from(sorted(REGISTRY.strategies) + ["nosuch"]).map(lambda name: {"name": name, **block})
     | st.just(block))
-evaluation = st.dictionaries(st.sampled_from(sorted(runner.EVALUATION_KEYS)), values, max_size=4).flatmap(
+evaluation = st.dictionaries(st.sampled_from(sorted(EVALUATION_KEYS)), values, max_size=4).flatmap(
     lambda table: st.dictionaries(st.sampled_from(sorted(REGISTRY.evaluators)),
                                   st.dictionaries(st.sampled_from(["limit", "fraction", "seqlen", "num_fewshot",
                                                                    "max_new_tokens", "sample", "x"]), values,
@@ -38,7 +39,7 @@ documents = st.fixed_dictionaries(
               "prune_seed": values, "trust_remote_code": values, "evaluation": evaluation | values,
               "strategies": st.lists(strategy_blocks, max_size=3) | values,
               "calibration": st.dictionaries(st.sampled_from(["source", "samples", "seqlen", "x"]), values, max_size=3),
-              "bench": st.booleans() | st.dictionaries(st.sampled_from(sorted(runner.BENCH_DEFAULTS)), values, max_size=2),
+              "bench": st.booleans() | st.dictionaries(st.sampled_from(sorted(BENCH_DEFAULTS)), values, max_size=2),
               "stray": values})
 
 
@@ -70,12 +71,12 @@ def to_toml(doc: dict) -> str:
 
 
 def read_study(path: Path):
-    return runner.load_study(path, registry=REGISTRY)
+    return load_study(path, registry=REGISTRY)
 
 
 @pytest.fixture(autouse=True)
 def no_model(monkeypatch):
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 @given(documents, st.sampled_from(["yaml", "toml"]), st.booleans())

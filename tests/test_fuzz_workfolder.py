@@ -13,24 +13,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prunelab import runner
 from prunelab.errors import FileProblem
-from prunelab.tasks import TaskResult
+from prunelab.plugin import TaskResult
+from prunelab.runner.chunks import item_rows
+from prunelab.runner.run import prune_reports, timings
+from prunelab.runner.variants import Variant
+from prunelab.runner.workfolder import WorkFolder, checksum_path
 
 from .fuzzing import bytes_like, honours_contract, json_values, mutated, scratch
 
-VARIANT = runner.Variant("magnitude[sparsity=50]", "magnitude", {"sparsity": 50})
+VARIANT = Variant("magnitude[sparsity=50]", "magnitude", {"sparsity": 50})
 
 
 def chunk_frame() -> pl.DataFrame:
     records = [{"item_id": f"virology/{i}", "prediction": "ABCD"[i % 4], "target": "A", "correct": i % 4 == 0,
                 "loglikelihoods": [-1.0 - i, -2.0, -3.0, -4.0]} for i in range(3)]
-    return runner.item_rows(VARIANT, "mmlu", TaskResult("mmlu", {"n": 3, "acc": 1 / 3}, records))
+    return item_rows(VARIANT, "mmlu", TaskResult("mmlu", {"n": 3, "acc": 1 / 3}, records))
 
 
 FRAME = chunk_frame()
 with scratch() as _folder:
-    runner.WorkFolder(_folder).write_chunk(_folder / "c.parquet", FRAME)
+    WorkFolder(_folder).write_chunk(_folder / "c.parquet", FRAME)
     CHUNK = (_folder / "c.parquet").read_bytes()
     CONFIG = json.dumps({"config_hash": "ab" * 32, "config": {"study": "s"}}).encode()
     PLAN = json.dumps({"variants": [{"name": "dense", "strategy": "dense", "params": {}},
@@ -41,15 +44,15 @@ with scratch() as _folder:
 @given(bytes_like(CHUNK), st.booleans(), st.none() | st.binary(max_size=80))
 def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum, checksum):
     with scratch() as root:
-        work = runner.WorkFolder(root)
+        work = WorkFolder(root)
         path = work.chunk(VARIANT, "mmlu", 0)
         work.write_chunk(path, FRAME)
         path.write_bytes(data)
         if checksum is not None and with_checksum:  # a damaged checksum file: the chunk is not trusted
-            runner.checksum_path(path).write_bytes(checksum)
+            checksum_path(path).write_bytes(checksum)
             data = None
         if not with_checksum:  # a chunk written before checksums existed: its schema is checked
-            runner.checksum_path(path).unlink()
+            checksum_path(path).unlink()
         frame = honours_contract(lambda: work.read_chunk(path), path)
         if frame is not None:
             assert frame.schema == FRAME.schema or not with_checksum
@@ -63,7 +66,7 @@ def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum, checksum):
 
 def test_a_flipped_byte_is_caught_by_the_checksum():
     with scratch() as root:
-        work = runner.WorkFolder(root)
+        work = WorkFolder(root)
         path = work.chunk(VARIANT, "mmlu", 0)
         work.write_chunk(path, FRAME)
         assert work.chunk_problem(path) is None and work.read_chunk(path).equals(FRAME)
@@ -79,7 +82,7 @@ def test_a_flipped_byte_is_caught_by_the_checksum():
 def test_fuzz_work_config_marker(data):
     with scratch() as root:
         (root / "config.json").write_bytes(data)
-        found = honours_contract(lambda: runner.WorkFolder(root).config_hash(), root / "config.json")
+        found = honours_contract(lambda: WorkFolder(root).config_hash(), root / "config.json")
         assert found is None or isinstance(found, str)
 
 
@@ -89,9 +92,9 @@ def test_fuzz_work_config_marker(data):
 def test_fuzz_plan(data):
     with scratch() as root:
         (root / "plan.json").write_bytes(data)
-        plan = runner.WorkFolder(root).load_plan()  # damaged: None, and the plan is made again
+        plan = WorkFolder(root).load_plan()  # damaged: None, and the plan is made again
         if plan is not None:
-            assert all(isinstance(v, runner.Variant) and isinstance(v.params, dict) for v in plan.variants)
+            assert all(isinstance(v, Variant) and isinstance(v.params, dict) for v in plan.variants)
             assert all(isinstance(a, int) and isinstance(b, int) for ranges in plan.chunks.values() for a, b in ranges)
             list(plan.pairs())
 
@@ -106,7 +109,7 @@ event_lines = st.sampled_from(EVENTS).flatmap(lambda e: st.dictionaries(st.sampl
 def test_fuzz_event_log(lines):
     with scratch() as root:
         (root / "log.jsonl").write_bytes(b"\n".join(lines))
-        events = runner.WorkFolder(root).events()
+        events = WorkFolder(root).events()
         assert all(isinstance(e, dict) for e in events)
-        runner.timings(events, 0.0)
-        runner.prune_reports(events)
+        timings(events, 0.0)
+        prune_reports(events)

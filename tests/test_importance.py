@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.adapter import adapt
 from prunelab.cli import main
 from prunelab.errors import PrunelabError
-from prunelab.importance import (
+from prunelab.model.adapter import adapt
+from prunelab.model.loading import load_model
+from prunelab.prune.layer_scores import (
     best_block,
     calibration_perplexity,
     importance_samples,
@@ -24,11 +25,9 @@ from prunelab.importance import (
     removal_perplexities,
     representation_stats,
     score_layers,
-    spearman,
-    sweep_correlations,
 )
-from prunelab.modeling import load_model
-from prunelab.pages import LIBRARIES_ID
+from prunelab.report.importance import spearman, sweep_correlations
+from prunelab.report.pages import LIBRARIES_ID
 from tests.conftest import DATA
 
 WIKITEXT = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
@@ -164,7 +163,7 @@ def test_best_block_finds_two_identity_layers(tiny, samples):
 
 def test_skipping_equals_removing_the_layer(tiny, samples):
     """The ppl proxy (skip a layer) gives the perplexity of the model with the layer really removed."""
-    from prunelab.surgery import drop_layers
+    from prunelab.model.surgery import drop_layers
 
     skipped = calibration_perplexity(tiny.adapter, samples, skip=[1])
     swept = removal_perplexities(tiny.adapter, samples)  # the layer sweep, every layer at once
@@ -216,7 +215,7 @@ def sweep_summary(harm_by_layer: dict[int, float]) -> pl.DataFrame:
 
 
 def test_sweep_correlations_read_accuracy_drops_and_perplexity_increases():
-    from prunelab.importance import LayerScores
+    from prunelab.prune.layer_scores import LayerScores
 
     scores = {"bi": LayerScores("bi", [0.9, 0.1, 0.3, 0.2]), "ppl": LayerScores("ppl", [1.0, 2.0, 3.0, 4.0])}
     summary = sweep_summary({0: 0.30, 1: 0.01, 2: 0.05, 3: 0.02})

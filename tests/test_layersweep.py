@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from prunelab.engine import Engine, GenerationRequest, LoglikelihoodRequest
-from prunelab.layersweep import LayerSweep
-from prunelab.modeling import load_model
-from prunelab.surgery import drop_layers
+from prunelab.evaluate.engine import Engine, GenerationRequest, LoglikelihoodRequest
+from prunelab.evaluate.layersweep import LayerSweep
+from prunelab.model.loading import load_model
+from prunelab.model.surgery import drop_layers
 
 from .test_engine import QUESTIONS
 
@@ -20,7 +20,7 @@ def naive_engine(lm, removed):
         return Engine(lm.model, lm.tokenizer, lm.adapter)
     model = copy.deepcopy(lm.model)
     drop_layers(model, [removed])
-    from prunelab.adapter import adapt
+    from prunelab.model.adapter import adapt
 
     return Engine(model, lm.tokenizer, adapt(model))
 

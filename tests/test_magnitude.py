@@ -10,17 +10,17 @@ import warnings
 import pytest
 import torch
 
-from prunelab.adapter import adapt
 from prunelab.errors import PrunelabError
-from prunelab.modeling import load_model
-from prunelab.pruning import (
+from prunelab.model.adapter import adapt
+from prunelab.model.loading import load_model
+from prunelab.prune.api import prune
+from prunelab.prune.masks import (
     MaskSet,
     Percentage,
     PruningTargetWarning,
     count_to_prune,
     mask_from_scores,
     nm_mask,
-    prune,
     select_targets,
 )
 

@@ -10,7 +10,9 @@ import json
 
 import polars as pl
 
-from prunelab import runner
+from prunelab.runner.run import run_study
+from prunelab.runner.studyfile import WORK, load_study
+from prunelab.runner.workfolder import WorkFolder, checksum_path
 
 from .test_runner import cli, one_thread, run_folder, small_data, sorted_items, study_text  # noqa: F401 - fixtures
 
@@ -33,7 +35,7 @@ def tiny_study(model, data) -> str:
 
 
 def work_chunks(out) -> list:
-    return sorted((out / "tiny" / runner.WORK).rglob("*.parquet"))
+    return sorted((out / "tiny" / WORK).rglob("*.parquet"))
 
 
 def test_disk_full_then_damaged_chunks_then_resume_equals_uninterrupted(
@@ -41,7 +43,7 @@ def test_disk_full_then_damaged_chunks_then_resume_equals_uninterrupted(
     study = tmp_path / "tiny.toml"
     study.write_text(tiny_study(tiny_qwen3, small_data))
     broken, whole = tmp_path / "broken", tmp_path / "whole"
-    runner.run_study(runner.load_study(study), whole)
+    run_study(load_study(study), whole)
 
     # 1. the disk fills up while the 8th chunk is written
     real_write = pl.DataFrame.write_parquet
@@ -61,7 +63,7 @@ def test_disk_full_then_damaged_chunks_then_resume_equals_uninterrupted(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert "no space left on device" in lines[0] and "run the same command again to resume" in lines[0]
-    work = runner.WorkFolder(broken / "tiny" / runner.WORK)
+    work = WorkFolder(broken / "tiny" / WORK)
     kept = work_chunks(broken)
     assert len(kept) == FINISHED_BEFORE_THE_DISK_FILLS
     assert all(work.chunk_problem(path) is None for path in kept)
@@ -75,7 +77,7 @@ def test_disk_full_then_damaged_chunks_then_resume_equals_uninterrupted(
     data[len(data) // 2] ^= 0x40
     flipped.write_bytes(bytes(data))
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    runner.checksum_path(unchecked).unlink()
+    checksum_path(unchecked).unlink()
 
     # 3. resume: the two damaged chunks are recomputed, the rest is kept, the result is the uninterrupted one
     status, err = cli(capsys, "study", "run", str(study), "--out", str(broken))
@@ -90,7 +92,7 @@ def test_disk_full_then_damaged_chunks_then_resume_equals_uninterrupted(
 def test_a_damaged_work_marker_is_one_line_and_keeps_the_chunks(tiny_qwen3, small_data, tmp_path, capsys):  # noqa: F811
     study = tmp_path / "tiny.toml"
     study.write_text(tiny_study(tiny_qwen3, small_data))
-    work = tmp_path / "out" / "tiny" / runner.WORK
+    work = tmp_path / "out" / "tiny" / WORK
     work.mkdir(parents=True)
     (work / "config.json").write_bytes(b'{"config_hash": "ab')
     (work / "keep.parquet").write_bytes(b"finished work")

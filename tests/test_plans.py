@@ -15,11 +15,16 @@ import dataclasses
 import pytest
 import torch
 
-from prunelab.adapter import adapt
 from prunelab.errors import PrunelabError
-from prunelab.importance import calibration_perplexity, plan_greedy, removal_perplexities, score_layers
-from prunelab.modeling import load_model
-from prunelab.pruning import prune
+from prunelab.model.adapter import adapt
+from prunelab.model.loading import load_model
+from prunelab.prune.api import prune
+from prunelab.prune.layer_scores import (
+    calibration_perplexity,
+    plan_greedy,
+    removal_perplexities,
+    score_layers,
+)
 from tests.conftest import DATA
 from tests.test_importance import make_identity
 
@@ -126,7 +131,7 @@ def test_greedy_rescores_after_each_removal(tiny_loaded, calibration):
     loaded = fresh(tiny_loaded)
     reference = fresh(tiny_loaded)
     report = prune(loaded, "drop-greedy", k=2, calibration=calibration)
-    from prunelab.importance import importance_samples, importance_spec
+    from prunelab.prune.layer_scores import importance_samples, importance_spec
 
     samples = importance_samples(reference.adapter, reference.tokenizer, importance_spec(calibration), seed=0)
     first = removal_perplexities(reference.adapter, samples)
@@ -180,7 +185,8 @@ k = {k_values}
 
 def test_a_study_sweeps_k_for_each_plan(tiny_qwen3, tmp_path):
     """K = 1..N/2 for every plan is one study file; a bad K fails when the file is read, before any model loads."""
-    from prunelab.runner import expand_variants, load_study
+    from prunelab.runner.studyfile import load_study
+    from prunelab.runner.variants import expand_variants
 
     path = tmp_path / "plans.toml"
     path.write_text(study_text(tiny_qwen3, "[1, 2]"))
@@ -197,11 +203,11 @@ def test_greedy_guided_by_an_evaluation_subset_follows_the_task_loss(tiny_loaded
     evaluating every candidate as its own pruned model (no layer sweep) on the same guide items."""
     import shutil
 
-    from prunelab.engine import Engine
-    from prunelab.evaluate import run_task
-    from prunelab.importance import task_loss
+    from prunelab.evaluate.engine import Engine
+    from prunelab.evaluate.run import run_task
+    from prunelab.model.surgery import drop_layers
+    from prunelab.prune.layer_scores import task_loss
     from prunelab.registry import default_registry
-    from prunelab.surgery import drop_layers
     from prunelab_plugins.drop_greedy import guide_task
 
     for split in ("test", "dev"):
@@ -237,7 +243,7 @@ def test_greedy_guided_by_an_evaluation_subset_follows_the_task_loss(tiny_loaded
 def test_task_loss_by_hand():
     import math
 
-    from prunelab.importance import task_loss
+    from prunelab.prune.layer_scores import task_loss
     lls = [math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.125)]  # already normalised
     assert task_loss([{"loglikelihoods": lls, "target_index": 1}]) == pytest.approx(-math.log(0.25))
     shifted = [x - 3 for x in lls]  # a softmax over the choices ignores a common shift

@@ -19,7 +19,7 @@ def test_builtin_evaluators_are_discovered_through_entry_points():
 
 def test_broken_plugin_is_reported_and_the_rest_still_load(monkeypatch):
     good = types.ModuleType("fake_good_plugin")
-    from prunelab.hookspecs import Evaluator, hookimpl
+    from prunelab.plugin import Evaluator, hookimpl
 
     @hookimpl
     def prunelab_evaluators():

@@ -19,9 +19,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from prunelab import runner
 from prunelab.errors import PrunelabError
-from prunelab.executors import ExecutorSettings, make_executor
+from prunelab.runner.executors import ExecutorSettings, make_executor
+from prunelab.runner.run import Reporter, prepare_study_tasks, run_study, study_config
+from prunelab.runner.studyfile import WORK, load_study
 
 from .test_runner import chunk_files, one_thread, small_data, sorted_items, study_text  # noqa: F401
 
@@ -66,7 +67,7 @@ def local_run(tiny_study) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return runner.run_study(runner.load_study(tiny_study), tiny_study.parent / "local")
+        return run_study(load_study(tiny_study), tiny_study.parent / "local")
     finally:
         torch.set_num_threads(threads)
 
@@ -82,7 +83,7 @@ def test_local_execution_imports_nothing_of_ray(tiny_study, tmp_path):
 
 
 def test_ray_run_equals_local_run_item_for_item(local_ray, tiny_study, local_run, tmp_path):
-    run = runner.run_study(runner.load_study(tiny_study), tmp_path, executor=ray_executor(workers=2))
+    run = run_study(load_study(tiny_study), tmp_path, executor=ray_executor(workers=2))
     assert comparable(run).equals(comparable(local_run))
     timings = json.loads((run / "manifest.json").read_text())["timings"]
     workers = [s for s in timings["sessions"] if s["chunks"]]
@@ -94,7 +95,7 @@ def test_ray_run_equals_local_run_item_for_item(local_ray, tiny_study, local_run
 
 def test_killed_worker_loses_only_its_chunk_and_the_study_equals_local(local_ray, tiny_study, local_run, tmp_path):
     """SIGKILL a worker process while it evaluates: its unit is evaluated again, nothing else changes."""
-    log = tmp_path / "tiny" / runner.WORK / "log.jsonl"
+    log = tmp_path / "tiny" / WORK / "log.jsonl"
     killed: list[int] = []
 
     def kill_a_worker_mid_run() -> None:
@@ -109,7 +110,7 @@ def test_killed_worker_loses_only_its_chunk_and_the_study_equals_local(local_ray
                 return
             time.sleep(0.01)
 
-    class Messages(runner.Reporter):
+    class Messages(Reporter):
         def __init__(self) -> None:
             self.lines: list[str] = []
 
@@ -119,7 +120,7 @@ def test_killed_worker_loses_only_its_chunk_and_the_study_equals_local(local_ray
     messages = Messages()
     killer = threading.Thread(target=kill_a_worker_mid_run)
     killer.start()
-    run = runner.run_study(runner.load_study(tiny_study), tmp_path, executor=ray_executor(workers=2),
+    run = run_study(load_study(tiny_study), tmp_path, executor=ray_executor(workers=2),
                            reporter=messages)
     killer.join()
     assert killed, "no worker was killed"
@@ -135,7 +136,7 @@ def test_killed_driver_resumes_from_the_work_folder(tiny_study, local_run, tmp_p
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
                                start_new_session=True)
     deadline = time.monotonic() + 240
-    work = tmp_path / "tiny" / runner.WORK
+    work = tmp_path / "tiny" / WORK
     while len(chunk_files(tmp_path) if work.is_dir() else {}) < 4:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.monotonic() < deadline, "no chunk written in time"
@@ -174,7 +175,7 @@ def test_a_request_no_node_can_satisfy_fails_after_the_wait(local_ray, tiny_stud
     executor = ray_executor(workers=1, gpus_per_worker=1, wait_s=3)
     started = time.monotonic()
     with pytest.raises(PrunelabError, match=r"no Ray worker started within 3 s: each needs .*'GPU': 1"):
-        runner.run_study(runner.load_study(tiny_study), tmp_path, executor=executor)
+        run_study(load_study(tiny_study), tmp_path, executor=executor)
     assert time.monotonic() - started < 60
 
 
@@ -188,24 +189,24 @@ def test_bad_executor_tables_are_one_line_errors(tiny_study, tmp_path, table, fr
     study = tmp_path / "bad.toml"
     study.write_text(tiny_study.read_text() + f"\n[executor]\n{table}\n")
     with pytest.raises(PrunelabError, match=r"bad\.toml \[executor\]") as error:
-        runner.load_study(study)
+        load_study(study)
     assert fragment in str(error.value)
 
 
 def test_the_study_file_chooses_the_executor_and_the_command_line_overrides_it(tiny_study, tmp_path):
     study = tmp_path / "ray.toml"
     study.write_text(tiny_study.read_text() + '\n[executor]\nkind = "ray"\naddress = "auto"\nwait_s = 5\n')
-    settings = runner.load_study(study).executor
+    settings = load_study(study).executor
     assert (settings.kind, settings.address, settings.wait_s) == ("ray", "auto", 5.0)
     assert settings.replace("command line", kind="local", workers=3).kind == "local"
-    plain = runner.load_study(tiny_study)
-    assert runner.study_config(plain, runner.prepare_study_tasks(plain)) == runner.study_config(
-        runner.load_study(study), runner.prepare_study_tasks(plain)), "the executor is not in the config hash"
+    plain = load_study(tiny_study)
+    assert study_config(plain, prepare_study_tasks(plain)) == study_config(
+        load_study(study), prepare_study_tasks(plain)), "the executor is not in the config hash"
 
 
 def test_a_workers_error_is_reported_by_its_message(local_ray):
     """What a worker raises reaches the command line as its one-line message, not Ray's traceback."""
-    from prunelab.ray_executor import cause_line
+    from prunelab.runner.ray_executor import cause_line
 
     @ray.remote(num_cpus=1)
     def fails() -> None:

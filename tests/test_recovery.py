@@ -16,17 +16,20 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from prunelab import runner
 from prunelab.cli import main
-from prunelab.data import DataSource, Subset
 from prunelab.errors import PrunelabError
-from prunelab.evaluate import prepare_tasks
-from prunelab.healstats import healed_pairs, healing_table
-from prunelab.modeling import load_model
-from prunelab.pruning import prune, resolve_parameter
-from prunelab.recovery import check_disjoint, heal, masks_of, overlap, training_windows, window_order
+from prunelab.evaluate.data import DataSource, Subset
+from prunelab.evaluate.run import prepare_tasks
+from prunelab.model.loading import load_model
+from prunelab.prune.api import prune
+from prunelab.prune.masks import resolve_parameter
+from prunelab.prune.recovery import check_disjoint, heal, masks_of, overlap, training_windows, window_order
 from prunelab.registry import default_registry
-from prunelab.stats import summarize
+from prunelab.report.healstats import healed_pairs, healing_table
+from prunelab.report.stats import summarize
+from prunelab.runner.run import run_study
+from prunelab.runner.studyfile import load_study
+from prunelab.runner.variants import expand_variants
 
 from . import test_runner
 from .conftest import DATA
@@ -219,7 +222,7 @@ def test_bad_recovery_blocks_fail_before_any_model(tmp_path):
         path = tmp_path / "s.toml"
         path.write_text(f'name = "s"\nmodel = "m"\n[evaluation]\ntasks = ["wikitext"]\n'
                         f'[[strategies]]\nname = "drop-layers"\nlayers = 1\n{block}')
-        return runner.load_study(path)
+        return load_study(path)
 
     with pytest.raises(PrunelabError, match=r"\[recovery\]: recovery 'lora': option 'rank': must be >= 1"):
         load('[recovery]\nrank = 0\ndata = "x.txt"')
@@ -241,10 +244,10 @@ def test_study_heals_each_variant_and_reports_before_and_after(tiny_qwen3, small
     study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace(
         'tasks = ["mmlu", "gsm8k", "wikitext"]', 'tasks = ["mmlu", "wikitext"]').replace("chunk_items = 1",
                                                                                        "chunk_items = 8"))
-    loaded = runner.load_study(study)
-    assert [v.name for v in runner.expand_variants(loaded, 4)] == [
+    loaded = load_study(study)
+    assert [v.name for v in expand_variants(loaded, 4)] == [
         "dense", "drop-block[k=2]", "drop-block[k=2]+lora", "magnitude[pattern=2:4]", "magnitude[pattern=2:4]+lora"]
-    run = runner.run_study(loaded, tmp_path / "out")
+    run = run_study(loaded, tmp_path / "out")
     healing = pl.read_parquet(run / "healing.parquet")
     assert sorted(set(healing["variant"])) == ["drop-block[k=2]+lora", "magnitude[pattern=2:4]+lora"]
     assert set(healing["task"]) == {"mmlu", "wikitext"} and healing["p_vs_unhealed"].null_count() == 0
@@ -273,8 +276,8 @@ def test_a_third_party_recovery_gets_the_masks_kept_by_the_core(tiny_qwen3, monk
     import sys
     import types
 
-    from prunelab.hookspecs import Recovery, hookimpl
     from prunelab.options import Option
+    from prunelab.plugin import Recovery, hookimpl
     from prunelab.registry import ENTRY_POINT_GROUP, build_registry
 
     def recover(model, options, context):

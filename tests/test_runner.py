@@ -19,13 +19,18 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from prunelab import runner
-from prunelab.data import DataSource, Subset
-from prunelab.engine import Engine
 from prunelab.errors import PrunelabError
-from prunelab.evaluate import prepare_tasks, run_task
-from prunelab.modeling import load_model
-from prunelab.tasks import TaskResult
+from prunelab.evaluate.data import DataSource, Subset
+from prunelab.evaluate.engine import Engine
+from prunelab.evaluate.run import prepare_tasks, run_task
+from prunelab.model.loading import load_model
+from prunelab.plugin import TaskResult
+from prunelab.report import artifacts
+from prunelab.runner import run as run_module
+from prunelab.runner.chunks import chunk_ranges, chunk_task, item_rows
+from prunelab.runner.run import run_study
+from prunelab.runner.studyfile import WORK, expand, load_study
+from prunelab.runner.variants import Variant, expand_variants
 
 from .conftest import DATA, ROOT
 
@@ -83,7 +88,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from 
 
 
 def chunk_files(out: Path) -> dict[Path, tuple[int, int]]:
-    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "tiny" / runner.WORK).rglob("*.parquet")}
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "tiny" / WORK).rglob("*.parquet")}
 
 
 def run_folder(out: Path) -> Path:
@@ -125,7 +130,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     process = subprocess.Popen([sys.executable, "-m", "prunelab.cli", "study", "run", str(study), "--out", str(killed)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + 300
-    while len(chunk_files(killed) if (killed / "tiny" / runner.WORK).is_dir() else {}) < 6:
+    while len(chunk_files(killed) if (killed / "tiny" / WORK).is_dir() else {}) < 6:
         assert process.poll() is None, process.stderr.read().decode()
         assert time.monotonic() < deadline, "no chunk written in time"
         time.sleep(0.05)
@@ -134,7 +139,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     process.stderr.close()
     before = chunk_files(killed)
     saved = {path: pl.read_parquet(path) for path in before}
-    plan = json.loads((killed / "tiny" / runner.WORK / "plan.json").read_text())
+    plan = json.loads((killed / "tiny" / WORK / "plan.json").read_text())
     total_chunks = len(plan["variants"]) * sum(len(r) for r in plan["chunks"].values())
     assert len(plan["variants"]) == 4 and len(before) < total_chunks, "killed too late: the run had finished"
 
@@ -149,7 +154,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     resumed = prunelab("study", "run", str(study), "--out", str(killed))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {len(before)} of {total_chunks} items already evaluated" in resumed.stderr
-    runner.run_study(runner.load_study(study), whole)
+    run_study(load_study(study), whole)
 
     folder = run_folder(killed)
     assert sorted_items(folder).equals(sorted_items(run_folder(whole)))
@@ -163,7 +168,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     for path, frame in saved.items():  # the kept chunks' rows are in the final table unchanged
         final = items.join(frame.select(keys), on=keys, how="semi").select(frame.columns)
         assert final.equals(frame), path
-    assert not (killed / "tiny" / runner.WORK).exists(), "the work folder is removed once the run is written"
+    assert not (killed / "tiny" / WORK).exists(), "the work folder is removed once the run is written"
 
     # 4. what the run folder holds
     variants = ["dense", "drop-layers[layers=1]", "drop-layers[layers=3]", "magnitude[sparsity=50,order=smallest]"]
@@ -216,7 +221,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     summary_before = pl.read_parquet(folder / "summary.parquet")
     (folder / "report.html").unlink()
     (folder / "summary.parquet").unlink()
-    monkeypatch.setattr(runner, "load_model", None)  # no model may be loaded
+    monkeypatch.setattr(run_module, "load_model", None)  # no model may be loaded
     status, err = cli(capsys, "report", str(folder))
     assert status == 0, err
     assert pl.read_parquet(folder / "summary.parquet").equals(summary_before)
@@ -227,7 +232,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     monkeypatch.undo()
 
     # 8. a finished run of other code is not reused silently
-    monkeypatch.setattr(runner.artifacts, "code_version", lambda commit=None: {"prunelab": "0.0.1", "commit": "fffffff"})
+    monkeypatch.setattr(artifacts, "code_version", lambda commit=None: {"prunelab": "0.0.1", "commit": "fffffff"})
     status, err = cli(capsys, "study", "run", str(study), "--out", str(killed))
     assert status == 0 and "ran this configuration with other code" in err, err
     assert len([p for p in (killed / "tiny").iterdir() if not p.name.startswith(".")]) == 2
@@ -260,10 +265,10 @@ BAD_STUDIES = [
 
 @pytest.mark.parametrize(("case", "extra", "fragment"), BAD_STUDIES, ids=[c[0] for c in BAD_STUDIES])
 def test_bad_study_files_fail_in_one_line_before_any_model(tmp_path, monkeypatch, case, extra, fragment):
-    monkeypatch.setattr(runner, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     path = write_study(tmp_path, f'model = "{tmp_path}/missing-model"\n\n{extra}')
     with pytest.raises(PrunelabError) as error:
-        runner.load_study(path)
+        load_study(path)
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
@@ -280,14 +285,14 @@ def test_yaml_study_reads_like_the_same_toml_study(tmp_path):
     yml.write_text("model: Qwen/Qwen3-0.6B\ndtype: float32\nevaluation:\n  tasks: [mmlu, wikitext]\n  limit: 3\n"
                    "  wikitext:\n    seqlen: 128\nstrategies:\n  - name: magnitude\n    sparsity: [10, 50]\n"
                    "    order: [smallest, largest]\n  - name: drop-layers\n    layers: each\n")
-    a, b = runner.load_study(toml), runner.load_study(yml)
+    a, b = load_study(toml), load_study(yml)
     assert a.settings == b.settings and a.name == b.name == "grid"
-    assert [v.name for v in runner.expand_variants(a, 4)] == [v.name for v in runner.expand_variants(b, 4)]
+    assert [v.name for v in expand_variants(a, 4)] == [v.name for v in expand_variants(b, 4)]
     for text, fragment in [("model: [unclosed\n", "invalid YAML"), ("- just\n- a list\n", "a mapping"),
                            ("model: !!python/object/apply:os.system ['true']\n", "invalid YAML")]:
         yml.write_text(text)
         with pytest.raises(PrunelabError, match=fragment) as error:
-            runner.load_study(yml)
+            load_study(yml)
         assert "\n" not in str(error.value)
 
 
@@ -309,7 +314,7 @@ def test_bad_study_settings(tmp_path, text, fragment):
     if fragment == "cuda":
         pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is present")
     with pytest.raises(PrunelabError) as error:
-        runner.load_study(write_study(tmp_path, text))
+        load_study(write_study(tmp_path, text))
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
@@ -335,7 +340,7 @@ sparsity = [10, 20]
 order = ["smallest", "largest"]
 scope = "row"
 """)
-    names = [v.name for v in runner.expand_variants(runner.load_study(path), num_layers=4)]
+    names = [v.name for v in expand_variants(load_study(path), num_layers=4)]
     assert names == [
         "dense", "drop-layers[layers=0]", "drop-layers[layers=1]", "drop-layers[layers=2]", "drop-layers[layers=3]",
         "drop-layers[layers=0-1]", "drop-layers[layers=1-3]",
@@ -347,10 +352,10 @@ scope = "row"
 def test_duplicate_variants_and_layers_beyond_the_model_are_errors(tmp_path):
     twice = write_study(tmp_path, 'model = "m"\n[[strategies]]\nname = "drop-layers"\nlayers = ["each", 2]\n')
     with pytest.raises(PrunelabError, match=r"variant drop-layers\[layers=2\] appears twice"):
-        runner.expand_variants(runner.load_study(twice), num_layers=4)
+        expand_variants(load_study(twice), num_layers=4)
     beyond = write_study(tmp_path, 'model = "m"\n[[strategies]]\nname = "drop-layers"\nlayers = [1, "2-5"]\n')
     with pytest.raises(PrunelabError, match=r"layers \[4, 5\] out of range, the model has layers 0-3"):
-        runner.expand_variants(runner.load_study(beyond), num_layers=4)
+        expand_variants(load_study(beyond), num_layers=4)
 
 
 def test_paths_are_relative_to_the_study_file_and_variables_expand(tmp_path, monkeypatch):
@@ -361,23 +366,23 @@ def test_paths_are_relative_to_the_study_file_and_variables_expand(tmp_path, mon
     monkeypatch.delenv("PRUNELAB_UNSET_FOR_TEST", raising=False)
     path = folder / "s.toml"
     path.write_text('model = "${PRUNELAB_TEST_DIR}/m.gguf"\n[evaluation]\ndata_dir = "../data"\n')
-    study = runner.load_study(path)
+    study = load_study(path)
     assert study.model == str(tmp_path / "models" / "m.gguf")
     assert study.data_dir.resolve() == (tmp_path / "data").resolve()
     assert study.settings["model"] == "${PRUNELAB_TEST_DIR}/m.gguf"  # the hash does not depend on this machine
-    assert runner.expand("${PRUNELAB_UNSET_FOR_TEST:-~/x}/y") == os.path.expanduser("~/x/y")
-    assert runner.load_study(path, data_dir=tmp_path).data_dir == tmp_path  # --data-dir wins
+    assert expand("${PRUNELAB_UNSET_FOR_TEST:-~/x}/y") == os.path.expanduser("~/x/y")
+    assert load_study(path, data_dir=tmp_path).data_dir == tmp_path  # --data-dir wins
     path.write_text('model = "./here/model"\n')
-    assert runner.load_study(path).model == str(folder / "here" / "model")
+    assert load_study(path).model == str(folder / "here" / "model")
     path.write_text('model = "Qwen/Qwen3-0.6B"\n')
-    assert runner.load_study(path).model == "Qwen/Qwen3-0.6B"  # a Hub id is left alone
+    assert load_study(path).model == "Qwen/Qwen3-0.6B"  # a Hub id is left alone
 
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in (ROOT / "studies").glob("*.toml")))
 def test_shipped_studies_validate(name):
-    study = runner.load_study(ROOT / "studies" / f"{name}.toml")
+    study = load_study(ROOT / "studies" / f"{name}.toml")
     assert study.name == name
-    variants = runner.expand_variants(study, num_layers=28 if name == "seed" else 30)
+    variants = expand_variants(study, num_layers=28 if name == "seed" else 30)
     strategies = {v.strategy for v in variants}
     expected = {"qwen2.5-layers": {"dense", "drop-layers"},
                 "qwen2.5-sparsity": {"dense", "magnitude", "wanda", "sparsegpt"},
@@ -394,25 +399,25 @@ def test_shipped_studies_validate(name):
 
 # ------------------------------------------------------------------------------------ per-item rows
 def test_item_rows_map_each_task_to_its_metrics():
-    variant = runner.Variant("magnitude[sparsity=50]", "magnitude", {"sparsity": 50})
+    variant = Variant("magnitude[sparsity=50]", "magnitude", {"sparsity": 50})
     gsm8k = TaskResult("gsm8k", {"n": 2, "exact_match_strict": 0.5, "exact_match_strict_stderr": 0.5,
                                  "exact_match_flexible": 1.0, "exact_match_flexible_stderr": 0.0}, [
         {"item_id": "test/0", "generated": "#### 4", "correct_strict": True, "correct_flexible": True, "correct": True},
         {"item_id": "test/1", "generated": "5", "correct_strict": False, "correct_flexible": True, "correct": False},
     ])
-    rows = runner.item_rows(variant, "gsm8k", gsm8k)
+    rows = item_rows(variant, "gsm8k", gsm8k)
     assert rows.select("metric", "item_id", "correct").rows() == [
         ("exact_match_strict", "test/0", True), ("exact_match_flexible", "test/0", True),
         ("exact_match_strict", "test/1", False), ("exact_match_flexible", "test/1", True)]
     assert set(rows["params"]) == {'{"sparsity": 50}'} and set(rows["generated"]) == {"#### 4", "5"}
     mmlu = TaskResult("mmlu", {"n": 1, "acc": 1.0, "acc_stderr": float("nan")},
                       [{"item_id": "x/0", "correct": True, "loglikelihoods": [-1.0, -2.0, -3.0, -4.0]}])
-    rows = runner.item_rows(variant, "mmlu", mmlu)
+    rows = item_rows(variant, "mmlu", mmlu)
     assert rows.select("metric", "correct").rows() == [("acc", True)]
     assert json.loads(rows["loglikelihoods"][0]) == [-1.0, -2.0, -3.0, -4.0]  # CSV-safe
     wiki = TaskResult("wikitext", {"n": 1, "perplexity": 9.0}, [{"item_id": "window/3", "nll_sum": 2.5, "tokens": 63,
                                                                  "correct": None}])
-    rows = runner.item_rows(variant, "wikitext", wiki)
+    rows = item_rows(variant, "wikitext", wiki)
     assert rows.select("metric", "correct", "nll_sum", "tokens").rows() == [("perplexity", None, 2.5, 63)]
     assert rows.schema["correct"] == pl.Boolean
 
@@ -423,9 +428,9 @@ def test_window_chunks_score_the_same_windows_as_one_pass(tiny_qwen3, small_data
     loaded = load_model(str(tiny_qwen3), dtype="float32")
     engine = Engine(loaded.model, loaded.tokenizer, loaded.adapter)
     whole = run_task(engine, task).records
-    ranges = runner.chunk_ranges(task, engine, 3)
+    ranges = chunk_ranges(task, engine, 3)
     assert ranges[0] == (0, 3) and ranges[-1][1] == len(whole) and len(ranges) == -(-len(whole) // 3)
-    chunked = [r for start, stop in ranges for r in run_task(engine, runner.chunk_task(task, start, stop)).records]
+    chunked = [r for start, stop in ranges for r in run_task(engine, chunk_task(task, start, stop)).records]
     assert [r["item_id"] for r in chunked] == [r["item_id"] for r in whole]
     assert [r["nll_sum"] for r in chunked] == pytest.approx([r["nll_sum"] for r in whole], rel=1e-6)
 
@@ -435,8 +440,8 @@ def test_layer_sweep_in_the_runner_equals_one_pruned_model_per_variant(tiny_qwen
     strategies = '[[strategies]]\nname = "drop-layers"\nlayers = "each"\n\n[[strategies]]\nname = "drop-layers"\nlayers = ["1-2"]\n'
     study = tmp_path / "tiny.toml"
     study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace("chunk_items = 1", "chunk_items = 3"))
-    swept = runner.run_study(runner.load_study(study), tmp_path / "swept")
-    naive = runner.run_study(runner.load_study(study), tmp_path / "naive", layer_sweep=False)
+    swept = run_study(load_study(study), tmp_path / "swept")
+    naive = run_study(load_study(study), tmp_path / "naive", layer_sweep=False)
 
     events = json.loads((swept / "manifest.json").read_text())["timings"]
     # dense and the 4 single-layer variants on mmlu (4 items: chunks of 3 and 1) and wikitext (2 windows)
@@ -473,7 +478,7 @@ def test_bench_records_each_variants_size_and_speed(tiny_qwen3, small_data, tmp_
     study = tmp_path / "tiny.toml"
     study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace(
         'tasks = ["mmlu", "gsm8k", "wikitext"]', 'tasks = ["wikitext"]') + bench)
-    run = runner.run_study(runner.load_study(study), tmp_path / "out")
+    run = run_study(load_study(study), tmp_path / "out")
     table = pl.read_parquet(run / "bench.parquet")
     assert table["variant"].to_list() == ["dense", "drop-layers[layers=0]", "drop-layers[layers=2]",
                                           "magnitude[sparsity=50]"]

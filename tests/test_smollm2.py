@@ -51,7 +51,7 @@ def hf(smollm2_gguf):
     """The same converted weights, loaded with plain transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prunelab.modeling import gguf_to_folder
+    from prunelab.model.loading import gguf_to_folder
 
     folder = gguf_to_folder(smollm2_gguf)
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)

@@ -7,11 +7,11 @@ import warnings
 import pytest
 import torch
 
-from prunelab.calibration import Hessian
 from prunelab.errors import PrunelabError
-from prunelab.modeling import load_model
-from prunelab.pruning import mask_from_scores, nm_mask, prune
-from prunelab_plugins.sparsegpt import sparsegpt_prune_weight
+from prunelab.model.loading import load_model
+from prunelab.prune.api import prune
+from prunelab.prune.masks import mask_from_scores, nm_mask
+from prunelab_plugins.sparsegpt import Hessian, sparsegpt_prune_weight
 from prunelab_plugins.wanda import wanda_keep_mask
 from tests.conftest import DATA
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as sps
 
 from prunelab.errors import PrunelabError
-from prunelab.stats import (
+from prunelab.report.stats import (
     SIGN_FLIP_EXACT,
     UNDERPOWERED,
     format_p,
@@ -286,7 +286,7 @@ def test_perplexity_verdicts_follow_holm_and_power():
     assert set(eight["verdict"]) == {UNDERPOWERED} and not eight["significant_drop"].any()
     assert eight["mdd"].null_count() == 24  # no effect of any size is detectable
     assert pairs_needed(24) == 10  # 24 x 2/2^10 = 0.047
-    from prunelab.findings import headline
+    from prunelab.report.findings import headline
     (line,) = headline(table(8, 24))
     assert line["underpowered"] and "needs at least 10 windows" in line["text"]
     twelve = table(12, 24).filter(pl.col("strategy") != "dense")

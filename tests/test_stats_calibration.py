@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from prunelab.stats import (
+from prunelab.report.stats import (
     ALPHA,
     mcnemar_exact,
     newcombe_paired_interval,

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunelab.adapter import adapt
 from prunelab.errors import PrunelabError
-from prunelab.modeling import load_model
-from prunelab.pruning import prune
-from prunelab.surgery import drop_layers, parse_layer_indices
+from prunelab.model.adapter import adapt
+from prunelab.model.loading import load_model
+from prunelab.model.surgery import drop_layers, parse_layer_indices
+from prunelab.prune.api import prune
 
 from .conftest import tiny_config
 

@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from prunelab.export import MASKS_FILE, RECIPE_FILE
-from prunelab.pruning import MaskSet, count_to_prune
+from prunelab.model.export import MASKS_FILE, RECIPE_FILE
+from prunelab.prune.masks import MaskSet, count_to_prune
 
 from .conftest import ROOT
 
@@ -61,9 +61,9 @@ def test_usable_by_prunelab_prune(plugin_path, tiny_qwen3, tmp_path):
     # seeded: the same seed prunes the same weights, through the Python API in this process too
     import prunelab_random  # importable only because the fixture installed it
 
-    from prunelab.hookspecs import Strategy
-    from prunelab.modeling import load_model
-    from prunelab.pruning import prune
+    from prunelab.model.loading import load_model
+    from prunelab.plugin import Strategy
+    from prunelab.prune.api import prune
     from prunelab.registry import Registry
 
     strategy: Strategy = prunelab_random.prunelab_strategies()[0]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from prunelab.errors import PrunelabError
-from prunelab.modeling import load_model
-from prunelab.pruning import prune
+from prunelab.model.loading import load_model
+from prunelab.prune.api import prune
 from prunelab_plugins.wanda import wanda_keep_mask
 from tests.conftest import DATA
 
@@ -49,7 +49,7 @@ def _accumulate_squares(total: torch.Tensor):
 
 def _expected_wanda_weights(model, samples: torch.Tensor, sparsity: float):
     """Wanda done the slow, obvious way: per layer, full forwards of the partly pruned model."""
-    from prunelab.adapter import adapt
+    from prunelab.model.adapter import adapt
 
     reference = copy.deepcopy(model)
     adapter = adapt(reference)
@@ -72,7 +72,7 @@ def _expected_wanda_weights(model, samples: torch.Tensor, sparsity: float):
 
 
 def test_wanda_on_a_tiny_model_matches_sequential_full_forwards(tiny_qwen3):
-    from prunelab.calibration import CalibrationSpec, calibration_samples
+    from prunelab.prune.calibration import CalibrationSpec, calibration_samples
 
     lm = loaded_model(tiny_qwen3)
     samples = calibration_samples(lm.tokenizer, CalibrationSpec.from_mapping(CALIBRATION), seed=5)

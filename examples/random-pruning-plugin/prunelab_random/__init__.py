@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from prunelab.hookspecs import Strategy, hookimpl
-from prunelab.pruning import (
+from prunelab.plugin import Strategy, hookimpl
+from prunelab.prune import (
     MaskSet,
     PruneContext,
     apply_mask,

@@ -1,0 +1,350 @@
+"""The versioned artifacts folder: ``<root>/<study>/<version>/`` per run and ``<root>/index.html``.
+
+A run folder holds the per-item and summary tables (parquet and CSV), every chart as a self-contained
+HTML page plus PNG and SVG (rendered by vl-convert, no browser needed), ``manifest.json`` and
+``report.html``. The version names the run: UTC time, short git commit and study-config hash, e.g.
+``20261128T143000Z-abc1234-9f8e7d6c``. A run folder is assembled under a hidden staging name and
+renamed into place when complete, so a crash never leaves half a run that looks finished, and an
+existing run folder is never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import vl_convert as vlc
+
+from prunelab.errors import PrunelabError
+from prunelab.report import fidelity, pages
+from prunelab.report.charts import baseline_history_chart, build_charts
+from prunelab.report.findings import findings, headline
+from prunelab.report.healstats import healing_table
+from prunelab.report.stats import harm_order, statistics_manifest, summarize
+
+CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
+# Set in the image at build time (Dockerfile), read when there is no git checkout to ask.
+GIT_COMMIT_ENV = "PRUNELAB_GIT_COMMIT"
+# Manifest field <- environment variable, for runs inside the prunelab image: the image's tag, the
+# base image's reference and its ID (the digest of what the image was built on).
+CONTAINER_FIELDS = {"image_tag": "PRUNELAB_IMAGE_TAG", "base_image": "PRUNELAB_BASE_IMAGE",
+                    "base_image_id": "PRUNELAB_BASE_IMAGE_ID"}
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+PNG_SCALE = 1
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """SHA-256 of the study configuration as canonical JSON (key order and spacing do not matter)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str | None:
+    """The short commit of the prunelab checkout, with ``+dirty`` for local edits.
+
+    An installed copy without a checkout (the container image: no git, no .git) answers with the
+    commit baked in at build time, ``$PRUNELAB_GIT_COMMIT``; None when neither is known.
+    """
+    repo = Path(repo) if repo else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"],
+                              capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        baked = os.environ.get(GIT_COMMIT_ENV, "").strip()
+        return baked if baked and baked != "unknown" else None
+    return f"{head}+dirty" if dirty else head
+
+
+def container_provenance() -> dict[str, str]:
+    """Image tag, base image reference and base image ID when running in the prunelab image."""
+    return {field: os.environ[env] for field, env in CONTAINER_FIELDS.items()
+            if os.environ.get(env, "unknown") not in {"", "unknown"}}
+
+
+def version_id(config_digest: str, commit: str | None, now: datetime) -> str:
+    """``<UTC time>-<7-char commit or 'nogit'>[+dirty]-<8-char config hash>``; sorts by time.
+
+    ``+dirty`` stays: a run made with uncommitted edits says so in its name.
+    """
+    head, _, dirty = (commit or "nogit").partition("+")
+    short = head[:7] + ("+dirty" if dirty else "")
+    return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{short}-{config_digest[:8]}"
+
+
+def code_version(commit: str | None = None) -> dict[str, str | None]:
+    """What the configuration hash records of the code: prunelab's version and git commit."""
+    from prunelab import __version__
+
+    return {"prunelab": __version__, "commit": commit if commit is not None else git_commit()}
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model, core count and torch's thread count: what CPU timings and float sums depend on."""
+    import platform
+
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads, "platform": platform.platform(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def write_run(
+    root: str | os.PathLike,
+    study: str,
+    items: pl.DataFrame,
+    manifest: Mapping[str, Any],
+    *,
+    summary: pl.DataFrame | None = None,
+    bench: pl.DataFrame | None = None,
+    now: datetime | None = None,
+    commit: str | None = None,
+) -> Path:
+    """Write one run's folder from its per-item table, then regenerate the index; returns the folder.
+
+    ``manifest`` comes from the runner: ``config_hash`` (or ``config`` to hash), and whatever it knows
+    — ``study_file`` (the file's text), ``model``, ``model_hash``, ``device``, ``timings``,
+    ``packages``, ``container_image``. Identity fields (study, version, created, git commit) and the
+    headline numbers are added here; the container image falls back to ``$PRUNELAB_CONTAINER_IMAGE``.
+    ``bench`` (``benchmodel.bench_rows``): each variant's measured size and speed, written as a table
+    and charted against its accuracy.
+    """
+    if not STUDY_NAME.match(study):
+        raise PrunelabError(f"study name {study!r} is not a plain folder name (letters, digits, . _ -)")
+    digest = manifest.get("config_hash") or (config_hash(manifest["config"]) if "config" in manifest else None)
+    if not digest:
+        raise PrunelabError("the run manifest needs a config_hash (or the config to hash)")
+    now = now or datetime.now(UTC)
+    commit = commit or git_commit()
+    version = version_id(digest, commit, now)
+    final = Path(root) / study / version
+    if final.exists():
+        raise PrunelabError(f"artifacts folder {final} already exists; refusing to overwrite a finished run")
+    staging = final.with_name(f".{version}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    identity = {
+        **manifest, "study": study, "version": version, "created": f"{now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
+        "config_hash": digest, "git_commit": commit,
+        "container_image": manifest.get("container_image") or os.environ.get(CONTAINER_IMAGE_ENV),
+        **container_provenance(),
+        "packages": manifest.get("packages") or package_versions(),
+        "machine": manifest.get("machine") or machine(),
+    }
+    render_run(staging, items, identity, summary=summary, bench=bench, write_items=True)
+    os.replace(staging, final)
+    build_index(root)
+    return final
+
+
+def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *,
+               summary: pl.DataFrame | None = None, bench: pl.DataFrame | None = None,
+               write_items: bool = False) -> dict[str, Any]:
+    """Everything derived from a run's items: summary, charts, manifest (headline, tests), report.
+
+    ``manifest`` holds the run's identity; its ``metrics`` (the evaluators' declarations) tell the
+    statistics each metric's kind and direction. Returns the manifest written.
+    """
+    metric_specs = {(m["task"], m["name"]): m for m in manifest.get("metrics") or []}
+    summary = summary if summary is not None else summarize(items, metrics=metric_specs)
+    files = write_tables(folder, items if write_items else None, summary, bench)
+    healing = healing_table(items, summary)  # healed variants (``[recovery]``) vs their unhealed selves
+    if healing.height:
+        healing.write_parquet(folder / "healing.parquet")
+        healing.write_csv(folder / "healing.csv")
+        files += ["healing.parquet", "healing.csv"]
+    extras = fidelity.summary_records(items)
+    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
+    charts.update(extra_charts(extras))
+    specs = {name: chart.to_dict() for name, chart in charts.items()}
+    files += write_charts(folder / "charts", specs)
+    full_manifest = {
+        **manifest, "strategies": sorted(set(summary["strategy"])), "tasks": list(dict.fromkeys(summary["task"])),
+        "statistics": statistics_manifest(summary), "headline": headline(summary),
+        "files": {f: _sha256(folder / f) for f in files},
+        **({"sensitive_metrics": extras} if extras else {}),
+    }
+    _write_text(folder / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
+    report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
+                               bench.to_dicts() if bench is not None else None, findings=findings(summary),
+                               extra_sections=pages.sensitive_sections(extras),
+                               healing_rows=healing.to_dicts() if healing.height else None)
+    _write_text(folder / "report.html", report)
+    return full_manifest
+
+
+def rebuild_run(run_dir: str | os.PathLike) -> Path:
+    """Rebuild a finished run's summary, charts, manifest and report from its stored items, then the index.
+
+    No model is loaded: everything derives from ``items.parquet`` (and ``bench.parquet``) with the
+    current statistics. The items and the run's identity stay; the manifest notes the rebuild.
+    """
+    folder = Path(run_dir)
+    items_path, manifest_path = folder / "items.parquet", folder / "manifest.json"
+    for path in (items_path, manifest_path):
+        if not path.is_file():
+            raise PrunelabError(f"{folder} is not a run folder: {path.name} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        items = pl.read_parquet(items_path)
+        bench = pl.read_parquet(folder / "bench.parquet") if (folder / "bench.parquet").is_file() else None
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
+        raise PrunelabError(f"{folder}: cannot read the stored run ({' '.join(str(exc).split())[:200]})") from None
+    stale = [f for f in (manifest.get("files") or {}) if f.startswith("charts/")]
+    for name in stale:
+        (folder / name).unlink(missing_ok=True)
+    manifest["report_rebuilt"] = {"created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", **code_version()}
+    files = dict(manifest.get("files") or {})
+    written = render_run(folder, items, manifest, bench=bench)
+    kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
+    manifest_out = {**written, "files": {**kept, **written["files"]}}
+    _write_text(manifest_path, json.dumps(manifest_out, indent=2, default=str) + "\n")
+    build_index(folder.parent.parent)
+    return folder
+
+
+def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Charts of the metrics that see harm at chance (``fidelity.summary_records``)."""
+    from prunelab.report.charts import answer_letters_chart, fidelity_chart, fidelity_layer_chart
+
+    charts = {"fidelity": fidelity_chart(extras.get("fidelity", [])),
+              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", [])),
+              "answer_letters": answer_letters_chart(extras.get("answer_letters", []))}
+    return {name: chart for name, chart in charts.items() if chart is not None}
+
+
+def write_tables(folder: Path, items: pl.DataFrame | None, summary: pl.DataFrame,
+                 bench: pl.DataFrame | None = None) -> list[str]:
+    """items, summary (and bench) as parquet (exact types) and CSV (for spreadsheets); relative paths.
+
+    ``items`` None: a rebuild, the stored items stay as they are.
+    """
+    written = []
+    tables = ([("items", items)] if items is not None else []) + [("summary", summary)] + (
+        [("bench", bench)] if bench is not None else [])
+    for name, frame in tables:
+        frame.write_parquet(folder / f"{name}.parquet")
+        frame.write_csv(folder / f"{name}.csv")
+        written += [f"{name}.parquet", f"{name}.csv"]
+    return written
+
+
+def write_charts(folder: Path, specs: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Each chart as a self-contained HTML page, an SVG and a PNG; returns paths relative to the run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    version = pages.vega_lite_version()
+    written = []
+    for name, spec in specs.items():
+        _write_text(folder / f"{name}.html", pages.chart_page(name.replace("_", " "), spec))
+        _write_text(folder / f"{name}.svg", vlc.vegalite_to_svg(spec, vl_version=version))
+        (folder / f"{name}.png").write_bytes(vlc.vegalite_to_png(spec, vl_version=version, scale=PNG_SCALE))
+        written += [f"charts/{name}.{ext}" for ext in ("html", "svg", "png")]
+    return written
+
+
+def package_versions() -> dict[str, str]:
+    """The evaluation's package versions plus the ones that drew the artifacts."""
+    from importlib import metadata
+
+    from prunelab.evaluate.run import versions
+
+    found = versions()
+    for package in ("numpy", "scipy", "pyarrow", "gguf", "vl-convert-python"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def build_index(root: str | os.PathLike) -> Path:
+    """(Re)write ``<root>/index.html`` listing every ``<study>/<version>`` folder that has a manifest."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    runs = [_index_entry(root, path) for path in sorted(root.glob("*/*/manifest.json"))
+            if not path.parent.name.startswith(".")]
+    runs += [_importance_entry(root, path) for path in sorted([*root.glob("*/importance.json"),
+                                                               *root.glob("*/*/importance.json")])
+             if not path.parent.name.startswith(".")]
+    runs.sort(key=lambda run: (run["study"], run["version"]), reverse=True)
+    runs.sort(key=lambda run: run["study"])  # studies A-Z, newest version first within each
+    history = [
+        {"study": run["study"], "version": run["version"], "created": run["created"],
+         "panel": f"{h['task']} · {h['metric']}", "kind": h["kind"], "value": h["dense"],
+         "ci_low": (h["dense_ci"] or [None])[0], "ci_high": (h["dense_ci"] or [None, None])[1]}
+        for run in runs for h in run.get("headline", []) if h.get("dense") is not None
+    ]
+    chart = baseline_history_chart(history)
+    specs = {"dense_history": chart.to_dict()} if chart is not None else {}
+    index = root / "index.html"
+    _write_text(index, pages.index_page(runs, specs))
+    return index
+
+
+def _index_entry(root: Path, manifest_path: Path) -> dict[str, Any]:
+    study, version = manifest_path.parent.parent.name, manifest_path.parent.name
+    entry: dict[str, Any] = {"study": study, "version": version, "created": None,
+                             "report": f"{study}/{version}/report.html"}
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return {**entry, "error": f"unreadable manifest.json: {err}"}
+    keep = ("created", "model", "strategies", "tasks", "headline")
+    return {**entry, **{k: manifest[k] for k in keep if k in manifest}}
+
+
+def _importance_entry(root: Path, summary_path: Path) -> dict[str, Any]:
+    """An importance run (``prunelab importance --out``): its folder, or ``<study>/<version>/`` when versioned."""
+    folder = summary_path.parent
+    nested = folder.parent != root
+    study = folder.parent.name if nested else folder.name
+    created = datetime.fromtimestamp(summary_path.stat().st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    entry: dict[str, Any] = {"study": study, "version": folder.name if nested else "(unversioned)",
+                             "created": created, "kind": "importance",
+                             "report": str((folder / "importance.html").relative_to(root))}
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return {**entry, "error": f"unreadable importance.json: {err}"}
+    manifest = summary.get("manifest") or {}
+    entry.update({k: manifest[k] for k in ("version", "created") if manifest.get(k)})
+    model = summary.get("model")
+    order = summary.get("order") or {}
+    ranked = "; ".join(f"{metric}: drop first {', '.join(map(str, layers[:4]))}" for metric, layers in order.items())
+    rho = [f"{c.get('importance_metric')} vs {c.get('task')} ρ={c['spearman']:+.2f}"
+           for c in summary.get("spearman_vs_sweep") or [] if c.get("spearman") is not None]
+    return {**entry, "model": Path(model).name if model else None,
+            "summary": "Layer importance. " + ranked + (f". Spearman with the measured sweep: {'; '.join(rho)}" if rho else "")}
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write via a temporary name so a reader never sees half a file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,152 @@
+"""Metrics that see harm when accuracy sits at chance: fidelity to the dense model, and what MMLU answers.
+
+Built from the per-item table alone (no model), so a report can be rebuilt from ``items.parquet``.
+
+**Fidelity** (llama.cpp's ``perplexity --kl-divergence``): per WikiText window the evaluator
+records the mean KL(dense || variant) over its scored tokens (``kl_mean``), the share of tokens whose
+most likely next token is dense's (``top1_agree``) and every token's KL (``kl_tokens``). Per variant
+this module reports the mean over windows of the first two with a 95% t-interval over windows (the
+windows are the independent units; tokens within a window are not), and the 99th percentile of the
+KL over all of the variant's tokens with a 95% percentile-bootstrap interval that resamples whole
+windows (B = 2000, seed 0). With 8 windows that interval is rough: it can only recombine 8 windows.
+
+**Answers** (multiple choice tasks whose records carry ``prediction``/``target``): how often each
+variant answers each letter (a model at chance often answers one letter to almost everything, which
+accuracy hides), accuracy per ``category`` and the chance level 1/choices for the charts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy import stats as scipy_stats
+
+from prunelab.report.stats import DENSE
+
+BOOTSTRAP_SAMPLES = 2000
+QUANTILE = 0.99
+
+
+def mean_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float | None, float | None]:
+    """The mean and its t-interval (None for fewer than 2 values; a zero-width interval when all are equal)."""
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, None, None
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, len(values) - 1) * np.std(values, ddof=1) / math.sqrt(len(values)))
+    return mean, mean - half, mean + half
+
+
+def pooled_quantile_interval(token_values: list[np.ndarray], q: float = QUANTILE, samples: int = BOOTSTRAP_SAMPLES,
+                             seed: int = 0) -> tuple[float, float | None, float | None]:
+    """The q-quantile of all tokens pooled, with a percentile bootstrap over windows (whole windows resampled)."""
+    pooled = float(np.quantile(np.concatenate(token_values), q))
+    if len(token_values) < 2:
+        return pooled, None, None
+
+    def statistic(index: np.ndarray) -> float:
+        return float(np.quantile(np.concatenate([token_values[int(i)] for i in index]), q))
+
+    result = scipy_stats.bootstrap((np.arange(len(token_values)),), statistic, vectorized=False,
+                                   n_resamples=samples, method="percentile", rng=np.random.default_rng(seed))
+    return pooled, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def fidelity_table(items: pl.DataFrame) -> pl.DataFrame | None:
+    """Per variant: windows, mean KL, 99th-percentile KL and top-1 agreement, each with its 95% interval."""
+    if "kl_mean" not in items.columns:
+        return None
+    rows = items.filter(pl.col("kl_mean").is_not_null() & (pl.col("metric") == "perplexity"))
+    out = []
+    if "params" not in rows.columns:
+        rows = rows.with_columns(pl.lit("{}").alias("params"))
+    for (variant, strategy, params, task), group in rows.group_by(["variant", "strategy", "params", "task"],
+                                                                  maintain_order=True):
+        kl, kl_low, kl_high = mean_interval(group["kl_mean"].to_numpy())
+        top1, top1_low, top1_high = mean_interval(group["top1_agree"].to_numpy())
+        tokens = [np.asarray(json.loads(t), dtype=float) for t in group["kl_tokens"]] if "kl_tokens" in group.columns else []
+        p99, p99_low, p99_high = pooled_quantile_interval(tokens) if tokens else (None, None, None)
+        out.append({"task": task, "variant": variant, "strategy": strategy, "params": params, "windows": group.height,
+                    "tokens": int(group["tokens"].sum()),
+                    "kl_mean": kl, "kl_mean_low": kl_low, "kl_mean_high": kl_high,
+                    "kl_p99": p99, "kl_p99_low": p99_low, "kl_p99_high": p99_high,
+                    "top1_agree": top1, "top1_agree_low": top1_low, "top1_agree_high": top1_high})
+    return pl.DataFrame(out) if out else None
+
+
+def _multiple_choice(items: pl.DataFrame) -> pl.DataFrame:
+    """The accuracy rows of tasks whose records name the predicted and the gold answer.
+
+    Rows of per-item float metrics (a ``value`` column) repeat the record's fields; they are left out
+    so that each question counts once.
+    """
+    if not {"prediction", "target"} <= set(items.columns):
+        return items.clear()
+    rows = items.filter(pl.col("prediction").is_not_null() & pl.col("target").is_not_null()
+                        & pl.col("correct").is_not_null())
+    return rows.filter(pl.col("value").is_null()) if "value" in rows.columns else rows
+
+
+def answer_letters(items: pl.DataFrame) -> pl.DataFrame | None:
+    """Per task and variant: how many times each answer was predicted, plus a "gold answers" row."""
+    choices = _multiple_choice(items)
+    if choices.height == 0:
+        return None
+    letters = sorted(set(choices["prediction"]) | set(choices["target"]))
+    rows = []
+    for (task, metric), group in choices.group_by(["task", "metric"], maintain_order=True):
+        dense = group.filter(pl.col("strategy") == DENSE)
+        gold = (dense if dense.height else group.filter(pl.col("variant") == group["variant"][0]))["target"]
+        rows.append({"task": task, "metric": metric, "variant": "gold answers", "n": len(gold),
+                     **{letter: int((gold == letter).sum()) for letter in letters}})
+        for (variant,), per_variant in group.group_by(["variant"], maintain_order=True):
+            predicted = per_variant["prediction"]
+            rows.append({"task": task, "metric": metric, "variant": variant, "n": per_variant.height,
+                         **{letter: int((predicted == letter).sum()) for letter in letters}})
+    return pl.DataFrame(rows)
+
+
+def category_accuracy(items: pl.DataFrame) -> pl.DataFrame | None:
+    """Accuracy per variant and category (MMLU's stem / humanities / social sciences / other)."""
+    choices = _multiple_choice(items)
+    if choices.height == 0 or "category" not in choices.columns:
+        return None
+    return (choices.group_by(["task", "variant", "category"], maintain_order=True)
+            .agg(pl.len().alias("n"), pl.col("correct").cast(pl.Float64).mean().alias("accuracy")))
+
+
+def mean_metric_table(items: pl.DataFrame, column: str) -> pl.DataFrame | None:
+    """A per-item float (``gold_prob``) per task and variant: its mean with a 95% t-interval over items."""
+    choices = _multiple_choice(items)
+    if choices.height == 0 or column not in choices.columns:
+        return None
+    out = []
+    for (task, variant), group in choices.group_by(["task", "variant"], maintain_order=True):
+        values = group[column].drop_nulls().to_numpy()
+        if len(values):
+            mean, low, high = mean_interval(values)
+            out.append({"task": task, "variant": variant, "n": len(values), column: mean, "low": low, "high": high})
+    return pl.DataFrame(out) if out else None
+
+
+def chance_levels(items: pl.DataFrame) -> dict[str, float]:
+    """Chance accuracy per task (1 / number of choices) for tasks whose records list each choice's log-likelihood."""
+    if "loglikelihoods" not in items.columns:
+        return {}
+    found = {}
+    for (task,), group in _multiple_choice(items).group_by(["task"]):
+        sample = group["loglikelihoods"].drop_nulls().head(50)
+        counts = {len(json.loads(v)) if isinstance(v, str) else len(v) for v in sample}
+        if len(counts) == 1 and (k := counts.pop()) > 1:
+            found[task] = 1.0 / k
+    return found
+
+
+def summary_records(items: pl.DataFrame) -> dict[str, Any]:
+    """The tables above as JSON-able records for the manifest (findings and reports read them there)."""
+    tables = {"fidelity": fidelity_table(items), "answer_letters": answer_letters(items),
+              "category_accuracy": category_accuracy(items), "gold_prob": mean_metric_table(items, "gold_prob")}
+    return {name: table.to_dicts() for name, table in tables.items() if table is not None}

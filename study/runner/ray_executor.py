@@ -1,0 +1,355 @@
+"""A study on a Ray cluster: actors that each keep the dense model and evaluate chunks of it.
+
+Each worker is a Ray actor with a resource request (``gpus_per_worker`` GPUs on CUDA, else
+``cpus_per_worker`` CPUs and as many torch threads). It loads the dense model once, keeps it, and
+keeps the pruned copy of the variant it evaluated last. The driver (``prunelab study run``) hands
+out **units** one at a time to whichever worker is free:
+
+* a *chunk* unit: one (variant, task, chunk) -- the runner's chunk, written as the same atomic
+  parquet file the local path writes;
+* a *sweep* unit: one (task, chunk) for the dense model and every single-layer removal at once,
+  through one ``LayerSweep`` as the local path does it (the layer sweep is kept, per chunk);
+* a *bench* unit: ``[bench]`` of a variant none of whose chunks needed its pruned model.
+
+Why chunks, with variant affinity, and not whole variants: a free worker is given a chunk of the
+variant it already holds, else one of a variant no other worker holds, so a variant is pruned about
+once per worker that helps with it -- and the last variants are shared out chunk by chunk instead
+of leaving workers idle (7 variants over 2 workers is 4:3 at variant granularity). See
+BENCHMARKS.md "Studies on Ray" for the measured costs behind this choice.
+
+Faults: the driver, not Ray, retries units. A lost worker (its process or its node) fails its one
+unit in flight; the unit goes back to the queue for any other worker, and Ray restarts the actor
+(``max_restarts``) wherever the resources are. Finished chunks are files in the shared work folder,
+so a killed driver resumes from them when started again (its actors die with it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from prunelab.errors import PrunelabError
+from prunelab.evaluate.layersweep import LayerSweep
+from prunelab.runner.executors import ExecutorSettings
+
+if TYPE_CHECKING:
+    from prunelab.evaluate.engine import Engine
+    from prunelab.runner.run import _Session
+    from prunelab.runner.studyfile import Study
+    from prunelab.runner.variants import Variant
+    from prunelab.runner.workfolder import Plan
+
+Pair = tuple["Variant", str, int, tuple[int, int]]
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Unit:
+    """What one worker call evaluates; ``variant`` is the model it needs (None: the dense model)."""
+
+    kind: str  # "chunk", "sweep" or "bench"
+    pairs: tuple[Pair, ...]
+    variant: Variant | None
+
+    @property
+    def items(self) -> int:
+        return sum(stop - start for *_, (start, stop) in self.pairs)
+
+    def describe(self) -> str:
+        if self.kind == "sweep":
+            _, task, index, _ = self.pairs[0]
+            return f"layer sweep of {task} chunk {index} ({len(self.pairs)} variants)"
+        if self.kind == "bench":
+            return f"bench of {self.variant.name}"
+        variant, task, index, _ = self.pairs[0]
+        return f"{variant.name} {task} chunk {index}"
+
+
+# ---------------------------------------------------------------------------------------- the worker
+class StudyWorker:
+    """One Ray actor: the study's tasks, the dense model (loaded on first use) and the variant it holds."""
+
+    def __init__(self, study: Study, work_root: str, layer_sweep: bool, threads: int | None) -> None:
+        import torch
+
+        from prunelab.model.loading import choose_device
+        from prunelab.runner.run import Reporter, _Session, prepare_study_tasks
+        from prunelab.runner.workfolder import WorkFolder
+
+        if threads:
+            torch.set_num_threads(threads)
+        here = str(choose_device(study.device))
+        if here != study.settings["device"]:  # the configuration hash names the driver's device
+            raise PrunelabError(f"this Ray worker resolves device '{study.device}' to {here}, the driver to "
+                                f"{study.settings['device']}; name the device in the study file")
+        self.work = WorkFolder(Path(work_root))
+        self.session = _Session(study, prepare_study_tasks(study), self.work, Reporter(), layer_sweep)
+        self.held: tuple[str, Engine] | None = None
+        self.work.log(event="worker", pid=os.getpid(), node=ray.util.get_node_ip_address())
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def plan(self) -> Plan:
+        return self.session.plan()
+
+    def describe(self) -> dict[str, Any]:
+        from prunelab.runner.run import model_revision
+
+        loaded = self.session.load()
+        return {"sweep": LayerSweep.supports(loaded.adapter), "revision": model_revision(loaded)}
+
+    def run(self, unit: Unit) -> int:
+        """Evaluate the unit's chunks that have no file yet (another attempt may have written them)."""
+        todo = [p for p in unit.pairs if not self.work.chunk(p[0], p[1], p[2]).is_file()]
+        if unit.kind == "sweep":
+            if todo:
+                self.session.evaluate_sweep(todo)
+            return unit.items
+        engine = self.engine_for(unit.variant)
+        for variant, task, index, (start, stop) in todo:
+            self.session.run_chunk(engine, variant, task, index, start, stop)
+        return unit.items
+
+    def engine_for(self, variant: Variant) -> Engine:
+        """The held variant's engine, or prune (and ``[bench]``) the variant and hold it instead."""
+        if self.held is None or self.held[0] != variant.name:
+            self.held = None  # free the previous pruned copy before making the next
+            loaded = self.session.variant_model(variant)
+            self.session.bench(variant, loaded)
+            self.held = (variant.name, self.session.engine(loaded))
+        return self.held[1]
+
+
+# ---------------------------------------------------------------------------------------- the driver
+_RAISED = re.compile(r"^[\w.]*(?:Error|Exception): (.+)$")
+
+
+def cause_line(exc: Exception) -> str:
+    """The message a worker's exception was raised with, from the traceback text Ray wraps it in."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [m[1] for line in lines if (m := _RAISED.match(line))]
+    return (raised or lines or [type(exc).__name__])[-1]
+
+
+def check_reachable(address: str) -> None:
+    """``ray://HOST:PORT`` or ``HOST:PORT`` answers a TCP connection, or a one-line error now."""
+    if address == "auto":
+        return
+    host_port = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise PrunelabError(f"Ray address {address!r} is not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise PrunelabError(f"Ray cluster at {address} is not reachable: {exc.strerror or exc}") from None
+
+
+class RayExecutor:
+    """Runs the runner's pending chunks on Ray actors; see the module docstring."""
+
+    def __init__(self, settings: ExecutorSettings) -> None:
+        self.settings = settings
+        self.revision: str | None = None
+
+    # -- connecting
+    def connect(self) -> None:
+        if ray.is_initialized():
+            return
+        address = self.settings.address or os.environ.get("RAY_ADDRESS")  # else "local": a new instance
+        options: dict[str, Any] = {"log_to_driver": bool(os.environ.get("PRUNELAB_DEBUG")),
+                                   "include_dashboard": False}
+        if address:
+            check_reachable(address)
+        else:  # a Ray instance on this machine, sized to the workers asked for
+            workers = self.settings.workers
+            options["num_cpus"] = workers * self.settings.cpus_per_worker if workers else os.cpu_count()
+            # Ray starts workers at niceness 15; here they are the study itself, not background work
+            os.environ.setdefault("RAY_worker_niceness", "0")
+        try:
+            ray.init(address=address or "local", **options)
+        except (ConnectionError, RuntimeError, TimeoutError, ValueError) as exc:
+            raise PrunelabError(f"cannot connect to Ray at {address or 'a new local instance'}: "
+                                f"{' '.join(str(exc).split())[:300]}") from None
+
+    # -- the Executor interface
+    def plan(self, session: _Session) -> Plan:
+        self.connect()
+        pool = self.pool(session)
+        try:
+            plan = ray.get(pool.first_ready().plan.remote())
+        except BaseException:
+            self.close_pool()
+            raise
+        session.work.save_plan(plan)  # the worker wrote it to the shared folder; this one is the driver's
+        return plan
+
+    def evaluate(self, session: _Session, plan: Plan) -> None:
+        self.connect()
+        pending = [p for p in plan.pairs() if not session.work.finished_chunk(session.work.chunk(p[0], p[1], p[2]))]
+        total = sum(b[1] - b[0] for *_, b in plan.pairs())
+        session.reporter.start(total, total - sum(b[1] - b[0] for *_, b in pending))
+        pool = self.pool(session)
+        try:
+            if pending:
+                info = ray.get(pool.first_ready().describe.remote())
+                self.revision = info["revision"]
+                for phase in dense_first(units(session, pending, sweep=session.layer_sweep and info["sweep"])):
+                    pool.drain(phase)
+            if session.study.bench:
+                missing = [v for v in plan.variants if not session.work.bench(v).is_file()]
+                pool.drain([Unit("bench", (), v) for v in missing])
+        finally:
+            self.close_pool()
+
+    def model_revision(self, session: _Session) -> str | None:
+        return self.revision
+
+    # -- workers
+    def pool(self, session: _Session) -> WorkerPool:
+        if getattr(self, "_pool", None) is None:
+            self._pool = WorkerPool(self.settings, session)
+        return self._pool
+
+    def close_pool(self) -> None:
+        """End the workers (also those still waiting for resources): nothing outlives the run."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.close()
+            self._pool = None
+
+
+def units(session: _Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
+    """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks."""
+    from prunelab.runner.run import removed_layer
+
+    swept: dict[tuple[str, int], list[Pair]] = {}
+    if sweep and any(removed_layer(p[0]) is not None for p in pending):
+        for pair in pending:
+            if session.sweepable(pair[0], pair[1]):
+                swept.setdefault((pair[1], pair[2]), []).append(pair)
+    taken = {id(p) for group in swept.values() for p in group}
+    chunks = [Unit("chunk", (p,), p[0]) for p in pending if id(p) not in taken]
+    return [Unit("sweep", tuple(group), None) for group in swept.values()] + chunks
+
+
+def dense_first(queue: list[Unit]) -> list[list[Unit]]:
+    """The units holding the dense model's chunks, then the rest.
+
+    The dense chunks write the reference that other variants are compared with (KL to dense, see
+    ``prunelab.evaluate.reference``); a variant chunk evaluated before it would get no fidelity metrics and
+    differ from a local run.
+    """
+    from prunelab.report.stats import DENSE
+
+    has_dense = [u for u in queue if any(pair[0].strategy == DENSE for pair in u.pairs)]
+    rest = [u for u in queue if u not in has_dense]
+    return [phase for phase in (has_dense, rest) if phase]
+
+
+class WorkerPool:
+    """The study's actors, and the driver's queue of units: one unit in flight per worker."""
+
+    def __init__(self, settings: ExecutorSettings, session: _Session) -> None:
+        self.settings, self.session = settings, session
+        on_cuda = session.study.settings["device"].startswith("cuda")
+        gpus = settings.gpus_per_worker if settings.gpus_per_worker is not None else (1.0 if on_cuda else 0.0)
+        self.resources = {"CPU": settings.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+        count = settings.workers or self.cluster_capacity(gpus)
+        remote = ray.remote(StudyWorker).options(
+            num_cpus=settings.cpus_per_worker, num_gpus=gpus, max_restarts=settings.max_restarts,
+            max_task_retries=0)  # the driver re-queues a lost unit, to any worker
+        threads = None if gpus else settings.cpus_per_worker
+        self.workers = [remote.remote(session.study, str(session.work.root), session.layer_sweep, threads)
+                        for _ in range(count)]
+        self.starting = {w.ready.remote(): w for w in self.workers}  # not yet known to be up
+        self.free: list[Any] = []
+        self.holds: dict[Any, str | None] = {}  # worker -> the variant it holds
+
+    def cluster_capacity(self, gpus: float) -> int:
+        total = ray.cluster_resources()
+        fits = total.get("GPU", 0) // gpus if gpus else total.get("CPU", 0) // self.settings.cpus_per_worker
+        return max(1, int(fits))
+
+    def first_ready(self) -> Any:
+        while not self.free:
+            self.wait(inflight={})
+        return self.free[0]
+
+    def wait(self, inflight: dict) -> list:
+        """Wait for a worker to come up or a unit to finish; fail when nothing can run for ``wait_s``."""
+        refs = [*inflight, *self.starting]
+        if not refs:
+            raise PrunelabError("every Ray worker was lost (finished chunks are kept: run the study again "
+                                "to resume)")
+        done, _ = ray.wait(refs, num_returns=1, timeout=None if inflight else self.settings.wait_s)
+        if not done:
+            raise PrunelabError(
+                f"no Ray worker started within {self.settings.wait_s:g} s: each needs {self.resources}, the "
+                f"cluster has {ray.cluster_resources()} ([executor] wait_s, cpus_per_worker, gpus_per_worker)")
+        for ref in done:
+            if ref in self.starting:
+                worker = self.starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as exc:  # restarts used up, or it cannot be placed any more
+                    if exc.actor_init_failed:  # the same on every node: say why, now
+                        raise PrunelabError(f"a Ray worker could not start: {cause_line(exc)}") from None
+                    self.workers.remove(worker)
+                    continue
+                self.free.append(worker)
+                self.holds.setdefault(worker, None)
+        return [ref for ref in done if ref in inflight]
+
+    def drain(self, queue: list[Unit]) -> None:
+        """Evaluate every unit; a unit whose worker is lost goes back to the queue."""
+        queue = list(queue)
+        inflight: dict[Any, tuple[Any, Unit]] = {}
+        while queue or inflight:
+            while queue and self.free:
+                worker = self.free.pop(0)
+                unit = queue.pop(self.choose(queue, worker))
+                self.holds[worker] = unit.variant.name if unit.variant is not None else self.holds[worker]
+                inflight[worker.run.remote(unit)] = (worker, unit)
+            for ref in self.wait(inflight):
+                worker, unit = inflight.pop(ref)
+                try:
+                    items = ray.get(ref)
+                except RayActorError as exc:
+                    self.lost(worker, unit, queue, exc)
+                    continue
+                except RayTaskError as exc:  # the evaluation itself failed: it would fail anywhere
+                    raise PrunelabError(f"{unit.describe()} failed on a Ray worker: {cause_line(exc)}") from None
+                self.session.reporter.advance(items)
+                self.free.append(worker)
+
+    def choose(self, queue: list[Unit], worker: Any) -> int:
+        """The queue position for ``worker``: its held variant, else one nobody holds, else the first."""
+        held = self.holds.get(worker)
+        others = {v for w, v in self.holds.items() if w is not worker}
+        for rank in (lambda u: u.variant is not None and u.variant.name == held,
+                     lambda u: u.variant is None,
+                     lambda u: u.variant.name not in others):
+            for position, unit in enumerate(queue):
+                if rank(unit):
+                    return position
+        return 0
+
+    def lost(self, worker: Any, unit: Unit, queue: list[Unit], exc: Exception) -> None:
+        """Re-queue the unit; the worker counts again once Ray has restarted it (if it can)."""
+        queue.insert(0, unit)
+        self.holds[worker] = None
+        self.session.work.log(event="lost", unit=unit.describe(), error=" ".join(str(exc).split())[:200])
+        self.session.reporter.message(f"a Ray worker was lost during {unit.describe()}: evaluating it again")
+        self.starting[worker.ready.remote()] = worker
+
+    def close(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)

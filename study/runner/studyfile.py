@@ -1,0 +1,317 @@
+"""Run a study: every variant x task pair, resumable, handed over to the versioned artifacts folder.
+
+A study file (TOML, or YAML with the same keys) names the model, the evaluation settings and the strategies with their grids;
+``load_study`` validates all of it -- tasks, task options, every grid point against the strategy's
+declared options -- before any model is loaded. ``run_study`` then
+
+1. prepares the items once (every variant sees the same items) and hashes the configuration
+   (settings, model weights, item contents);
+2. evaluates every (variant, task) pair in chunks of ``chunk_items`` items (WikiText: windows) and
+   writes each chunk's per-item rows atomically as a parquet file under
+   ``<out>/<study>/.work/``: a kill loses at most the chunk in flight;
+3. hands the per-item table to ``artifacts.write_run`` (tables, statistics, charts, report, index)
+   and removes the work folder.
+
+Resuming is running the same command again: finished chunks are read, never recomputed. The work
+folder records its configuration hash; a different configuration of the same study is refused
+while that work is unfinished (finish it, choose another ``--out``, or delete the folder). A
+configuration that already finished is not recomputed unless ``rerun`` is asked for.
+
+Relative paths in a study file (model files, ``data_dir``, a calibration file) are relative to the
+study file's folder; ``${VAR}`` and ``${VAR:-default}`` are expanded, then ``~``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+from prunelab.errors import PrunelabError
+from prunelab.evaluate.data import Subset
+from prunelab.model.loading import choose_device, choose_dtype
+from prunelab.prune.masks import validate_options
+from prunelab.prune.recovery import study_recovery
+from prunelab.readers import read_utf8, reading
+from prunelab.registry import Registry, default_registry
+from prunelab.report import artifacts
+from prunelab.runner.executors import ExecutorSettings
+
+EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
+CHUNK_ITEMS = 32
+WORK = ".work"
+TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
+            "strategies", "bench", "recovery", "executor"}
+BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
+SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
+TASK_OPTION_KEYS = {"num_fewshot", "seqlen", "max_new_tokens"}  # common settings, for the tasks that declare them
+EVALUATION_KEYS = SUBSET_KEYS | TASK_OPTION_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
+                                                    "data_dir", "chunk_items"}
+CORE_COLUMNS = {"variant": pl.String, "strategy": pl.String, "params": pl.String, "task": pl.String,
+                "metric": pl.String, "item_id": pl.String, "correct": pl.Boolean, "value": pl.Float64,
+                "nll_sum": pl.Float64, "tokens": pl.Int64}
+
+
+
+@dataclass(frozen=True)
+class StrategyGrid:
+    """One ``[[strategies]]`` block: a strategy and its options, where a list means "each of these"."""
+
+    name: str
+    grid: dict[str, list[Any]]
+
+
+@dataclass(frozen=True)
+class Study:
+    """A validated study file; ``settings`` is what the configuration hash covers (besides data/model)."""
+
+    name: str
+    path: Path
+    text: str
+    model: str  # as loadable here (variables expanded, relative paths resolved)
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    prune_seed: int
+    tasks: list[str]
+    subsets: dict[str, Subset]  # per task
+    task_options: dict[str, dict[str, Any]]  # per task
+    data_dir: Path | None
+    calibration: dict[str, Any] | None
+    strategies: list[StrategyGrid]
+    settings: dict[str, Any] = field(default_factory=dict)
+    bench: dict[str, Any] | None = None  # ``[bench]``: measure each variant's speed (prunelab.model.bench)
+    recovery: dict[str, Any] | None = None  # ``[recovery]``: heal variants (prunelab.prune.recovery.study_recovery)
+    # ``[executor]``: where the pairs run (local, ray); not in the configuration hash -- every executor
+    # writes the same chunk files, so a Ray run resumes a local one and the other way round
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+
+
+def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
+               registry: Registry | None = None) -> Study:
+    """Read and validate a study file; every mistake is a one-line ``PrunelabError`` naming it, no model needed."""
+    try:
+        return _load_study(Path(path), data_dir, registry or default_registry())
+    except PrunelabError as exc:
+        if str(path) in str(exc):
+            raise
+        raise PrunelabError(f"{path}: {exc}") from exc  # a value checked by a shared helper
+
+
+def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Registry) -> Study:
+    text, raw = _read_study_file(path)
+    _check_keys(raw, TOP_KEYS, f"{path}")
+    evaluation = raw.get("evaluation", {})
+    _check_keys(evaluation, EVALUATION_KEYS | set(registry.evaluators), f"{path} [evaluation]")
+    tasks = _string_list(evaluation.get("tasks", ["mmlu", "gsm8k", "wikitext"]), f"{path} [evaluation] tasks")
+    strays = sorted(k for k in evaluation if k in registry.evaluators and k not in tasks)
+    if strays:
+        raise PrunelabError(f"{path}: [evaluation.{strays[0]}] is given but {strays[0]} is not in tasks")
+    where = path.resolve().parent
+    name = _typed(raw, "name", str, path.stem, f"{path}")
+    if not artifacts.STUDY_NAME.match(name):
+        raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
+    if "model" not in raw:
+        raise PrunelabError(f"{path}: no model (e.g. model = \"Qwen/Qwen3-0.6B\")")
+    if not isinstance(raw["model"], str) or not raw["model"].strip():
+        raise PrunelabError(f"{path}: model must be a Hub id or a path, got {raw['model']!r}")
+
+    per_task = {task: _task_settings(registry, task, evaluation, path) for task in tasks}
+    chunk = _typed(evaluation, "chunk_items", int, CHUNK_ITEMS, f"{path} [evaluation]")
+    if chunk < 1:
+        raise PrunelabError(f"{path} [evaluation] chunk_items must be a positive integer, got {chunk!r}")
+    strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(_blocks(raw, path))]
+    calibration = _calibration(raw.get("calibration"), strategies, registry, where, path)
+    bench = _bench_settings(raw.get("bench"), path)
+    recovery = study_recovery(raw.get("recovery"), [s.name for s in strategies], registry, where, path)
+    chosen_data = Path(data_dir).expanduser() if data_dir else (
+        _resolve_path(evaluation["data_dir"], where) if "data_dir" in evaluation else None)
+    device = _typed(raw, "device", str, "auto", f"{path}")
+    dtype = _typed(raw, "dtype", str, "auto", f"{path}")
+    resolved_device = choose_device(device)
+    engine = {"chat_template": _typed(evaluation, "chat_template", bool, False, f"{path} [evaluation]"),
+              "enable_thinking": _typed(evaluation, "enable_thinking", bool, False, f"{path} [evaluation]"),
+              "batch_tokens": _typed(evaluation, "batch_tokens", int, None, f"{path} [evaluation]")}
+    settings = {
+        "study": name, "model": raw["model"], "device": str(resolved_device),
+        "dtype": str(choose_dtype(dtype, resolved_device)).removeprefix("torch."),
+        "trust_remote_code": _typed(raw, "trust_remote_code", bool, False, f"{path}"),
+        "prune_seed": _typed(raw, "prune_seed", int, 0, f"{path}"),
+        "evaluation": {"tasks": {t: {**subset.as_dict(), **options} for t, (subset, options) in per_task.items()},
+                       "chunk_items": chunk, **engine},
+        "calibration": raw.get("calibration"),
+        "strategies": [{"name": s.name, **s.grid} for s in strategies],
+        **({"bench": bench} if bench else {}),
+        **({"recovery": raw["recovery"]} if recovery else {}),
+    }
+    return Study(
+        name=name, path=path, text=text, model=_model_path(str(raw["model"]), where),
+        device=device, dtype=dtype, trust_remote_code=settings["trust_remote_code"],
+        prune_seed=settings["prune_seed"], tasks=tasks, subsets={t: s for t, (s, _) in per_task.items()},
+        task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
+        strategies=strategies, settings=settings, bench=bench, recovery=recovery,
+        executor=ExecutorSettings.from_table(raw.get("executor"), f"{path} [executor]"),
+    )
+
+
+def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
+    """The file's text and its table: YAML for ``.yaml``/``.yml``, TOML otherwise (same keys either way)."""
+    text = read_utf8(path, "cannot read study file")
+    if path.suffix.lower() in {".yaml", ".yml"}:
+        with reading(path, "invalid YAML"):
+            raw = yaml.safe_load(text)  # plain data only: no tags that construct objects
+        if not isinstance(raw, dict):
+            raise PrunelabError(f"{path}: a study file is a mapping of settings (model, evaluation, strategies)")
+        return text, raw
+    with reading(path, "invalid TOML"):
+        return text, tomllib.loads(text)
+
+
+def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], path: Path):
+    """(Subset, task options) of one task: ``[evaluation]`` settings, overridden by ``[evaluation.<task>]``.
+
+    A common option (``seqlen``) applies to the tasks that declare it; one in a task's own table must
+    be that task's.
+    """
+    evaluator = registry.evaluator(task)
+    own = evaluation.get(task, {})
+    _check_keys(own, SUBSET_KEYS | {o.name for o in evaluator.options}, f"{path} [evaluation.{task}]")
+    where = f"{path} [evaluation.{task}]" if own else f"{path} [evaluation]"
+    merged = {**{k: v for k, v in evaluation.items() if k in SUBSET_KEYS}, **own}
+    subset = Subset(fraction=_typed(merged, "fraction", float, 1.0, where),
+                    sample=_typed(merged, "sample", str, "random", where),
+                    limit=_typed(merged, "limit", int, None, where), seed=_typed(merged, "seed", int, 1234, where))
+    declared = {o.name for o in evaluator.options}
+    options = {k: v for k, v in evaluation.items() if k in TASK_OPTION_KEYS and k in declared} | {
+        k: v for k, v in own.items() if k not in SUBSET_KEYS}
+    try:
+        evaluator.option_set.validate(options)
+    except PrunelabError as exc:
+        raise PrunelabError(f"{where}: {exc}") from None
+    return subset, options
+
+
+def _check_keys(table: Any, known: set[str], where: str) -> None:
+    if not isinstance(table, dict):
+        raise PrunelabError(f"{where}: expected a table, got {table!r}")
+    unknown = sorted(map(str, set(table) - known))  # YAML keys may be numbers
+    if unknown:
+        raise PrunelabError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def _typed(table: dict[str, Any], key: str, kind: type, default: Any, where: str) -> Any:
+    """``table[key]`` checked against ``kind`` (an int is a float too); a bad type is a one-line error."""
+    value = table.get(key, default)
+    if value is None and default is None:  # an explicit null (YAML) only where "not set" is allowed
+        return None
+    allowed = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, allowed):
+        raise PrunelabError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise PrunelabError(f"{where}: expected a list of names, got {value!r}")
+    return list(dict.fromkeys(values))
+
+
+def _blocks(raw: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    blocks = raw.get("strategies", [])
+    if not isinstance(blocks, list) or not all(isinstance(b, dict) for b in blocks):
+        raise PrunelabError(f"{path}: strategies must be [[strategies]] tables")
+    return blocks
+
+
+def _strategy_grid(block: dict[str, Any], index: int, registry: Registry, path: Path) -> StrategyGrid:
+    """Check the block's name and every grid point against the strategy's declared options."""
+    if not isinstance(block.get("name"), str):
+        raise PrunelabError(f"{path}: [[strategies]] number {index + 1} has no name (e.g. name = \"magnitude\")")
+    strategy = registry.strategy(block["name"])
+    grid = {key: value if isinstance(value, list) else [value] for key, value in block.items() if key != "name"}
+    for key, values in grid.items():
+        if not values:
+            raise PrunelabError(f"{path}: strategy '{strategy.name}' option '{key}' is an empty list")
+    for point in grid_points(grid):
+        checked = {k: 0 if k == "layers" and v == EACH_LAYER else v for k, v in point.items()}
+        try:
+            validate_options(strategy, checked)
+        except PrunelabError as exc:
+            raise PrunelabError(f"{path}: {exc}") from None
+    return StrategyGrid(strategy.name, grid)
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the option lists, in file order (the last option varies fastest)."""
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _calibration(value: Any, strategies: list[StrategyGrid], registry: Registry, where: Path, path: Path):
+    from prunelab.prune.calibration import HUB_SOURCES, CalibrationSpec
+
+    if value is None:
+        return None
+    _check_keys(value, {"source", "samples", "seqlen"}, f"{path} [calibration]")
+    spec = dict(value)
+    if "source" in spec and spec["source"] not in HUB_SOURCES:
+        spec["source"] = str(_resolve_path(spec["source"], where))
+    CalibrationSpec.from_mapping(spec).check_source()  # values and file now, not after the dense evaluation
+    if not any(registry.strategy(s.name).uses_calibration(point) for s in strategies for point in grid_points(s.grid)):
+        raise PrunelabError(f"{path}: [calibration] is given but no strategy uses calibration data")
+    return spec
+
+
+def _bench_settings(value: Any, path: Path) -> dict[str, Any] | None:
+    """``[bench]`` (``bench = true`` for the defaults): prompt lengths, batch sizes, new tokens, repeats."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    where = f"{path} [bench]"
+    if not isinstance(value, dict):
+        raise PrunelabError(f"{where}: expected a table (or bench = true)")
+    _check_keys(value, set(BENCH_DEFAULTS), where)
+    settings = {**BENCH_DEFAULTS, **value}
+    for key in ("prompt_lengths", "batches"):
+        values = settings[key] if isinstance(settings[key], list) else [settings[key]]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise PrunelabError(f"{where} {key} must be positive integers, got {settings[key]!r}")
+        settings[key] = values
+    for key in ("new_tokens", "repeats"):
+        if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] < 1:
+            raise PrunelabError(f"{where} {key} must be a positive integer, got {settings[key]!r}")
+    return settings
+
+
+_VARIABLE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand(text: str) -> str:
+    """``${VAR}`` / ``${VAR:-default}`` from the environment, then ``~``; an unset variable is an error."""
+    def replace(match: re.Match) -> str:
+        value = os.environ.get(match[1]) or match[2]
+        if value is None:
+            raise PrunelabError(f"environment variable {match[1]} is not set (used in {text!r})")
+        return value
+    return os.path.expanduser(_VARIABLE.sub(replace, text))
+
+
+def _resolve_path(value: Any, where: Path) -> Path:
+    path = Path(expand(str(value)))
+    return path if path.is_absolute() else where / path
+
+
+def _model_path(spec: str, where: Path) -> str:
+    """A path-like model (``./``, ``../``, ``/``, ``~``, ``$``, ``.gguf``) is resolved; a Hub id is kept."""
+    if spec.startswith(("./", "../", "/", "~", "$")) or spec.lower().endswith(".gguf"):
+        return str(_resolve_path(spec, where))
+    return spec
