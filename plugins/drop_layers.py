@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prunelab.model import check_layer_spec, drop_layers
+from prunelab.model import check_layer_spec, drop_layers, parse_layer_indices
 from prunelab.plugin import Option, Strategy, hookimpl
 from prunelab.prune import PruneContext
 
@@ -22,4 +22,6 @@ def prunelab_strategies() -> list[Strategy]:
         prune=prune,
         options=(Option("layers", str, None, "layer indices to remove, e.g. 3,7,12 or 0-3 (inclusive)",
                         check=check_layer_spec, required=True),),
+        removes_layers=lambda options: parse_layer_indices(options["layers"]),
+        each_layer=("layers",),  # a study's layers = "each": one variant per decoder layer
     )]

@@ -12,8 +12,18 @@ import re
 from typing import Any
 
 from prunelab.errors import PrunelabError
-from prunelab.evaluate import DataSource, Engine, GenerationRequest, Subset, load_hub_split, read_jsonl
-from prunelab.plugin import Evaluator, Item, MetricSpec, Option, TaskResult, hookimpl, mean_and_stderr
+from prunelab.evaluate import DataSource, Subset, load_hub_split, read_jsonl
+from prunelab.plugin import (
+    Evaluator,
+    GenerationRequest,
+    Item,
+    MetricSpec,
+    Option,
+    Scorer,
+    TaskResult,
+    hookimpl,
+    mean_and_stderr,
+)
 
 STOP = ("Question:", "</s>", "<|im_end|>")
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
@@ -90,7 +100,7 @@ def load_items(source: DataSource, subset: Subset) -> list[Item]:
     ]
 
 
-def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> TaskResult:
+def evaluate(engine: Scorer, items: list[Item], options: dict[str, Any]) -> TaskResult:
     k = options["num_fewshot"]
     requests = [
         GenerationRequest(build_prompt(i.data["shots"][:k], i.data["question"]), STOP, options["max_new_tokens"], "gsm8k")
@@ -122,7 +132,7 @@ def prunelab_evaluators() -> list[Evaluator]:
         description="GSM8K grade-school math, lm-eval format, greedy, strict and flexible exact match",
         load_items=load_items,
         evaluate=evaluate,
-        generates=True,
+        output_type="generate_until",
         metrics=(MetricSpec("exact_match_strict", "accuracy", "correct_strict", label="exact match (strict)"),
                  MetricSpec("exact_match_flexible", "accuracy", "correct_flexible", label="exact match (flexible)")),
         options=(

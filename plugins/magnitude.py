@@ -67,4 +67,5 @@ def prunelab_strategies() -> list[Strategy]:
                    choices=SCOPES),
             *allocation_options(),
         ),
+        needs_calibration=lambda options: options.get("allocation") == "owl",  # OWL ranks outliers on calibration text
     )]

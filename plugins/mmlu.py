@@ -17,8 +17,18 @@ from collections import defaultdict
 from typing import Any
 
 from prunelab.errors import PrunelabError
-from prunelab.evaluate import DataSource, Engine, LoglikelihoodRequest, Subset, load_hub_split, read_csv_rows
-from prunelab.plugin import Evaluator, Item, MetricSpec, Option, TaskResult, hookimpl, mean_and_stderr
+from prunelab.evaluate import DataSource, Subset, load_hub_split, read_csv_rows
+from prunelab.plugin import (
+    Evaluator,
+    Item,
+    LoglikelihoodRequest,
+    MetricSpec,
+    Option,
+    Scorer,
+    TaskResult,
+    hookimpl,
+    mean_and_stderr,
+)
 
 LETTERS = ("A", "B", "C", "D")
 METRICS = (
@@ -103,7 +113,7 @@ def load_items(source: DataSource, subset: Subset) -> list[Item]:
     return items
 
 
-def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> TaskResult:
+def evaluate(engine: Scorer, items: list[Item], options: dict[str, Any]) -> TaskResult:
     k = options["num_fewshot"]
     for item in items:
         if len(item.data["shots"]) < k:

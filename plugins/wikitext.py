@@ -26,14 +26,13 @@ from prunelab.errors import PrunelabError
 from prunelab.evaluate import (
     DataSource,
     DenseReference,
-    Engine,
     Subset,
     WindowScores,
     head_fingerprint,
     load_hub_split,
 )
 from prunelab.model import consecutive_windows, window_bos, window_count
-from prunelab.plugin import Evaluator, Item, MetricSpec, Option, TaskResult, hookimpl
+from prunelab.plugin import Evaluator, Item, MetricSpec, Option, Scorer, TaskResult, hookimpl
 from prunelab.readers import read_utf8
 
 METRICS = (
@@ -84,14 +83,27 @@ def tokenized(tokenizer, text: str) -> torch.Tensor:
     return hit[2]
 
 
-def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> TaskResult:
+def all_windows(scorer: Scorer, items: list[Item], options: dict[str, Any]) -> tuple[torch.Tensor, int | None, int]:
+    """(token ids, BOS id or None, how many whole windows of ``seqlen`` the document makes)."""
     seqlen = options["seqlen"]
-    data = items[0].data
-    ids = tokenized(engine.tokenizer, data["text"])
-    bos = window_bos(engine.tokenizer, engine.adapter)
+    ids = tokenized(scorer.tokenizer, items[0].data["text"])
+    bos = window_bos(scorer.tokenizer, scorer.adapter)
     count = window_count(ids.numel(), seqlen, bos)
     if count == 0:
         raise PrunelabError(f"WikiText-2 has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids, bos, count
+
+
+def count_units(scorer: Scorer, items: list[Item], options: dict[str, Any]) -> int:
+    """How many windows the subset selects: known once the tokenizer is, without scoring any."""
+    _, _, count = all_windows(scorer, items, options)
+    return len(items[0].data["subset"].select("wikitext", count))
+
+
+def evaluate(engine: Scorer, items: list[Item], options: dict[str, Any]) -> TaskResult:
+    seqlen = options["seqlen"]
+    data = items[0].data
+    ids, bos, count = all_windows(engine, items, options)
     chosen = data["subset"].select("wikitext", count)
     windows = consecutive_windows(ids, chosen, seqlen, bos)
     scores, fidelity = _scores(engine, windows, options)
@@ -112,7 +124,7 @@ def evaluate(engine: Engine, items: list[Item], options: dict[str, Any]) -> Task
     return TaskResult("wikitext", metrics, records)
 
 
-def _scores(engine: Engine, windows: torch.Tensor, options: dict[str, Any]) -> tuple[WindowScores, str]:
+def _scores(engine: Scorer, windows: torch.Tensor, options: dict[str, Any]) -> tuple[WindowScores, str]:
     """Score the windows; as the dense model, save the reference; as a variant, compare with it.
 
     Returns the scores and what fidelity they carry: "dense" (this is the reference), "compared",
@@ -143,6 +155,8 @@ def prunelab_evaluators() -> list[Evaluator]:
         name="wikitext",
         description="WikiText-2 test perplexity over non-overlapping windows",
         load_items=load_items,
+        output_type="loglikelihood_rolling",
+        count_units=count_units,
         evaluate=evaluate,
         options=(Option("seqlen", int, 2048, "window length in tokens",
                         check=lambda v: None if v >= 2 else "must be at least 2"),),

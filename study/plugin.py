@@ -8,23 +8,28 @@ same group). It implements any of the hooks and returns descriptions of what it 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pluggy
 
+from prunelab.errors import PrunelabError
 from prunelab.options import Option, OptionSet
 
 __all__ = [
-    "Evaluator", "Item", "MetricSpec", "Option", "OptionSet", "Recovery", "Strategy", "TaskResult", "hookimpl",
-    "hookspec", "mean_and_stderr",
+    "Evaluator", "GenerationRequest", "Item", "LoglikelihoodRequest", "MetricSpec", "Option", "OptionSet",
+    "Progress", "Recovery", "Scorer", "Strategy", "TaskResult", "hookimpl", "hookspec", "mean_and_stderr",
 ]
 
 if TYPE_CHECKING:
+    import torch
+
     from prunelab.evaluate.data import DataSource, Subset
-    from prunelab.evaluate.engine import Engine
+    from prunelab.evaluate.engine import DenseReference, WindowScores
     from prunelab.prune.recovery import RecoveryContext
+
+Progress = Callable[[int], None]
 
 hookspec = pluggy.HookspecMarker("prunelab")
 hookimpl = pluggy.HookimplMarker("prunelab")
@@ -42,20 +47,37 @@ class Strategy:
     description: str
     prune: Callable[..., dict[str, Any]]
     options: tuple[Option, ...] = field(default_factory=tuple)
+    #: Whether it reads calibration text: a flag, or a function of the options (drop-greedy guided by
+    #: a task needs none; magnitude needs it only for OWL's allocation).
     needs_calibration: bool | Callable[[Mapping[str, Any]], bool] = False
+    #: The decoder layers a variant removes, from its options alone: a depth strategy whose layers
+    #: follow from its options declares it, and the runner then scores its single-layer variants
+    #: through one shared layer sweep and the report draws them on the layer chart. None (the
+    #: default, or returned): not known without the model (a plan's layers depend on its scores).
+    removes_layers: Callable[[Mapping[str, Any]], Sequence[int] | None] | None = None
+    #: Options whose study-file value ``"each"`` expands to one grid point per decoder layer
+    #: (``layers = "each"``), known once the model is loaded.
+    each_layer: tuple[str, ...] = ()
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"strategy '{self.name}'", self.options)
 
     def uses_calibration(self, options: Mapping[str, Any]) -> bool:
-        """Whether these options need calibration text: OWL's allocation does, even for magnitude.
-
-        ``needs_calibration`` may be a function of the options (drop-greedy guided by a task needs none).
-        """
+        """Whether these options need calibration text (the strategy's own declaration)."""
         if callable(self.needs_calibration):
             return bool(self.needs_calibration(options))
-        return self.needs_calibration or options.get("allocation") == "owl"
+        return bool(self.needs_calibration)
+
+    def removed_layers(self, options: Mapping[str, Any]) -> list[int] | None:
+        """The layers a variant with these options removes, or None when the strategy cannot tell."""
+        if self.removes_layers is None:
+            return None
+        try:
+            layers = self.removes_layers(options)
+        except (KeyError, TypeError, ValueError, PrunelabError):  # not a layer list: not a depth variant
+            return None
+        return None if layers is None else [int(i) for i in layers]
 
 
 @dataclass(frozen=True)
@@ -80,19 +102,30 @@ class Evaluator:
     name: str
     description: str
     load_items: Callable[[DataSource, Subset], list[Item]]
-    evaluate: Callable[[Engine, list[Item], dict[str, Any]], TaskResult]
+    evaluate: Callable[[Scorer, list[Item], dict[str, Any]], TaskResult]
     options: tuple[Option, ...] = field(default_factory=tuple)
-    #: True when the task asks the engine to generate text. A layer sweep shares work between
-    #: variants only for scoring (log-likelihoods, perplexity); generation diverges after the
-    #: prompt, so the runner evaluates generating tasks one pruned model at a time.
-    generates: bool = False
-    #: What each record reports and how to compare it with dense (``MetricSpec``). Empty: the
-    #: runner guesses from the record keys (``correct``/``correct_<x>``, ``nll_sum``/``tokens``).
+    #: What the task asks of the model, as lm-evaluation-harness's ``output_type``:
+    #: ``"loglikelihood"`` (scored continuations), ``"loglikelihood_rolling"`` (window NLLs) or
+    #: ``"generate_until"`` (greedy text). A layer sweep shares work between variants only for
+    #: scoring; generation diverges after the prompt, so the runner evaluates generating tasks one
+    #: pruned model at a time.
+    output_type: Literal["loglikelihood", "loglikelihood_rolling", "generate_until"] = "loglikelihood"
+    #: What each record reports and how to compare it with dense (``MetricSpec``); a study needs it.
     metrics: tuple[MetricSpec, ...] = ()
+    #: For a task whose units are known only once the model is (WikiText's windows depend on the
+    #: tokenizer): ``count_units(scorer, items, options)`` returns how many units the items make,
+    #: so the runner can split them into chunks without scoring any. Such a task selects its units
+    #: with ``item.data["subset"]``, which the runner replaces by each chunk's slice.
+    count_units: Callable[[Scorer, list[Item], dict[str, Any]], int] | None = None
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"task '{self.name}'", self.options)
+
+    @property
+    def generates(self) -> bool:
+        """Whether the task generates text (and so cannot share a layer sweep)."""
+        return self.output_type == "generate_until"
 
 
 @dataclass(frozen=True)
@@ -112,6 +145,50 @@ class Recovery:
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"recovery '{self.name}'", self.options)
+
+
+# ---------------------------------------------------------------------------- what an evaluator asks
+@dataclass
+class LoglikelihoodRequest:
+    """Score ``continuations`` after ``context``; requests of one ``group`` share a prefix."""
+
+    context: str
+    continuations: Sequence[str]
+    group: str = ""
+
+
+@dataclass
+class GenerationRequest:
+    """Greedy-generate after ``context`` until a stop string, an end token or ``max_new_tokens``."""
+
+    context: str
+    stop: Sequence[str] = ()
+    max_new_tokens: int = 256
+    group: str = ""
+
+
+class Scorer(Protocol):
+    """The one scoring interface an evaluator is given: log-likelihoods, generation, window NLLs.
+
+    ``prunelab.evaluate.Engine`` implements it for one model, and a layer sweep's view implements
+    it for one variant of the sweep, so an evaluator never knows which it is scoring through.
+    """
+
+    tokenizer: Any
+    adapter: Any  # where the decoder layers and the output head are (``prunelab.model.Adapter``)
+    chat_template: bool
+
+    def loglikelihoods(self, requests: Sequence[LoglikelihoodRequest],
+                       progress: Progress | None = None) -> list[list[float]]: ...
+
+    def generate(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[str]: ...
+
+    def window_nll(self, windows: torch.Tensor, progress: Progress | None = None,
+                   head_chunk: int = 512) -> tuple[list[float], list[int]]: ...
+
+    def window_scores(self, windows: torch.Tensor, *, reference: DenseReference | None = None,
+                      keep_hidden: bool = False, progress: Progress | None = None,
+                      head_chunk: int = 512) -> WindowScores: ...
 
 
 # ---------------------------------------------------------------------------- what an evaluator produces

@@ -8,8 +8,10 @@ never takes the tool down.
 from __future__ import annotations
 
 import importlib.metadata as md
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 import pluggy
 
@@ -52,6 +54,17 @@ class Registry:
             known = ", ".join(sorted(self.evaluators)) or "none"
             raise PrunelabError(f"unknown task '{name}' (available: {known})")
         return self.evaluators[name][0]
+
+    def removed_layer(self, strategy: str, params: Mapping[str, Any]) -> int | None:
+        """The one decoder layer a variant removes, as its strategy declares (``Strategy.removes_layers``).
+
+        None for any other variant: dense, a healed twin, a strategy that declares nothing or is
+        not installed, or a variant that removes several layers. The runner shares a layer sweep
+        between these variants and the report draws them on the layer chart.
+        """
+        found = self.strategies.get(strategy)
+        layers = found[0].removed_layers(params) if found else None
+        return layers[0] if layers is not None and len(layers) == 1 else None
 
     def recovery(self, name: str) -> Recovery:
         if name not in self.recoveries:

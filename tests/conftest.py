@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -70,3 +72,109 @@ def smollm2_gguf() -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"SmolLM2 not available: {exc}")
     return Path(out.stdout.strip().split("\t")[1])
+
+
+# ---------------------------------------------------------------------------- shared by several test modules
+CALIBRATION_TEXT = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
+# MMLU-style prompts that share a few-shot prefix (the engine's prefix cache) and differ in length
+PREFIX = "The following are multiple choice questions (with answers) about algebra.\n\n" + (
+    "What is 2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: D\n\n" * 3
+)
+QUESTIONS = [PREFIX + f"Question {i}: is {'very ' * i}long?\nA. x\nB. y\nC. z\nD. w\nAnswer:" for i in range(6)]
+SUBJECTS = ("abstract_algebra", "anatomy")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads on a busy machine
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls run on one thread: on a busy machine a second OpenMP thread mostly waits (here 40x slower).
+
+    Modules of tiny-model tests use it for every test (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory) -> str:
+    """The first 40 kB of WikiText-2 validation: enough calibration text for tiny models, fast to read."""
+    path = tmp_path_factory.mktemp("calibration") / "wikitext-head.txt"
+    path.write_text(CALIBRATION_TEXT.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """The shared data with MMLU cut to two subjects and WikiText-2 to its start: a study takes seconds."""
+    root = tmp_path_factory.mktemp("data")
+    for split in ("test", "dev"):
+        (root / "mmlu" / split).mkdir(parents=True)
+        for subject in SUBJECTS:
+            shutil.copy(DATA / "mmlu" / split / f"{subject}_{split}.csv", root / "mmlu" / split)
+    (root / "gsm8k").symlink_to(DATA / "gsm8k")
+    (root / "wikitext-2").mkdir()  # the first 300 lines: tokenizing the whole test set takes seconds
+    lines = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
+    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(lines[:300]), encoding="utf-8")
+    return root
+
+
+def study_text(model: Path, data: Path, *, strategies: str | None = None, evaluation: str = "") -> str:
+    """A tiny study of ``model`` on ``data`` (two items per task); ``strategies`` replaces the default ones."""
+    default = """
+[[strategies]]
+name = "drop-layers"
+layers = [1, 3]
+
+[[strategies]]
+name = "magnitude"
+sparsity = [50]
+order = ["smallest"]
+"""
+    return f"""name = "tiny"
+model = "{model}"
+dtype = "float32"
+
+[evaluation]
+tasks = ["mmlu", "gsm8k", "wikitext"]
+limit = 2
+sample = "first"
+seqlen = 64
+max_new_tokens = 4
+chunk_items = 1
+data_dir = "{data}"
+{evaluation}
+{default if strategies is None else strategies}"""
+
+
+def chunk_files(out: Path) -> dict[Path, tuple[int, int]]:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "tiny" / ".work").rglob("*.parquet")}
+
+
+def run_folder(out: Path) -> Path:
+    (folder,) = [p for p in (out / "tiny").iterdir() if not p.name.startswith(".")]
+    return folder
+
+
+def sorted_items(folder: Path) -> pl.DataFrame:
+    return pl.read_parquet(folder / "items.parquet").sort("variant", "task", "metric", "item_id")
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    """``prunelab ARGS`` in this process (no interpreter start-up): exit status and stderr."""
+    from prunelab.cli import main
+
+    capsys.readouterr()
+    status = main(list(args))
+    return status, capsys.readouterr().err
+
+
+def make_identity(layer: torch.nn.Module) -> None:
+    """Zero every Linear that writes into the residual stream (o_proj, down_proj): the layer returns its input."""
+    with torch.no_grad():
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in {"o_proj", "down_proj"}:
+                module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()

@@ -204,7 +204,8 @@ def test_charts_derive_from_the_stored_summary_alone(runs):
 
 
 def test_chart_parameters_from_params():
-    assert [charts.removed_layer(p) for p in ({"layers": 3}, {"layers": [4]}, {"layers": "5"},
+    assert charts.removed_layer("magnitude", {"layers": 3}) is None  # only a depth strategy says what it removes
+    assert [charts.removed_layer("drop-layers", p) for p in ({"layers": 3}, {"layers": [4]}, {"layers": "5"},
                                               {"layers": [1, 2]}, {"layers": "1,2"}, {})] == [3, 4, 5, None, None, None]
     assert [charts.sparsity_percent(p) for p in ({"sparsity": 50}, {"sparsity": 0.3}, {"pattern": "2:4"},
                                                  {"pattern": "4:8"}, {"layers": 1})] == [50, 30, 50, 50, None]

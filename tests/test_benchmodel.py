@@ -32,13 +32,8 @@ from prunelab.prune.masks import nm_mask
 SMALL = {"prompt_lengths": (8, 16), "batches": (1, 2), "new_tokens": 3, "repeats": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run on one thread: on a busy machine a second OpenMP thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,9 @@ import torch
 from prunelab.evaluate.engine import Engine, GenerationRequest, LoglikelihoodRequest
 from prunelab.model.loading import load_model
 
+from .conftest import PREFIX, QUESTIONS
+
 ARCHS = ["qwen3", "qwen2", "llama", "gemma3"]
-PREFIX = "The following are multiple choice questions (with answers) about algebra.\n\n" + (
-    "What is 2+2?\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer: D\n\n" * 3
-)
-QUESTIONS = [PREFIX + f"Question {i}: is {'very ' * i}long?\nA. x\nB. y\nC. z\nD. w\nAnswer:" for i in range(6)]
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prunelab.errors import FileProblem
-from prunelab.plugin import TaskResult
+from prunelab.plugin import MetricSpec, TaskResult
 from prunelab.runner.chunks import item_rows
 from prunelab.runner.run import prune_reports, timings
 from prunelab.runner.variants import Variant
@@ -28,7 +28,8 @@ VARIANT = Variant("magnitude[sparsity=50]", "magnitude", {"sparsity": 50})
 def chunk_frame() -> pl.DataFrame:
     records = [{"item_id": f"virology/{i}", "prediction": "ABCD"[i % 4], "target": "A", "correct": i % 4 == 0,
                 "loglikelihoods": [-1.0 - i, -2.0, -3.0, -4.0]} for i in range(3)]
-    return item_rows(VARIANT, "mmlu", TaskResult("mmlu", {"n": 3, "acc": 1 / 3}, records))
+    return item_rows(VARIANT, "mmlu", TaskResult("mmlu", {"n": 3, "acc": 1 / 3}, records),
+                     (MetricSpec("acc", "accuracy", "correct"),))
 
 
 FRAME = chunk_frame()

@@ -28,36 +28,17 @@ from prunelab.prune.layer_scores import (
 )
 from prunelab.report.importance import spearman, sweep_correlations
 from prunelab.report.pages import LIBRARIES_ID
-from tests.conftest import DATA
+from tests.conftest import DATA, make_identity
 
 WIKITEXT = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run on one thread: on a busy machine a second OpenMP thread mostly waits (here 40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def calibration_file(tmp_path_factory) -> str:
-    """The first 40 kB of WikiText-2 validation: plenty for a few short windows, quick to tokenize."""
-    path = tmp_path_factory.mktemp("calibration") / "wikitext-head.txt"
-    path.write_text(WIKITEXT.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return str(path)
 
 
-def make_identity(layer: nn.Module) -> None:
-    """Zero every Linear that writes into the residual stream (o_proj, down_proj): the layer returns its input."""
-    with torch.no_grad():
-        for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear) and name.split(".")[-1] in {"o_proj", "down_proj"}:
-                module.weight.zero_()
-                if module.bias is not None:
-                    module.bias.zero_()
 
 
 @pytest.fixture(scope="module")

@@ -25,26 +25,18 @@ from prunelab.prune.layer_scores import (
     removal_perplexities,
     score_layers,
 )
-from tests.conftest import DATA
-from tests.test_importance import make_identity
+from tests.conftest import DATA, make_identity
 
 WIKITEXT = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls run on one thread: on a busy machine a second OpenMP thread mostly waits (here 40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def calibration(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("calibration") / "wikitext-head.txt"
-    path.write_text(WIKITEXT.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return {"source": str(path), "samples": 2, "seqlen": 32}
+def calibration(calibration_file) -> dict:
+    return {"source": calibration_file, "samples": 2, "seqlen": 32}
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from prunelab.runner.executors import ExecutorSettings, make_executor
 from prunelab.runner.run import Reporter, prepare_study_tasks, run_study, study_config
 from prunelab.runner.studyfile import WORK, load_study
 
-from .test_runner import chunk_files, one_thread, small_data, sorted_items, study_text  # noqa: F401
+from .conftest import chunk_files, sorted_items, study_text
 
 ray = pytest.importorskip("ray")
 

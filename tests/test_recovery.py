@@ -31,12 +31,7 @@ from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import load_study
 from prunelab.runner.variants import expand_variants
 
-from . import test_runner
-from .conftest import DATA
-
-one_thread = test_runner.one_thread  # fixtures shared with the runner's tests
-small_data = test_runner.small_data
-study_text = test_runner.study_text
+from .conftest import DATA, study_text
 
 VALID = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,51 +31,7 @@ from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import WORK, expand, load_study
 from prunelab.runner.variants import Variant, expand_variants
 
-from .conftest import DATA, ROOT
-
-SUBJECTS = ("abstract_algebra", "anatomy")
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    """The shared data with MMLU cut to two subjects and WikiText-2 to its start: a study takes seconds."""
-    root = tmp_path_factory.mktemp("data")
-    for split in ("test", "dev"):
-        (root / "mmlu" / split).mkdir(parents=True)
-        for subject in SUBJECTS:
-            shutil.copy(DATA / "mmlu" / split / f"{subject}_{split}.csv", root / "mmlu" / split)
-    (root / "gsm8k").symlink_to(DATA / "gsm8k")
-    (root / "wikitext-2").mkdir()  # the first 300 lines: tokenizing the whole test set takes seconds
-    lines = (DATA / "wikitext-2" / "wiki.test.raw").read_text(encoding="utf-8").splitlines(keepends=True)
-    (root / "wikitext-2" / "wiki.test.raw").write_text("".join(lines[:300]), encoding="utf-8")
-    return root
-
-
-def study_text(model: Path, data: Path, *, strategies: str | None = None, evaluation: str = "") -> str:
-    default = """
-[[strategies]]
-name = "drop-layers"
-layers = [1, 3]
-
-[[strategies]]
-name = "magnitude"
-sparsity = [50]
-order = ["smallest"]
-"""
-    return f"""name = "tiny"
-model = "{model}"
-dtype = "float32"
-
-[evaluation]
-tasks = ["mmlu", "gsm8k", "wikitext"]
-limit = 2
-sample = "first"
-seqlen = 64
-max_new_tokens = 4
-chunk_items = 1
-data_dir = "{data}"
-{evaluation}
-{default if strategies is None else strategies}"""
+from .conftest import ENV, ROOT, chunk_files, cli, run_folder, sorted_items, study_text
 
 
 def prunelab(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -84,40 +39,6 @@ def prunelab(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=600, env=ENV, **kwargs)
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads on a busy machine
-
-
-def chunk_files(out: Path) -> dict[Path, tuple[int, int]]:
-    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "tiny" / WORK).rglob("*.parquet")}
-
-
-def run_folder(out: Path) -> Path:
-    (folder,) = [p for p in (out / "tiny").iterdir() if not p.name.startswith(".")]
-    return folder
-
-
-def sorted_items(folder: Path) -> pl.DataFrame:
-    return pl.read_parquet(folder / "items.parquet").sort("variant", "task", "metric", "item_id")
-
-
-@pytest.fixture
-def one_thread():
-    """In-process runs like the subprocesses: one torch thread (restored afterwards)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    """``prunelab ARGS`` in this process (no interpreter start-up): exit status and stderr."""
-    from prunelab.cli import main
-
-    capsys.readouterr()
-    status = main(list(args))
-    return status, capsys.readouterr().err
 
 
 def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_data, tmp_path, capsys, one_thread,

@@ -13,35 +13,19 @@ generations with stop strings, and token NLLs of fixed windows (perplexity). Wha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from prunelab.model.adapter import Adapter
+from prunelab.plugin import GenerationRequest, LoglikelihoodRequest, Progress
 
-Progress = Callable[[int], None]
-
-
-@dataclass
-class LoglikelihoodRequest:
-    """Score ``continuations`` after ``context``; requests of one ``group`` share a prefix."""
-
-    context: str
-    continuations: Sequence[str]
-    group: str = ""
-
-
-@dataclass
-class GenerationRequest:
-    """Greedy-generate after ``context`` until a stop string, an end token or ``max_new_tokens``."""
-
-    context: str
-    stop: Sequence[str] = ()
-    max_new_tokens: int = 256
-    group: str = ""
-
+__all__ = [  # the request types live with the plugin API; scripts may import them from here too
+    "DenseReference", "Engine", "GenerationRequest", "LoglikelihoodRequest", "WindowScores", "head_fingerprint",
+    "kl_from_logits", "right_padded", "window_token_scores", "expanded_cache", "request_groups",
+]
 
 @dataclass
 class _Sequence:
@@ -118,7 +102,7 @@ class Engine:
     ) -> list[list[float]]:
         """Summed log-probability of every continuation of every request."""
         results: list[list[float]] = [[0.0] * len(r.continuations) for r in requests]
-        for indices in _groups(requests):
+        for indices in request_groups(requests):
             for (i, k), value in self._score(self._scoring_sequences(requests, indices)):
                 results[i][k] = value
             if progress:
@@ -176,7 +160,7 @@ class Engine:
     def generate(self, requests: Sequence[GenerationRequest], progress: Progress | None = None) -> list[str]:
         """Greedy continuations, cut at the first stop string (lm-eval's ``until``)."""
         outputs = [""] * len(requests)
-        for indices in _groups(requests):
+        for indices in request_groups(requests):
             contexts = [self._truncate_for_generation(self.encode(self.render(requests[i].context)),
                                                       requests[i].max_new_tokens) for i in indices]
             prefix_len = self._shared_prefix_length(contexts)
@@ -220,7 +204,7 @@ class Engine:
             mask[row, prefix_len + width - len(suffix):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]
         ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
-        cache = _expanded_cache(prefix, batch, self.model.config)
+        cache = expanded_cache(prefix, batch, self.model.config)
         end_ids = self._end_token_ids()
         alive = list(range(batch))
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -339,7 +323,7 @@ class Engine:
         """Hidden states of right-padded suffixes after the shared prefix (pads come last: causal, harmless)."""
         ids = right_padded(suffixes).to(self.device)
         positions = torch.arange(prefix_len, prefix_len + ids.shape[1], device=self.device).expand(len(suffixes), -1)
-        cache = _expanded_cache(prefix, len(suffixes), self.model.config)
+        cache = expanded_cache(prefix, len(suffixes), self.model.config)
         out = self.adapter.decoder(input_ids=ids, position_ids=positions, cache=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
@@ -452,7 +436,7 @@ def kl_from_logits(base_logp: torch.Tensor, other_logits: torch.Tensor) -> torch
     return (neg_entropy - cross).clamp_min(0.0).float()
 
 
-def _expanded_cache(prefix: DynamicCache | None, batch: int, config) -> DynamicCache | None:
+def expanded_cache(prefix: DynamicCache | None, batch: int, config) -> DynamicCache | None:
     """A fresh cache whose layers view the prefix's keys/values expanded to ``batch`` rows (no copy)."""
     if prefix is None:
         return None
@@ -483,7 +467,7 @@ def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
     return text
 
 
-def _groups(requests) -> list[list[int]]:
+def request_groups(requests) -> list[list[int]]:
     """Request indices grouped by ``group``, in first-seen order."""
     groups: dict[str, list[int]] = {}
     for i, request in enumerate(requests):

@@ -33,11 +33,12 @@ from prunelab.evaluate.engine import (
     GenerationRequest,
     LoglikelihoodRequest,
     WindowScores,
-    _expanded_cache,
-    _groups,
+    expanded_cache,
+    request_groups,
     right_padded,
     window_token_scores,
 )
+from prunelab.model.adapter import adapt
 from prunelab.model.surgery import drop_layers
 
 Variant = int | None  # removed layer index; None is the dense model
@@ -66,8 +67,9 @@ class LayerSweep:
     def variants(self) -> list[Variant]:
         return [None, *self.removed]
 
-    def view(self, removed: Variant) -> Engine:
-        return _SweepView(self, removed)
+    def view(self, removed: Variant) -> SweepView:
+        """The ``Scorer`` of one variant (None: the dense model)."""
+        return SweepView(self, removed)
 
     # ------------------------------------------------------------------ log-likelihoods
     def loglikelihoods(self, requests, variant: Variant, progress=None) -> list[list[float]]:
@@ -82,7 +84,7 @@ class LayerSweep:
     def _sweep_loglikelihoods(self, requests, progress) -> dict[Variant, list[list[float]]]:
         engine = self.engine
         results = {v: [[0.0] * len(r.continuations) for r in requests] for v in self.variants()}
-        for indices in _groups(requests):
+        for indices in request_groups(requests):
             sequences = engine._scoring_sequences(requests, indices)
             prefix_len = engine._shared_prefix_length([s.tokens for s in sequences])
             caches = self._prefix_caches(sequences[0].tokens[:prefix_len])
@@ -120,10 +122,10 @@ class LayerSweep:
     def _all_variants(self, ids, positions, caches, batch: int):
         """Hidden states of the dense model and of each variant for one micro-batch."""
         config = self.engine.model.config
-        inputs, dense_hidden = self._dense_pass(ids, positions, _expanded_cache(caches[None], batch, config))
+        inputs, dense_hidden = self._dense_pass(ids, positions, expanded_cache(caches[None], batch, config))
         yield None, dense_hidden
         for i in self.removed:
-            yield i, self._tail_pass(ids, positions, _expanded_cache(caches[i], batch, config), inputs[i], i)
+            yield i, self._tail_pass(ids, positions, expanded_cache(caches[i], batch, config), inputs[i], i)
 
     # ------------------------------------------------------------------ perplexity
     def window_scores(self, windows: torch.Tensor, variant: Variant, *, fidelity: bool = False, progress=None,
@@ -200,16 +202,35 @@ class LayerSweep:
         return out.last_hidden_state
 
 
-class _SweepView(Engine):
-    """An Engine for one variant of a sweep; scoring is served from the shared sweep."""
+class SweepView:
+    """One variant of a sweep behind the ``Scorer`` interface: scoring is served from the shared sweep.
+
+    It holds the sweep's engine (for the tokenizer and settings), never a copy of its state, so a
+    change to the engine's settings is seen by every view.
+    """
 
     def __init__(self, sweep: LayerSweep, removed: Variant) -> None:
-        self.__dict__.update(sweep.engine.__dict__)
         self.sweep = sweep
         self.removed = removed
 
+    @property
+    def tokenizer(self):
+        return self.sweep.engine.tokenizer
+
+    @property
+    def adapter(self):
+        """The dense model's adapter: a removed layer only skips a layer, the head is the dense one."""
+        return self.sweep.engine.adapter
+
+    @property
+    def chat_template(self) -> bool:
+        return self.sweep.engine.chat_template
+
     def loglikelihoods(self, requests: Sequence[LoglikelihoodRequest], progress=None) -> list[list[float]]:
         return self.sweep.loglikelihoods(requests, self.removed, progress)
+
+    def window_nll(self, windows: torch.Tensor, progress=None, head_chunk: int = 512) -> tuple[list[float], list[int]]:
+        return self.sweep.window_nll(windows, self.removed, progress, head_chunk)
 
     def window_scores(self, windows: torch.Tensor, *, reference: DenseReference | None = None,
                       keep_hidden: bool = False, progress=None, head_chunk: int = 512) -> WindowScores:
@@ -218,16 +239,16 @@ class _SweepView(Engine):
                                         head_chunk=head_chunk)
 
     def generate(self, requests: Sequence[GenerationRequest], progress=None) -> list[str]:
+        """Generation diverges after the prompt: the variant's own pruned model generates."""
+        engine = self.sweep.engine
         if self.removed is None:
-            return self.sweep.engine.generate(requests, progress)
+            return engine.generate(requests, progress)
         model = self.sweep.pruned_model(self.removed)
-        from prunelab.model.adapter import adapt
-
-        engine = Engine(model, self.tokenizer, adapt(model), batch_tokens=self.batch_tokens,
-                        max_batch=self.max_batch, prefix_cache=self.prefix_cache,
-                        chat_template=self.chat_template, enable_thinking=self.enable_thinking,
-                        max_length=self.max_length)
-        return engine.generate(requests, progress)
+        pruned = Engine(model, engine.tokenizer, adapt(model), batch_tokens=engine.batch_tokens,
+                        max_batch=engine.max_batch, prefix_cache=engine.prefix_cache,
+                        chat_template=engine.chat_template, enable_thinking=engine.enable_thinking,
+                        max_length=engine.max_length)
+        return pruned.generate(requests, progress)
 
 
 @contextmanager

@@ -47,7 +47,6 @@ from prunelab.prune.calibration import CalibrationSpec, calibration_samples
 METRICS = ("bi", "angular", "ppl")
 DEFAULT_SAMPLES = 8
 DEFAULT_SEQLEN = 512
-LAYER_SWEEP_STRATEGY = "drop-layers"
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,10 +16,9 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from prunelab.model.surgery import single_layer
+from prunelab.registry import default_registry
 from prunelab.report.stats import DENSE
 
-LAYER_STRATEGY = "drop-layers"
 SWEPT = {"sparsity", "k"}  # the x axis of a sweep, never part of a series' label
 PANEL_WIDTH = 360
 PANEL_HEIGHT = 240
@@ -37,15 +36,14 @@ VERDICT_COLOURS = alt.Scale(domain=VERDICT_DOMAIN, range=["#c0392b", "#27ae60", 
 OUTLIER_IQRS = 3.0  # a layer further than this many interquartile ranges out is clipped and labelled
 
 
-def build_charts(summary: pl.DataFrame, layer_strategy: str = LAYER_STRATEGY,
-                 bench: pl.DataFrame | None = None, chance: dict[str, float] | None = None) -> dict[str, alt.TopLevelMixin]:
+def build_charts(summary: pl.DataFrame, bench: pl.DataFrame | None = None, chance: dict[str, float] | None = None) -> dict[str, alt.TopLevelMixin]:
     """Every chart the summary (and the bench table, when measured) has data for, by file-name-safe name.
 
     ``chance``: a task's chance accuracy (``fidelity.chance_levels``), drawn as a dotted line.
     """
     rows = with_chance(chart_rows(summary), summary, chance or {})
     charts = {
-        "layer_sweep": layer_sweep_chart(rows, layer_strategy),
+        "layer_sweep": layer_sweep_chart(rows),
         "sparsity_sweep": sparsity_chart(rows),
         "removal_plans": removal_plans_chart(rows),
         "dense_vs_pruned": dense_vs_pruned_chart(rows),
@@ -63,7 +61,7 @@ def chart_rows(summary: pl.DataFrame) -> list[dict[str, Any]]:
         value = row["value"] if "value" in row else row["accuracy"] if row["kind"] == "accuracy" else row["perplexity"]
         rows.append({
             **{k: _finite(row[k]) for k in CHART_FIELDS}, "value": _finite(value),
-            "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(params),
+            "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(row["strategy"], params),
             "sparsity": sparsity_percent(params), "layers_removed": layers_removed(params),
             "verdict": verdict(row),
             "series": series_label(row["strategy"], params, varying.get(row["strategy"], set())),
@@ -85,9 +83,13 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def removed_layer(params: dict[str, Any]) -> int | None:
-    """The one removed layer of a single-layer removal, else None (multi-layer removals are not a sweep)."""
-    return single_layer(params.get("layers"))
+def removed_layer(strategy: str, params: dict[str, Any]) -> int | None:
+    """The one removed layer of a single-layer removal, as its strategy declares; else None.
+
+    Multi-layer removals are not a sweep; which options name the layers is the strategy's business
+    (``Strategy.removes_layers``), so a third-party depth strategy is on the layer chart too.
+    """
+    return default_registry().removed_layer(strategy, params)
 
 
 def layers_removed(params: dict[str, Any]) -> int | None:
@@ -127,14 +129,14 @@ def verdict(row: dict[str, Any]) -> str:
     return {"worse": SIGNIFICANT, "better": BETTER, "underpowered": UNDERPOWERED}.get(decided, NOT_SIGNIFICANT)
 
 
-def layer_sweep_chart(rows: list[dict[str, Any]], strategy: str = LAYER_STRATEGY) -> alt.TopLevelMixin | None:
+def layer_sweep_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
     """Relative change vs dense against the removed layer, one panel per task and metric.
 
     On relative change every metric reads the same way (0 = dense). An extreme layer (removing
     layer 0 can multiply perplexity by 10^5) would squeeze all the others into a thin strip, so a
     layer more than ``OUTLIER_IQRS`` interquartile ranges out is drawn at the panel's edge, its value in the subtitle.
     """
-    sweep = [r for r in rows if r["strategy"] == strategy and r["layer"] is not None and r["p_value"] is not None]
+    sweep = [r for r in rows if r["layer"] is not None and r["p_value"] is not None]
     if not sweep:
         return None
     x = alt.X("layer:Q", title="removed layer", axis=alt.Axis(tickMinStep=1, format="d"))
@@ -436,10 +438,9 @@ def fidelity_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
         title="Fidelity to the dense model on the same WikiText windows (95% intervals over windows)")
 
 
-def fidelity_layer_chart(fidelity: list[dict[str, Any]], strategy: str = LAYER_STRATEGY) -> alt.TopLevelMixin | None:
+def fidelity_layer_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
     """Mean KL to dense (log scale) and top-1 agreement vs the removed layer, with 95% bands over windows."""
-    points = [{**r, "layer": removed_layer(json.loads(r.get("params") or "{}"))} for r in fidelity
-              if r["strategy"] == strategy]
+    points = [{**r, "layer": removed_layer(r["strategy"], json.loads(r.get("params") or "{}"))} for r in fidelity]
     points = [p for p in points if p["layer"] is not None and p["kl_mean"] is not None and p["kl_mean"] > 0]
     if not points:
         return None

@@ -27,8 +27,6 @@ from prunelab.report.stats import (
     pairs_needed,
 )
 
-LAYER_STRATEGY = "drop-layers"
-
 
 def headline(summary: pl.DataFrame) -> list[dict[str, Any]]:
     """Per task and metric: dense value and CI, counts of worse/better variants after Holm, power, extremes."""
@@ -145,7 +143,7 @@ def findings(summary: pl.DataFrame) -> list[dict[str, Any]]:
 
 
 def _layer(row: dict[str, Any]) -> int | None:
-    return removed_layer(json.loads(row["params"] or "{}")) if row["strategy"] == LAYER_STRATEGY else None
+    return removed_layer(row["strategy"], json.loads(row["params"] or "{}"))
 
 
 def safe_layers(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from prunelab.errors import FileProblem, PrunelabError
-from prunelab.prune.layer_scores import LAYER_SWEEP_STRATEGY, Importance, LayerScores
+from prunelab.prune.layer_scores import Importance, LayerScores
 from prunelab.readers import read_parquet
 
 
@@ -64,8 +64,8 @@ def sweep_harm(summary: pl.DataFrame, num_layers: int) -> dict[tuple[str, str, s
     if missing:
         raise PrunelabError(f"the sweep table lacks columns {missing}: pass a study's summary.parquet")
     harm: dict[tuple[str, str, str], dict[int, float]] = {}
-    for row in summary.filter(pl.col("strategy") == LAYER_SWEEP_STRATEGY).iter_rows(named=True):
-        layer = removed_layer(_params(row["params"]))
+    for row in summary.iter_rows(named=True):
+        layer = removed_layer(row["strategy"], _params(row["params"]))
         if layer is None or row["diff_vs_dense"] is None or not math.isfinite(row["diff_vs_dense"]):
             continue
         if layer >= num_layers:
@@ -75,7 +75,7 @@ def sweep_harm(summary: pl.DataFrame, num_layers: int) -> dict[tuple[str, str, s
         sign = -1.0 if (better_higher if better_higher is not None else row["kind"] == "accuracy") else 1.0
         harm.setdefault((row["task"], row["metric"], row["kind"]), {})[layer] = sign * row["diff_vs_dense"]
     if not harm:
-        raise PrunelabError(f"the sweep table has no single-layer '{LAYER_SWEEP_STRATEGY}' variants compared with dense")
+        raise PrunelabError("the sweep table has no single-layer removals compared with dense")
     return harm
 
 

@@ -11,30 +11,15 @@ import polars as pl
 
 from prunelab.errors import PrunelabError
 from prunelab.evaluate.data import Subset
-from prunelab.evaluate.engine import Engine
 from prunelab.evaluate.run import PreparedTask
-from prunelab.plugin import Item, MetricSpec, TaskResult
+from prunelab.plugin import Item, MetricSpec, Scorer, TaskResult
 from prunelab.runner.studyfile import CORE_COLUMNS
 from prunelab.runner.variants import Variant
 
 
-class _Counted(Exception):  # noqa: N818 - a control-flow signal, not an error
-    """Raised by ``_WindowCounter`` to report how many windows a deferred-subset task has."""
-
-    def __init__(self, group: str, n: int) -> None:
-        super().__init__(group, n)
-        self.group, self.n = group, n
-
-
-@dataclass(frozen=True)
-class _WindowCounter:
-    def select(self, group: str, n: int) -> list[int]:
-        raise _Counted(group, n)
-
-
 @dataclass(frozen=True)
 class SubsetSlice:
-    """Positions ``start:stop`` of what ``base`` selects: one chunk of a deferred-subset task's windows."""
+    """Positions ``start:stop`` of what ``base`` selects: one chunk of a deferred-subset task's units."""
 
     base: Subset
     start: int
@@ -45,42 +30,37 @@ class SubsetSlice:
 
 
 def _deferred(task: PreparedTask) -> bool:
-    """A task whose one item carries the subset, applied when the model is known (WikiText's windows)."""
-    return len(task.items) == 1 and isinstance(task.items[0].data.get("subset"), Subset)
+    """A task whose units are known only with the model: it declares how to count them (WikiText's windows)."""
+    return task.evaluator.count_units is not None
 
 
-def chunk_ranges(task: PreparedTask, engine: Engine, size: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of each chunk of a task's items, or of its windows for a deferred-subset task."""
+def chunk_ranges(task: PreparedTask, scorer: Scorer, size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each chunk of a task's items, or of its units for a deferred-subset task."""
     count = len(task.items)
-    if _deferred(task):  # ask the task how many windows the tokenized text has, without scoring any
-        item = task.items[0]
-        probe = Item(item.id, item.group, {**item.data, "subset": _WindowCounter()})
-        try:
-            task.evaluator.evaluate(engine, [probe], {**task.options, "progress": None})
-            raise PrunelabError(f"task {task.evaluator.name}: could not count its windows")
-        except _Counted as counted:
-            count = len(item.data["subset"].select(counted.group, counted.n))
+    if _deferred(task):  # the task's own count, from the tokenizer alone: nothing is scored
+        count = task.evaluator.count_units(scorer, task.items, dict(task.options))
     return [(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def chunk_task(task: PreparedTask, start: int, stop: int) -> PreparedTask:
     if _deferred(task):
-        item = task.items[0]
-        sliced = Item(item.id, item.group, {**item.data, "subset": SubsetSlice(item.data["subset"], start, stop)})
-        return PreparedTask(task.evaluator, [sliced], task.options)
+        sliced = [Item(item.id, item.group, {**item.data, "subset": SubsetSlice(item.data["subset"], start, stop)})
+                  for item in task.items]
+        return PreparedTask(task.evaluator, sliced, task.options)
     return PreparedTask(task.evaluator, task.items[start:stop], task.options)
 
 
-
-def item_rows(variant: Variant, task: str, result: TaskResult, metrics: tuple[MetricSpec, ...] = ()) -> pl.DataFrame:
+def item_rows(variant: Variant, task: str, result: TaskResult, metrics: tuple[MetricSpec, ...]) -> pl.DataFrame:
     """The runner's per-item table rows of one chunk: one row per item and metric (see ``stats``).
 
-    ``metrics``: what the evaluator declares (``Evaluator.metrics``); without a declaration the
-    metrics are guessed from the record keys, as for plugins written before declarations existed.
+    ``metrics``: what the evaluator declares (``Evaluator.metrics``): the core reads per-item
+    values only where a declaration says they are, never from the record keys' names.
     """
+    if not metrics:
+        raise PrunelabError(f"task {task}: its evaluator declares no metrics (Evaluator.metrics)")
     if not result.records:
         return pl.DataFrame(schema=CORE_COLUMNS)
-    specs = metrics or metric_columns(task, result)
+    specs = metrics
     fields = {spec.field for spec in specs if spec.field}
     rows = []
     for record in result.records:
@@ -97,26 +77,6 @@ def item_rows(variant: Variant, task: str, result: TaskResult, metrics: tuple[Me
                          "tokens": record.get("tokens") if spec.kind == "perplexity" else None})
     frame = pl.DataFrame(rows, infer_schema_length=None, schema_overrides=CORE_COLUMNS)
     return frame.select(*CORE_COLUMNS, pl.exclude(*CORE_COLUMNS))
-
-
-def metric_columns(task: str, result: TaskResult) -> tuple[MetricSpec, ...]:
-    """The metrics of an evaluator that declares none, guessed from its records.
-
-    ``correct_<x>`` fields (GSM8K's strict/flexible) map to the task metric ending in ``_<x>``;
-    otherwise ``correct`` maps to the task's first metric (MMLU's ``acc``); NLL windows to perplexity.
-    """
-    first = result.records[0]
-    names = [m for m, v in result.metrics.items() if m != "n" and not m.endswith("_stderr") and isinstance(v, float)]
-    named = [k for k in first if k.startswith("correct_")]
-    if named:
-        suffixes = [k.removeprefix("correct_") for k in named]
-        return tuple(MetricSpec(next((m for m in names if m.endswith(f"_{s}")), f"correct_{s}"), "accuracy", k)
-                     for s, k in zip(suffixes, named, strict=True))
-    if first.get("correct") is not None:
-        return (MetricSpec(names[0] if names else "acc", "accuracy", "correct"),)
-    if "nll_sum" in first and "tokens" in first:
-        return (MetricSpec("perplexity", "perplexity", higher_is_better=False),)
-    raise PrunelabError(f"task {task}: its records have neither 'correct' nor 'nll_sum'/'tokens'")
 
 
 def _flat(value: Any) -> Any:

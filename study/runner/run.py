@@ -25,16 +25,16 @@ from prunelab.evaluate.run import PreparedTask, prepare_tasks, run_task
 from prunelab.model.adapter import adapt
 from prunelab.model.bench import bench_rows, measure, parameter_count
 from prunelab.model.loading import LoadedModel, load_model, source_fingerprint
-from prunelab.model.surgery import single_layer
 from prunelab.prune.api import prune
 from prunelab.prune.masks import MaskSet
 from prunelab.prune.recovery import check_disjoint, heal
 from prunelab.readers import atomic_write, read_json
+from prunelab.registry import default_registry
 from prunelab.report import artifacts
 from prunelab.report.stats import DENSE
 from prunelab.runner.chunks import chunk_ranges, chunk_task, item_rows
 from prunelab.runner.executors import Executor, LocalExecutor
-from prunelab.runner.studyfile import TASK_OPTION_KEYS, WORK, Study
+from prunelab.runner.studyfile import WORK, Study, common_task_options
 from prunelab.runner.variants import Variant, expand_variants
 from prunelab.runner.workfolder import Plan, WorkFolder, config_without_code
 
@@ -105,7 +105,7 @@ def decoding_settings(study: Study) -> dict[str, Any]:
     evaluation = study.settings["evaluation"]
     return {"decoding": "greedy (argmax, no sampling)", "chat_template": evaluation["chat_template"],
             "enable_thinking": evaluation["enable_thinking"], "batch_tokens": evaluation["batch_tokens"],
-            "tasks": {t: {k: v for k, v in options.items() if k in TASK_OPTION_KEYS}
+            "tasks": {t: {k: v for k, v in options.items() if k in common_task_options(default_registry())}
                       for t, options in evaluation["tasks"].items()}}
 
 
@@ -297,8 +297,10 @@ class _Session:
 
 
 def removed_layer(variant: Variant) -> int | None:
-    """The one layer a ``drop-layers`` variant removes, or None for any other variant."""
-    return single_layer(variant.params.get("layers")) if variant.strategy == "drop-layers" else None
+    """The one layer a variant removes, as its strategy declares it; None for any other variant."""
+    if variant.recovery:  # a healed twin is trained after the removal: not the sweep's model
+        return None
+    return default_registry().removed_layer(variant.strategy, variant.params)
 
 
 def model_revision(loaded: LoadedModel | None) -> str | None:

@@ -51,8 +51,7 @@ TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed
             "strategies", "bench", "recovery", "executor"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
-TASK_OPTION_KEYS = {"num_fewshot", "seqlen", "max_new_tokens"}  # common settings, for the tasks that declare them
-EVALUATION_KEYS = SUBSET_KEYS | TASK_OPTION_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
+EVALUATION_KEYS = SUBSET_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
                                                     "data_dir", "chunk_items"}
 CORE_COLUMNS = {"variant": pl.String, "strategy": pl.String, "params": pl.String, "task": pl.String,
                 "metric": pl.String, "item_id": pl.String, "correct": pl.Boolean, "value": pl.Float64,
@@ -66,6 +65,7 @@ class StrategyGrid:
 
     name: str
     grid: dict[str, list[Any]]
+    each_layer: tuple[str, ...] = ()  # options where "each" means every decoder layer (the strategy declares them)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     text, raw = _read_study_file(path)
     _check_keys(raw, TOP_KEYS, f"{path}")
     evaluation = raw.get("evaluation", {})
-    _check_keys(evaluation, EVALUATION_KEYS | set(registry.evaluators), f"{path} [evaluation]")
+    _check_keys(evaluation, EVALUATION_KEYS | common_task_options(registry) | set(registry.evaluators),
+                f"{path} [evaluation]")
     tasks = _string_list(evaluation.get("tasks", ["mmlu", "gsm8k", "wikitext"]), f"{path} [evaluation] tasks")
     strays = sorted(k for k in evaluation if k in registry.evaluators and k not in tasks)
     if strays:
@@ -181,6 +182,8 @@ def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], pa
     be that task's.
     """
     evaluator = registry.evaluator(task)
+    if not evaluator.metrics:  # the report compares only what an evaluator declares
+        raise PrunelabError(f"{path}: task {task} declares no metrics (Evaluator.metrics), so a study cannot report it")
     own = evaluation.get(task, {})
     _check_keys(own, SUBSET_KEYS | {o.name for o in evaluator.options}, f"{path} [evaluation.{task}]")
     where = f"{path} [evaluation.{task}]" if own else f"{path} [evaluation]"
@@ -189,13 +192,21 @@ def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], pa
                     sample=_typed(merged, "sample", str, "random", where),
                     limit=_typed(merged, "limit", int, None, where), seed=_typed(merged, "seed", int, 1234, where))
     declared = {o.name for o in evaluator.options}
-    options = {k: v for k, v in evaluation.items() if k in TASK_OPTION_KEYS and k in declared} | {
+    options = {k: v for k, v in evaluation.items() if k in common_task_options(registry) and k in declared} | {
         k: v for k, v in own.items() if k not in SUBSET_KEYS}
     try:
         evaluator.option_set.validate(options)
     except PrunelabError as exc:
         raise PrunelabError(f"{where}: {exc}") from None
     return subset, options
+
+
+def common_task_options(registry: Registry) -> set[str]:
+    """Task options an ``[evaluation]`` table may set for every task that declares them (``seqlen``).
+
+    Whatever the installed evaluators declare: a new task's option needs no change here.
+    """
+    return {option.name for evaluator, _ in registry.evaluators.values() for option in evaluator.options}
 
 
 def _check_keys(table: Any, known: set[str], where: str) -> None:
@@ -241,12 +252,12 @@ def _strategy_grid(block: dict[str, Any], index: int, registry: Registry, path: 
         if not values:
             raise PrunelabError(f"{path}: strategy '{strategy.name}' option '{key}' is an empty list")
     for point in grid_points(grid):
-        checked = {k: 0 if k == "layers" and v == EACH_LAYER else v for k, v in point.items()}
+        checked = {k: 0 if k in strategy.each_layer and v == EACH_LAYER else v for k, v in point.items()}
         try:
             validate_options(strategy, checked)
         except PrunelabError as exc:
             raise PrunelabError(f"{path}: {exc}") from None
-    return StrategyGrid(strategy.name, grid)
+    return StrategyGrid(strategy.name, grid, strategy.each_layer)
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

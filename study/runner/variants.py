@@ -44,7 +44,7 @@ def expand_variants(study: Study, num_layers: int) -> list[Variant]:
     variants = [DENSE_VARIANT]
     for block in study.strategies:
         grid = {k: [layer for value in values for layer in (range(num_layers) if value == EACH_LAYER else [value])]
-                if k == "layers" else values for k, values in block.grid.items()}
+                if k in block.each_layer else values for k, values in block.grid.items()}
         for point in grid_points(grid):
             _check_layers(block.name, point, num_layers)
             settings = ",".join(f"{k}={v}" for k, v in point.items())
