@@ -7,7 +7,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
 SHARED ?= ../shared
 DATA ?= $(SHARED)/data
-# The image tests/test_ray_cluster.py starts its Ray cluster from (skipped when it is absent).
+# The image tests/runner/test_ray_cluster.py starts its Ray cluster from (skipped when it is absent).
 export PRUNELAB_IMAGE ?= $(IMAGE)
 
 .PHONY: install install-test test test-fast lint format eval-smollm2
@@ -26,12 +26,12 @@ test: install-test
 test-fast: install-test
 	$(PYTHON) -m pytest -q -m "not slow"
 
-# The fuzz suite (tests/test_fuzz_*.py) with a long budget: FUZZ_EXAMPLES random inputs per reader
+# The fuzz suite (tests/*/test_fuzz_*.py) with a long budget: FUZZ_EXAMPLES random inputs per reader
 # (`make test` runs the same properties with a short, repeatable budget). See docs/errors.md.
 FUZZ_EXAMPLES ?= 1000
 .PHONY: fuzz
 fuzz: install-test
-	PRUNELAB_FUZZ=long PRUNELAB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py
+	PRUNELAB_FUZZ=long PRUNELAB_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PYTHON) -m pytest -q -p no:cacheprovider tests/*/test_fuzz_*.py
 
 lint:
 	$(PYTHON) -m ruff check study plugins tests benchmarks

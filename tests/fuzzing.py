@@ -1,4 +1,4 @@
-"""Shared pieces of the fuzz suite (tests/test_fuzz_*.py): budgets, the reader contract, byte mutations.
+"""Shared pieces of the fuzz suite (tests/*/test_fuzz_*.py): budgets, the reader contract, byte mutations.
 
 Budgets are hypothesis profiles chosen by ``PRUNELAB_FUZZ``: ``ci`` (default: a few dozen examples
 per reader, derandomized so CI is repeatable, seconds in all) and ``long`` (``make fuzz``: thousands

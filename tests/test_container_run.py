@@ -19,7 +19,7 @@ import pytest
 
 from prunelab.report import artifacts
 from tests.conftest import SHARED
-from tests.test_artifacts import chromium, render
+from tests.report.test_artifacts import chromium, render
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path.home() / ".cache" / "prunelab-test-models"

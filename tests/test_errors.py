@@ -16,7 +16,7 @@ from prunelab.errors import PrunelabError
 from prunelab.model import loading as modeling
 from prunelab.runner import run as run_module
 
-from .test_fuzz_models import GGUF
+from .model.test_fuzz_models import GGUF
 
 REAL_GGUF = next(iter(sorted((Path.home() / ".cache" / "prunelab-test-models").glob("*/*.gguf"))), None)
 

@@ -27,7 +27,7 @@ from prunelab.model.loading import load_model
 from prunelab.model.surgery import drop_layers
 from prunelab.model.windows import window_bos
 
-from .conftest import DATA, QWEN3_TOKENIZER, tiny_config
+from ..conftest import DATA, QWEN3_TOKENIZER, tiny_config
 
 SEQLEN = 48
 

@@ -24,7 +24,7 @@ from prunelab.runner.executors import ExecutorSettings, make_executor
 from prunelab.runner.run import Reporter, prepare_study_tasks, run_study, study_config
 from prunelab.runner.studyfile import WORK, load_study
 
-from .conftest import chunk_files, sorted_items, study_text
+from ..conftest import chunk_files, sorted_items, study_text
 
 ray = pytest.importorskip("ray")
 

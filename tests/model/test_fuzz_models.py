@@ -19,7 +19,7 @@ from prunelab.model.loading import load_tokenizer, read_model_config
 from prunelab.prune.masks import MaskSet
 from prunelab.readers import check_model_folder, read_gguf_header, read_safetensors_header
 
-from .fuzzing import bytes_like, honours_contract, json_values, mutated, scratch
+from ..fuzzing import bytes_like, honours_contract, json_values, mutated, scratch
 
 
 def tiny_gguf(path) -> bytes:

@@ -12,7 +12,7 @@ from prunelab.model.loading import load_model
 from prunelab.model.surgery import drop_layers, parse_layer_indices
 from prunelab.prune.api import prune
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 PROMPT = torch.tensor([[9707, 11, 1879, 374, 264, 1273, 315, 279, 6, 7, 8, 9]])
 

@@ -20,7 +20,7 @@ from prunelab.runner.run import prune_reports, timings
 from prunelab.runner.variants import Variant
 from prunelab.runner.workfolder import WorkFolder, checksum_path
 
-from .fuzzing import bytes_like, honours_contract, json_values, mutated, scratch
+from ..fuzzing import bytes_like, honours_contract, json_values, mutated, scratch
 
 VARIANT = Variant("magnitude[sparsity=50]", "magnitude", {"sparsity": 50})
 

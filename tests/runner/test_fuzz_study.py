@@ -18,8 +18,8 @@ from prunelab.registry import default_registry
 from prunelab.runner import run as run_module
 from prunelab.runner.studyfile import BENCH_DEFAULTS, EVALUATION_KEYS, load_study
 
-from .conftest import ROOT
-from .fuzzing import honours_contract, json_scalars, mutated, scratch
+from ..conftest import ROOT
+from ..fuzzing import honours_contract, json_scalars, mutated, scratch
 
 REGISTRY = default_registry()
 OPTION_NAMES = sorted({o.name for s, _ in REGISTRY.strategies.values() for o in s.options} | {"name"})

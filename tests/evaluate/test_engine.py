@@ -8,7 +8,7 @@ import torch
 from prunelab.evaluate.engine import Engine, GenerationRequest, LoglikelihoodRequest
 from prunelab.model.loading import load_model
 
-from .conftest import PREFIX, QUESTIONS
+from ..conftest import PREFIX, QUESTIONS
 
 ARCHS = ["qwen3", "qwen2", "llama", "gemma3"]
 

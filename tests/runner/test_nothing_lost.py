@@ -14,7 +14,7 @@ from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import WORK, load_study
 from prunelab.runner.workfolder import WorkFolder, checksum_path
 
-from .conftest import cli, run_folder, sorted_items, study_text
+from ..conftest import cli, run_folder, sorted_items, study_text
 
 STRATEGIES = """
 [[strategies]]

@@ -22,7 +22,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from .conftest import DATA, ROOT, SUBJECTS, study_text
+from ..conftest import DATA, ROOT, SUBJECTS, study_text
 
 DOCKER = os.environ.get("DOCKER", "docker")
 VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]

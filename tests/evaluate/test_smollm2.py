@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 
-from .conftest import DATA
+from ..conftest import DATA
 
 pytestmark = pytest.mark.slow
 SUBJECTS = ("abstract_algebra", "high_school_geography", "virology")

@@ -19,7 +19,7 @@ from prunelab.evaluate.data import DataSource, Subset
 from prunelab.prune.calibration import _load_source
 from prunelab.registry import default_registry
 
-from .fuzzing import honours_contract, json_values, mutated, scratch
+from ..fuzzing import honours_contract, json_values, mutated, scratch
 
 REGISTRY = default_registry()
 field_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)

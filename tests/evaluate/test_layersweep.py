@@ -12,7 +12,7 @@ from prunelab.evaluate.layersweep import LayerSweep
 from prunelab.model.loading import load_model
 from prunelab.model.surgery import drop_layers
 
-from .conftest import QUESTIONS
+from ..conftest import QUESTIONS
 
 
 def naive_engine(lm, removed):

@@ -31,7 +31,7 @@ from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import load_study
 from prunelab.runner.variants import expand_variants
 
-from .conftest import DATA, study_text
+from ..conftest import DATA, study_text
 
 VALID = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
 

@@ -31,7 +31,7 @@ from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import WORK, expand, load_study
 from prunelab.runner.variants import Variant, expand_variants
 
-from .conftest import ENV, ROOT, chunk_files, cli, run_folder, sorted_items, study_text
+from ..conftest import ENV, ROOT, chunk_files, cli, run_folder, sorted_items, study_text
 
 
 def prunelab(*args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from prunelab.model.loading import load_model, source_fingerprint
 from prunelab.prune.api import prune
 from prunelab.prune.masks import MaskSet, select_targets, sparsity_report
 
-from .conftest import DATA
+from ..conftest import DATA
 
 PROMPT = torch.tensor([[9707, 11, 1879, 374, 264, 1273, 315, 279]])
 

@@ -10,7 +10,7 @@ from prunelab.errors import PrunelabError
 from prunelab.evaluate.data import DataSource, Subset
 from prunelab_plugins import gsm8k, mmlu, wikitext
 
-from .conftest import DATA
+from ..conftest import DATA
 
 
 def test_fraction_is_stratified_by_subject_and_seeded():
