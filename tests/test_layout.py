@@ -16,7 +16,7 @@ from .conftest import ROOT
 
 STUDY = ROOT / "study"
 # lower = closer to the bottom of the stack; a module may import its own layer or a lower one
-LAYERS = {"errors": 0, "readers": 0, "options": 0, "plugin": 1, "registry": 2, "model": 3, "evaluate": 4,
+LAYERS = {"errors": 0, "readers": 0, "options": 0, "versions": 0, "plugin": 1, "registry": 2, "model": 3, "evaluate": 4,
           "prune": 5, "report": 6, "runner": 7, "cli": 8, "hookspecs": 9, "pruning": 9}
 # the documented plugin API: package-level names of these modules (docs/plugins.md)
 PLUGIN_API = {"prunelab.plugin", "prunelab.model", "prunelab.prune", "prunelab.evaluate", "prunelab.errors",

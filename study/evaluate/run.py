@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from prunelab.model.loading import LoadedModel
 from prunelab.plugin import Evaluator, Item, TaskResult
 from prunelab.readers import atomic_write
 from prunelab.registry import Registry, default_registry
+from prunelab.versions import EVALUATION_PACKAGES, package_versions
 
 
 @dataclass
@@ -110,13 +109,8 @@ def evaluate(
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("prunelab", "torch", "transformers", "datasets", "pluggy", "polars", "altair"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    """The packages that decide an evaluation's numbers, with their versions."""
+    return package_versions(EVALUATION_PACKAGES)
 
 
 def results_document(run: EvalRun) -> dict[str, Any]:

@@ -14,10 +14,8 @@ unless asked.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.metadata as md
 import json
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -25,20 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.errors import PrunelabError
+from prunelab.versions import PRUNING_PACKAGES, package_versions
 
 RECIPE_FILE = "prunelab.json"
 MASKS_FILE = "masks.safetensors"
-
-
-def package_versions() -> dict[str, str]:
-    """Versions of the packages that decide a pruned model's numbers."""
-    versions = {"python": platform.python_version()}
-    for name in ("prunelab", "torch", "transformers", "safetensors"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def build_recipe(loaded, report: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,7 +43,7 @@ def build_recipe(loaded, report: Mapping[str, Any]) -> dict[str, Any]:
         "source": {"model": loaded.source, "kind": loaded.kind, "fingerprint": fingerprint},
         "dtype": loaded.dtype_name,
         **dict(report),
-        "versions": package_versions(),
+        "versions": package_versions(PRUNING_PACKAGES),
     }
 
 

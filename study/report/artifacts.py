@@ -24,7 +24,9 @@ from typing import Any
 import polars as pl
 import vl_convert as vlc
 
+from prunelab import versions
 from prunelab.errors import PrunelabError
+from prunelab.readers import atomic_write
 from prunelab.report import fidelity, pages
 from prunelab.report.charts import baseline_history_chart, build_charts
 from prunelab.report.findings import findings, headline
@@ -266,17 +268,7 @@ def write_charts(folder: Path, specs: Mapping[str, dict[str, Any]]) -> list[str]
 
 def package_versions() -> dict[str, str]:
     """The evaluation's package versions plus the ones that drew the artifacts."""
-    from importlib import metadata
-
-    from prunelab.evaluate.run import versions
-
-    found = versions()
-    for package in ("numpy", "scipy", "pyarrow", "gguf", "vl-convert-python"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    return versions.package_versions((*versions.EVALUATION_PACKAGES, *versions.REPORT_PACKAGES))
 
 
 def build_index(root: str | os.PathLike) -> Path:
@@ -341,9 +333,7 @@ def _importance_entry(root: Path, summary_path: Path) -> dict[str, Any]:
 
 def _write_text(path: Path, text: str) -> None:
     """Write via a temporary name so a reader never sees half a file."""
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
+    atomic_write(path, lambda staging: staging.write_text(text, encoding="utf-8"))
 
 
 def _sha256(path: Path) -> str:

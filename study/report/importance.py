@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import polars as pl
 
 from prunelab.errors import FileProblem, PrunelabError
 from prunelab.prune.layer_scores import Importance, LayerScores
-from prunelab.readers import read_parquet
+from prunelab.readers import atomic_write, read_parquet
 
 
 def average_ranks(values: Sequence[float]) -> list[float]:
@@ -193,9 +192,8 @@ def write_importance(importance: Importance, out_dir, *, correlations: pl.DataFr
         correlations.write_csv(folder / "correlation.csv")
         written += ["correlation.parquet", "correlation.csv"]
         summary["spearman_vs_sweep"] = correlations.to_dicts()
-    staging = folder / ".importance.json.tmp"
-    staging.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(staging, folder / "importance.json")
+    atomic_write(folder / "importance.json",
+                 lambda staging: staging.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"))
     spec = importance_chart(importance, title).to_dict()
     (folder / "importance.html").write_text(pages.chart_page(title or "Layer importance", spec), encoding="utf-8")
     (folder / "importance.png").write_bytes(vlc.vegalite_to_png(spec, vl_version=pages.vega_lite_version()))

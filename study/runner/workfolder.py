@@ -98,15 +98,15 @@ class WorkFolder:
         The checksum is written first and the chunk renamed into place last, so a chunk file that
         exists either matches its checksum or is detected as damaged and computed again.
         """
-        staging = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        def write(staging: Path) -> None:  # the checksum lands before the chunk: a chunk never lacks one
             frame.write_parquet(staging)
             digest = file_digest(staging)
             atomic_write(checksum_path(path), lambda p: p.write_text(digest + "\n", encoding="utf-8"))
-            os.replace(staging, path)
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, write)
         except (OSError, pl.exceptions.PolarsError) as exc:
-            staging.unlink(missing_ok=True)
             raise FileProblem(path, f"cannot write this chunk: {describe(exc)}; the finished chunks are kept in "
                                     f"{self.root}: run the same command again to resume") from exc
 
