@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -178,3 +179,15 @@ def make_identity(layer: torch.nn.Module) -> None:
                 module.weight.zero_()
                 if module.bias is not None:
                     module.bias.zero_()
+
+
+def install_example(example: Path, work: Path) -> str:
+    """pip-install an example plugin (examples/...) into a private folder and return it (for PYTHONPATH).
+
+    A copy is installed, so no build files land in the repository.
+    """
+    source = shutil.copytree(example, work / "src", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = work / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
+    return str(target)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from .conftest import ENV, ROOT, study_text
+from .conftest import ENV, ROOT, install_example, study_text
 
 EXAMPLE = ROOT / "examples" / "drop-range-plugin"
 STRATEGIES = '[[strategies]]\nname = "drop-range"\nstart = "each"\ncount = [1]\n\n' \
@@ -33,13 +32,7 @@ print(run_study(study, sys.argv[3], layer_sweep=False))
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory) -> str:
-    """pip-install the example into a private folder (a copy, so no build files land in the repo)."""
-    work = tmp_path_factory.mktemp("drop-range-plugin")
-    source = shutil.copytree(EXAMPLE, work / "src", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = work / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
-    return str(target)
+    return install_example(EXAMPLE, tmp_path_factory.mktemp("drop-range-plugin"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,20 +14,14 @@ import torch
 from prunelab.model.export import MASKS_FILE, RECIPE_FILE
 from prunelab.prune.masks import MaskSet, count_to_prune
 
-from .conftest import ROOT
+from .conftest import ROOT, install_example
 
 EXAMPLE = ROOT / "examples" / "random-pruning-plugin"
 
 
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory) -> str:
-    """pip-install the example into a private folder (a copy, so no build files land in the repo)."""
-    work = tmp_path_factory.mktemp("random-plugin")
-    source = shutil.copytree(EXAMPLE, work / "src", ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    target = work / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                    "--target", str(target), str(source)], check=True, capture_output=True, timeout=300)
-    return str(target)
+    return install_example(EXAMPLE, tmp_path_factory.mktemp("random-plugin"))
 
 
 def prunelab(plugin_path: str, *args: str) -> subprocess.CompletedProcess:
