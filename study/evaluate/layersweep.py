@@ -38,7 +38,7 @@ from prunelab.evaluate.engine import (
     right_padded,
     window_token_scores,
 )
-from prunelab.model.adapter import adapt
+from prunelab.model.adapter import adapt, layer_input
 from prunelab.model.surgery import drop_layers
 
 Variant = int | None  # removed layer index; None is the dense model
@@ -182,7 +182,7 @@ class LayerSweep:
         inputs: list[torch.Tensor] = []
 
         def record(module, args, kwargs):
-            inputs.append(args[0] if args else kwargs["hidden_states"])
+            inputs.append(layer_input(args, kwargs))
 
         handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in self.engine.adapter.layers]
         try:

@@ -107,3 +107,16 @@ def as_adapter(obj) -> Adapter:
         return obj
     adapter = getattr(obj, "adapter", None)
     return adapter if isinstance(adapter, Adapter) else adapt(obj)
+
+
+def layer_input(args: tuple, kwargs: dict):
+    """The hidden states a decoder layer was called with (positionally or as ``hidden_states=``).
+
+    Forward hooks that record or replace a layer's input (layer scores, the layer sweep) read it here.
+    """
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_output(output):
+    """The hidden states a decoder layer returned (some architectures return a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -101,7 +101,7 @@ class CalibrationSpec:
         """
         if self.source in HUB_SOURCES and not Path(self.source).expanduser().is_file():
             return self
-        text, documents = _load_source(self.source)
+        text, documents = load_source(self.source)
         if not (text or "").strip() and not documents:
             raise FileProblem(self.source, "calibration file has no text")
         return self
@@ -115,21 +115,30 @@ def calibration_samples(
     With ``bos_token_id`` every window starts with BOS followed by ``seqlen - 1`` text tokens.
     """
     rng = random.Random(seed)
-    text, documents = _load_source(spec.source)
+    text, documents = load_source(spec.source)
     if text is not None:
         return _windows_of_text(tokenizer, text, spec.seqlen, bos_token_id, spec.samples, rng, spec.source)
     return _windows_of_documents(tokenizer, documents, spec.seqlen, bos_token_id, spec.samples, rng, spec.source)
 
 
+def model_samples(tokenizer, adapter: Adapter, spec: CalibrationSpec, seed: int = 0,
+                  missing: str = "this strategy needs calibration data") -> torch.Tensor:
+    """The seeded calibration windows for one model: BOS first where its tokenizer starts a text with one.
+
+    ``missing``: what the one-line error says when there is no tokenizer (a bare model was passed).
+    """
+    if tokenizer is None:
+        raise PrunelabError(f"{missing}, hence a tokenizer: pass a loaded model")
+    return calibration_samples(tokenizer, spec, seed, window_bos(tokenizer, adapter))
+
+
 def samples_for(context, adapter: Adapter) -> tuple[torch.Tensor, CalibrationSpec]:
     """Calibration tokens for a ``PruneContext`` (its tokenizer, seed and calibration dict)."""
     spec = CalibrationSpec.from_mapping(context.calibration)
-    if context.tokenizer is None:
-        raise PrunelabError("this strategy needs calibration data, hence a tokenizer: pass a loaded model")
-    return calibration_samples(context.tokenizer, spec, context.seed, window_bos(context.tokenizer, adapter)), spec
+    return model_samples(context.tokenizer, adapter, spec, context.seed), spec
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
@@ -137,7 +146,7 @@ _TEXT_TOKENS: dict[tuple, torch.Tensor] = {}  # one tokenized long text per (tok
 _CHUNK_CHARS = 1 << 15
 
 
-def _encode_long_text(tokenizer, text: str) -> torch.Tensor:
+def encode_long_text(tokenizer, text: str) -> torch.Tensor:
     """Token ids of a whole calibration text, tokenized once per process, in line-aligned chunks.
 
     Chunks of about 32k characters keep the tokenizer's memory small (a 1 MB text in one call
@@ -151,7 +160,7 @@ def _encode_long_text(tokenizer, text: str) -> torch.Tensor:
         while start < len(text):
             end = text.find("\n", start + _CHUNK_CHARS)
             end = len(text) if end < 0 else end + 1
-            pieces.append(torch.tensor(_encode(tokenizer, text[start:end]), dtype=torch.long))
+            pieces.append(torch.tensor(encode_text(tokenizer, text[start:end]), dtype=torch.long))
             start = end
         _TEXT_TOKENS[key] = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
     return _TEXT_TOKENS[key]
@@ -160,7 +169,7 @@ def _encode_long_text(tokenizer, text: str) -> torch.Tensor:
 def _windows_of_text(tokenizer, text: str, seqlen: int, bos: int | None, count: int, rng: random.Random,
                      name: str) -> torch.Tensor:
     """SparseGPT/Wanda's WikiText-2 sampling: random windows of the one tokenized text."""
-    ids = _encode_long_text(tokenizer, text)
+    ids = encode_long_text(tokenizer, text)
     width = text_width(seqlen, bos)
     if len(ids) <= width:
         raise PrunelabError(f"calibration source {name} has {len(ids)} tokens, too few for windows of {width}")
@@ -178,7 +187,7 @@ def _windows_of_documents(
     windows: list[torch.Tensor] = []
     for _ in range(count):
         for _attempt in range(10_000):
-            ids = _encode(tokenizer, documents[rng.randint(0, len(documents) - 1)])
+            ids = encode_text(tokenizer, documents[rng.randint(0, len(documents) - 1)])
             if len(ids) > width:
                 break
         else:
@@ -188,7 +197,7 @@ def _windows_of_documents(
     return torch.cat(windows)
 
 
-def _load_source(source: str) -> tuple[str | None, list[str] | None]:
+def load_source(source: str) -> tuple[str | None, list[str] | None]:
     """(one long text, None) or (None, documents) for a Hub name or a local file."""
     path = Path(source).expanduser()
     if path.is_file():

@@ -39,10 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from prunelab.errors import PrunelabError
-from prunelab.model.adapter import Adapter
-from prunelab.model.windows import window_bos
+from prunelab.model.adapter import Adapter, layer_input, layer_output
 from prunelab.options import Option
-from prunelab.prune.calibration import CalibrationSpec, calibration_samples
+from prunelab.prune.calibration import CalibrationSpec, model_samples
 
 METRICS = ("bi", "angular", "ppl")
 DEFAULT_SAMPLES = 8
@@ -62,9 +61,7 @@ def importance_spec(calibration: Mapping[str, Any] | None = None) -> Calibration
 
 def importance_samples(adapter: Adapter, tokenizer, spec: CalibrationSpec, seed: int = 0) -> torch.Tensor:
     """The seeded calibration windows (BOS first where the model needs it, as in weight pruning)."""
-    if tokenizer is None:
-        raise PrunelabError("layer importance needs calibration text, hence a tokenizer: pass a loaded model")
-    return calibration_samples(tokenizer, spec, seed, window_bos(tokenizer, adapter))
+    return model_samples(tokenizer, adapter, spec, seed, missing="layer importance needs calibration text")
 
 
 def samples_for_context(context, adapter: Adapter) -> torch.Tensor:
@@ -84,14 +81,6 @@ def _device(adapter: Adapter) -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 
-def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _hidden_out(output) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 @torch.no_grad()
 def layer_representations(adapter: Adapter, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(inputs, outputs) of every decoder layer for one batch of token ids, by forward hooks.
@@ -105,8 +94,8 @@ def layer_representations(adapter: Adapter, tokens: torch.Tensor) -> tuple[list[
 
     def recorder(index: int):
         def hook(module, args, kwargs, output) -> None:
-            inputs[index] = _hidden_in(args, kwargs).detach()
-            outputs[index] = _hidden_out(output).detach()
+            inputs[index] = layer_input(args, kwargs).detach()
+            outputs[index] = layer_output(output).detach()
         return hook
 
     handles = [layer.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
@@ -178,7 +167,7 @@ def skipping(adapter: Adapter, indices: Iterable[int]) -> Iterator[None]:
     """Make the given layers return their input (as if removed) for passes without a KV cache."""
 
     def identity(module, args, kwargs, output):
-        hidden = _hidden_in(args, kwargs)
+        hidden = layer_input(args, kwargs)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     handles = [adapter.layers[i].register_forward_hook(identity, with_kwargs=True) for i in indices]

@@ -89,10 +89,10 @@ def check_training_source(source: str) -> None:
 
 def load_training_text(source: str) -> tuple[str | None, list[str] | None]:
     """(one long text, None) or (None, documents) of a Hub name or a local file, like calibration text."""
-    from prunelab.prune.calibration import _load_source
+    from prunelab.prune.calibration import load_source
 
     check_training_source(source)
-    return _load_source(source if source in HUB_TEXT else str(Path(source).expanduser()))
+    return load_source(source if source in HUB_TEXT else str(Path(source).expanduser()))
 
 
 def training_windows(tokenizer, source: str, seqlen: int, batch: int, bos_token_id: int | None = None,
@@ -103,16 +103,16 @@ def training_windows(tokenizer, source: str, seqlen: int, batch: int, bos_token_
     ``max_windows`` windows need (C4's shard is 356k documents). Fewer windows than one batch is an
     error naming the source: training would otherwise repeat one short text.
     """
-    from prunelab.prune.calibration import _encode, _encode_long_text
+    from prunelab.prune.calibration import encode_long_text, encode_text
 
     width = seqlen - (1 if bos_token_id is not None else 0)
     text, documents = load_training_text(source)
     if text is not None:
-        ids = _encode_long_text(tokenizer, text)
+        ids = encode_long_text(tokenizer, text)
     else:
         pieces, total = [], 0
         for document in documents or []:
-            pieces.append(torch.tensor(_encode(tokenizer, document + "\n\n"), dtype=torch.long))
+            pieces.append(torch.tensor(encode_text(tokenizer, document + "\n\n"), dtype=torch.long))
             total += pieces[-1].numel()
             if total >= width * max_windows:
                 break

@@ -9,6 +9,7 @@ or a fraction below 1) or an N:M ``pattern`` for the sparsity sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import altair as alt
 import polars as pl
 
+from prunelab.errors import PrunelabError
+from prunelab.prune.masks import Percentage, parse_pattern
 from prunelab.registry import default_registry
 from prunelab.report.stats import DENSE
 
@@ -99,15 +102,17 @@ def layers_removed(params: dict[str, Any]) -> int | None:
 
 
 def sparsity_percent(params: dict[str, Any]) -> float | None:
-    """Sparsity in percent: ``sparsity`` (a fraction below 1 is scaled) or 1 - N/M of an N:M pattern."""
+    """Sparsity in percent, read as the strategies read it (``prune.masks``): ``sparsity`` (a fraction
+    below 1 is scaled, ``"0.5%"`` is half a percent) or 1 - N/M of an N:M pattern; None for neither."""
     sparsity = params.get("sparsity")
-    if isinstance(sparsity, int | float) and not isinstance(sparsity, bool):
-        return float(sparsity) * 100 if 0 < sparsity < 1 else float(sparsity)
+    if sparsity is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            return float(Percentage(sparsity))
     pattern = params.get("pattern")
-    if isinstance(pattern, str) and ":" in pattern:
-        kept, group = pattern.split(":", 1)
-        if kept.strip().isdigit() and group.strip().isdigit() and int(group) > 0:
-            return 100 * (1 - int(kept) / int(group))
+    if isinstance(pattern, str):
+        with contextlib.suppress(PrunelabError):
+            if (nm := parse_pattern(pattern)) is not None:
+                return 100 * (1 - nm[0] / nm[1])
     return None
 
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from prunelab.errors import FileProblem
 from prunelab.evaluate.data import DataSource, Subset
-from prunelab.prune.calibration import _load_source
+from prunelab.prune.calibration import load_source
 from prunelab.registry import default_registry
 
 from ..fuzzing import honours_contract, json_values, mutated, scratch
@@ -111,7 +111,7 @@ def test_fuzz_calibration_text(name, data, compress):
     with scratch() as folder:
         path = folder / name
         path.write_bytes(gzip.compress(data) if name.endswith(".gz") and compress else data)
-        loaded = honours_contract(lambda: _load_source(str(path)), path)
+        loaded = honours_contract(lambda: load_source(str(path)), path)
         if loaded is not None:
             text, documents = loaded
             assert (isinstance(text, str) and documents is None) or all(isinstance(d, str) for d in documents)
