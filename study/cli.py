@@ -134,8 +134,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _progress_total(task) -> int | None:
-    """Units the evaluator reports progress in: items, or windows for a single-document task."""
-    if task.evaluator.name == "wikitext":
+    """Units the evaluator reports progress in: its items, or unknown before the model is for a task whose
+    units depend on the tokenizer (it declares ``count_units``: WikiText's windows)."""
+    if task.evaluator.count_units is not None:
         return None
     return len(task.items)
 

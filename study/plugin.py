@@ -93,10 +93,10 @@ class MetricSpec:
 
 @dataclass(frozen=True)
 class Evaluator:
-    """An evaluation task: loads its items, then scores them through the shared engine.
+    """An evaluation task: loads its items, then scores them through the ``Scorer`` it is given.
 
     Like lm-evaluation-harness, the task only builds requests (log-likelihoods, generations,
-    rolling windows); the engine in ``prunelab.evaluate.engine`` answers them for any model.
+    rolling windows); the engine (``prunelab.evaluate.Engine``) or a layer sweep answers them for any model.
     """
 
     name: str
