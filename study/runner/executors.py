@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prunelab.errors import PrunelabError
 
 if TYPE_CHECKING:
-    from prunelab.runner.run import _Session
+    from prunelab.runner.run import Session
     from prunelab.runner.workfolder import Plan
 
 KINDS = ("local", "ray")
@@ -80,18 +80,18 @@ class ExecutorSettings:
 
 
 class Executor(Protocol):
-    """What the runner asks of an executor; ``session`` is the runner's ``_Session`` of this invocation."""
+    """What the runner asks of an executor; ``session`` is the runner's ``Session`` of this invocation."""
 
     def connect(self) -> None:
         """Reach the compute (a Ray cluster) now: a wrong address fails before any model is loaded."""
 
-    def plan(self, session: _Session) -> Plan:
+    def plan(self, session: Session) -> Plan:
         """The study's variants and chunks (needs the model's layer count and the task's windows)."""
 
-    def evaluate(self, session: _Session, plan: Plan) -> None:
+    def evaluate(self, session: Session, plan: Plan) -> None:
         """Evaluate every chunk of ``plan`` that has no chunk file yet, writing each atomically."""
 
-    def model_revision(self, session: _Session) -> str | None:
+    def model_revision(self, session: Session) -> str | None:
         """The Hub commit of the loaded weights, for the manifest (None when not from the Hub)."""
 
 
@@ -101,13 +101,13 @@ class LocalExecutor:
     def connect(self) -> None:
         pass
 
-    def plan(self, session: _Session) -> Plan:
+    def plan(self, session: Session) -> Plan:
         return session.plan()
 
-    def evaluate(self, session: _Session, plan: Plan) -> None:
+    def evaluate(self, session: Session, plan: Plan) -> None:
         session.evaluate(plan)
 
-    def model_revision(self, session: _Session) -> str | None:
+    def model_revision(self, session: Session) -> str | None:
         from prunelab.runner.run import model_revision
 
         return model_revision(session.dense)

@@ -41,7 +41,7 @@ from prunelab.runner.executors import ExecutorSettings
 
 if TYPE_CHECKING:
     from prunelab.evaluate.engine import Engine
-    from prunelab.runner.run import _Session
+    from prunelab.runner.run import Session
     from prunelab.runner.studyfile import Study
     from prunelab.runner.variants import Variant
     from prunelab.runner.workfolder import Plan
@@ -80,7 +80,7 @@ class StudyWorker:
         import torch
 
         from prunelab.model.loading import choose_device
-        from prunelab.runner.run import Reporter, _Session, prepare_study_tasks
+        from prunelab.runner.run import Reporter, Session, prepare_study_tasks
         from prunelab.runner.workfolder import WorkFolder
 
         if threads:
@@ -90,7 +90,7 @@ class StudyWorker:
             raise PrunelabError(f"this Ray worker resolves device '{study.device}' to {here}, the driver to "
                                 f"{study.settings['device']}; name the device in the study file")
         self.work = WorkFolder(Path(work_root))
-        self.session = _Session(study, prepare_study_tasks(study), self.work, Reporter(), layer_sweep)
+        self.session = Session(study, prepare_study_tasks(study), self.work, Reporter(), layer_sweep)
         self.held: tuple[str, Engine] | None = None
         self.work.log(event="worker", pid=os.getpid(), node=ray.util.get_node_ip_address())
 
@@ -181,7 +181,7 @@ class RayExecutor:
                                 f"{' '.join(str(exc).split())[:300]}") from None
 
     # -- the Executor interface
-    def plan(self, session: _Session) -> Plan:
+    def plan(self, session: Session) -> Plan:
         self.connect()
         pool = self.pool(session)
         try:
@@ -192,7 +192,7 @@ class RayExecutor:
         session.work.save_plan(plan)  # the worker wrote it to the shared folder; this one is the driver's
         return plan
 
-    def evaluate(self, session: _Session, plan: Plan) -> None:
+    def evaluate(self, session: Session, plan: Plan) -> None:
         self.connect()
         pending = [p for p in plan.pairs() if not session.work.finished_chunk(session.work.chunk(p[0], p[1], p[2]))]
         total = sum(b[1] - b[0] for *_, b in plan.pairs())
@@ -210,11 +210,11 @@ class RayExecutor:
         finally:
             self.close_pool()
 
-    def model_revision(self, session: _Session) -> str | None:
+    def model_revision(self, session: Session) -> str | None:
         return self.revision
 
     # -- workers
-    def pool(self, session: _Session) -> WorkerPool:
+    def pool(self, session: Session) -> WorkerPool:
         if getattr(self, "_pool", None) is None:
             self._pool = WorkerPool(self.settings, session)
         return self._pool
@@ -226,7 +226,7 @@ class RayExecutor:
             self._pool = None
 
 
-def units(session: _Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
+def units(session: Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
     """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks."""
     from prunelab.runner.run import removed_layer
 
@@ -257,7 +257,7 @@ def dense_first(queue: list[Unit]) -> list[list[Unit]]:
 class WorkerPool:
     """The study's actors, and the driver's queue of units: one unit in flight per worker."""
 
-    def __init__(self, settings: ExecutorSettings, session: _Session) -> None:
+    def __init__(self, settings: ExecutorSettings, session: Session) -> None:
         self.settings, self.session = settings, session
         on_cuda = session.study.settings["device"].startswith("cuda")
         gpus = settings.gpus_per_worker if settings.gpus_per_worker is not None else (1.0 if on_cuda else 0.0)

@@ -150,7 +150,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
                          f"{config['code']['commit'] or '?'}) or another calibration text: computing it again")
     work.claim(config, digest)
     with work.locked():
-        state = _Session(study, tasks, work, reporter, layer_sweep)
+        state = Session(study, tasks, work, reporter, layer_sweep)
         plan = work.load_plan() or executor.plan(state)
         executor.evaluate(state, plan)
         items = collect_items(work, plan)
@@ -168,7 +168,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
     return run
 
 
-class _Session:
+class Session:
     """One invocation's model and engine: loads the dense model only if something is left to compute."""
 
     def __init__(self, study: Study, tasks: list[PreparedTask], work: WorkFolder, reporter: Reporter,
