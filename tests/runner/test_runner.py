@@ -24,6 +24,7 @@ from prunelab.evaluate.engine import Engine
 from prunelab.evaluate.run import prepare_tasks, run_task
 from prunelab.model.loading import load_model
 from prunelab.plugin import TaskResult
+from prunelab.registry import default_registry
 from prunelab.report import artifacts
 from prunelab.runner import run as run_module
 from prunelab.runner.chunks import chunk_ranges, chunk_task, item_rows
@@ -326,21 +327,26 @@ def test_item_rows_map_each_task_to_its_metrics():
         {"item_id": "test/0", "generated": "#### 4", "correct_strict": True, "correct_flexible": True, "correct": True},
         {"item_id": "test/1", "generated": "5", "correct_strict": False, "correct_flexible": True, "correct": False},
     ])
-    rows = item_rows(variant, "gsm8k", gsm8k)
+    declared = {name: default_registry().evaluator(name).metrics for name in ("gsm8k", "mmlu", "wikitext")}
+    rows = item_rows(variant, "gsm8k", gsm8k, declared["gsm8k"])
     assert rows.select("metric", "item_id", "correct").rows() == [
         ("exact_match_strict", "test/0", True), ("exact_match_flexible", "test/0", True),
         ("exact_match_strict", "test/1", False), ("exact_match_flexible", "test/1", True)]
     assert set(rows["params"]) == {'{"sparsity": 50}'} and set(rows["generated"]) == {"#### 4", "5"}
     mmlu = TaskResult("mmlu", {"n": 1, "acc": 1.0, "acc_stderr": float("nan")},
                       [{"item_id": "x/0", "correct": True, "loglikelihoods": [-1.0, -2.0, -3.0, -4.0]}])
-    rows = item_rows(variant, "mmlu", mmlu)
-    assert rows.select("metric", "correct").rows() == [("acc", True)]
+    rows = item_rows(variant, "mmlu", mmlu, declared["mmlu"])
+    assert rows["metric"].to_list() == [m.name for m in declared["mmlu"]]  # one row per declared metric
+    assert rows.filter(pl.col("metric") == "acc").select("metric", "correct").rows() == [("acc", True)]
     assert json.loads(rows["loglikelihoods"][0]) == [-1.0, -2.0, -3.0, -4.0]  # CSV-safe
     wiki = TaskResult("wikitext", {"n": 1, "perplexity": 9.0}, [{"item_id": "window/3", "nll_sum": 2.5, "tokens": 63,
                                                                  "correct": None}])
-    rows = item_rows(variant, "wikitext", wiki)
-    assert rows.select("metric", "correct", "nll_sum", "tokens").rows() == [("perplexity", None, 2.5, 63)]
+    rows = item_rows(variant, "wikitext", wiki, declared["wikitext"])
+    assert rows.filter(pl.col("metric") == "perplexity").select("metric", "correct", "nll_sum", "tokens").rows() == [
+        ("perplexity", None, 2.5, 63)]
     assert rows.schema["correct"] == pl.Boolean
+    with pytest.raises(PrunelabError, match="declares no metrics"):  # the core never guesses them from keys
+        item_rows(variant, "wikitext", wiki, ())
 
 
 def test_window_chunks_score_the_same_windows_as_one_pass(tiny_qwen3, small_data):
