@@ -18,10 +18,14 @@ install:
 
 install-test:
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,ray]"
 
+# Test files run on TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so module
+# fixtures such as the image build or a local Ray instance are made once); the slowest tests are listed.
+TEST_WORKERS ?= 2
+PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --durations=15
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install-test
 	$(PYTHON) -m pytest -q -m "not slow"

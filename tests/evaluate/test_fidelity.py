@@ -151,8 +151,10 @@ def test_window_kl_and_top1_equal_full_vocab_hf_computation(tiny_qwen3, monkeypa
         assert compared.agree[w].tolist() == agree[w].tolist()
     assert float(exact.mean()) > 0 and not agree.all(), "the variant must differ from dense"
     # against itself the dense model has zero divergence and full agreement
+    # (float32 recomputation: reduction order, which follows batch shape and thread count, moves the
+    # 151,936-way log-softmax by ~1e-5 nats; the variant's divergence above is orders larger)
     itself = dense_engine.window_scores(windows, reference=reference)
-    assert max(float(k.max()) for k in itself.kl) < 1e-5 and all(a.all() for a in itself.agree)
+    assert max(float(k.max()) for k in itself.kl) < 1e-4 and all(a.all() for a in itself.agree)
 
 
 def test_a_variant_with_another_head_or_other_windows_is_refused(tiny_qwen3):
