@@ -74,9 +74,8 @@ RUN if id -u ubuntu >/dev/null 2>&1; then userdel ubuntu && rm -rf /home/ubuntu;
     && chmod 1777 /cache /app/artifacts
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /tmp/dist /tmp/dist
-RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps /tmp/dist/*.whl \
-    && rm -rf /tmp/dist
+# Everything that does not depend on the code comes before it, so that a new commit rebuilds only the
+# code's layers and the provenance below (each layer costs the legacy builder a container and a commit).
 # The NVIDIA runtime refuses a driver too old for torch's CUDA 13.0 build at start-up (the CUDA base
 # sets this too; the Debian base does not), and mounts the compute libraries.
 ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
@@ -88,13 +87,15 @@ ENV NVIDIA_REQUIRE_CUDA="cuda>=13.0" \
     XDG_CACHE_HOME=/cache \
     HF_HOME=/cache/huggingface \
     PRUNELAB_CACHE=/cache/prunelab
-
 WORKDIR /app
-COPY studies ./studies
-
-USER ${APP_UID}:${APP_UID}
 ENTRYPOINT ["prunelab"]
 CMD ["study", "run", "studies/seed.toml"]
+
+COPY --from=builder /tmp/dist /tmp/dist
+RUN /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-index --no-deps /tmp/dist/*.whl \
+    && rm -rf /tmp/dist
+COPY studies ./studies
+USER ${APP_UID}:${APP_UID}
 
 # Provenance for the run manifest (prunelab.report.artifacts.container_provenance): the commit the image was
 # built from (read when there is no git checkout), its tag, and the base image's reference and ID.
