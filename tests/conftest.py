@@ -37,16 +37,24 @@ def tiny_config(arch: str, vocab_size: int = 151936):
     raise ValueError(arch)
 
 
-def build_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
-    """Save a tiny random model of ``arch`` with the real Qwen3 tokenizer into ``path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def random_model(config, seed: int = 0):
+    """A float32 model of ``config`` with N(0, 0.2) matrices: larger than the default init, so predictions are not all ties."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
-    with torch.no_grad():  # larger weights than the default init, so predictions are not all ties
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.2)
+    return model
+
+
+def build_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
+    """Save a tiny random model of ``arch`` with the real Qwen3 tokenizer into ``path``."""
+    from transformers import AutoTokenizer
+
+    model = random_model(tiny_config(arch), seed)
     model.generation_config.eos_token_id = None
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(QWEN3_TOKENIZER).save_pretrained(path)

@@ -12,7 +12,7 @@ from prunelab.model.loading import load_model
 from prunelab.model.surgery import drop_layers, parse_layer_indices
 from prunelab.prune.api import prune
 
-from ..conftest import tiny_config
+from ..conftest import random_model, tiny_config
 
 PROMPT = torch.tensor([[9707, 11, 1879, 374, 264, 1273, 315, 279, 6, 7, 8, 9]])
 
@@ -67,17 +67,11 @@ def test_drop_layers_save_reload_generate(tiny_models, tmp_path, arch):
 def test_per_layer_lists_follow_the_kept_layers(tmp_path):
     """Gemma3 with mixed sliding/full layers and a tiny window: generation runs past the window,
     so a wrong ``layer_types`` entry or cache slot would change the tokens."""
-    from transformers import AutoModelForCausalLM
 
     config = tiny_config("gemma3")
     config.sliding_window = 4
     config.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    model = random_model(config).eval()
     model.generation_config.eos_token_id = None
 
     drop_layers(model, [0, 3])

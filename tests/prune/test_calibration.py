@@ -16,7 +16,7 @@ from prunelab.prune.calibration import CalibrationSpec, calibration_samples
 from prunelab.prune.layerwise import InputNorms, run_layerwise
 from prunelab.prune.owl import outlier_ratio, owl_sparsities
 from prunelab_plugins.sparsegpt import Hessian
-from tests.conftest import DATA, QWEN3_TOKENIZER, tiny_config
+from tests.conftest import DATA, QWEN3_TOKENIZER, random_model, tiny_config
 
 CALIBRATION_FILE = DATA / "calibration" / "wikitext-2-valid.tokens.txt"
 
@@ -90,17 +90,11 @@ def test_calibration_input_errors(tokenizer, tmp_path):
 # ------------------------------------------------------------------------------------ driver
 def _mixed_gemma3():
     """Gemma3 with sliding and full-attention layers: different masks and rotary tables per layer."""
-    from transformers import AutoModelForCausalLM
 
     config = tiny_config("gemma3", vocab_size=1000)
     config.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
     config.sliding_window = 16
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
+    model = random_model(config).eval()
     return adapt(model)
 
 
