@@ -157,6 +157,7 @@ def prunelab_evaluators() -> list[Evaluator]:
         load_items=load_items,
         output_type="loglikelihood_rolling",
         count_units=count_units,
+        compares_with_dense=True,
         evaluate=evaluate,
         options=(Option("seqlen", int, 2048, "window length in tokens",
                         check=lambda v: None if v >= 2 else "must be at least 2"),),

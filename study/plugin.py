@@ -117,6 +117,11 @@ class Evaluator:
     #: so the runner can split them into chunks without scoring any. Such a task selects its units
     #: with ``item.data["subset"]``, which the runner replaces by each chunk's slice.
     count_units: Callable[[Scorer, list[Item], dict[str, Any]], int] | None = None
+    #: Whether a variant is compared with the dense model on the same inputs (KL divergence, same
+    #: top token): only such a task is handed ``options["reference"]``, a ``ReferenceStore`` where
+    #: the dense model's evaluation of a chunk saves what a variant's evaluation of that chunk reads.
+    #: The runner evaluates dense's chunk first; a Ray run holds back only these tasks' chunks for it.
+    compares_with_dense: bool = False
 
     @property
     def option_set(self) -> OptionSet:

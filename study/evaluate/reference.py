@@ -1,11 +1,11 @@
 """What the dense model's evaluation leaves for its variants to be compared against.
 
 Fidelity metrics (KL divergence to the dense model, top-1 agreement) need the dense model's output
-on the very same inputs. The runner evaluates the dense model first; an evaluator that wants a
-reference saves it through the ``ReferenceStore`` it is handed (``options["reference"]``), one
+on the very same inputs. The runner evaluates the dense model first; an evaluator that declares
+``compares_with_dense`` saves it through the ``ReferenceStore`` it is handed (``options["reference"]``), one
 safetensors file per task chunk in the run's work folder, written atomically before the chunk's rows
 (a finished dense chunk always has its reference, also for a resumed run). A variant's evaluation
-of the same chunk loads it. Evaluators that need no reference ignore the store.
+of the same chunk loads it. Other evaluators are handed no store (None).
 """
 
 from __future__ import annotations

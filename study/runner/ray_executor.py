@@ -9,7 +9,13 @@ out **units** one at a time to whichever worker is free:
   parquet file the local path writes;
 * a *sweep* unit: one (task, chunk) for the dense model and every single-layer removal at once,
   through one ``LayerSweep`` as the local path does it (the layer sweep is kept, per chunk);
-* a *bench* unit: ``[bench]`` of a variant none of whose chunks needed its pruned model.
+* a *bench* unit: ``[bench]`` of a variant none of whose chunks needed its pruned model;
+* a *prune* unit: a worker with nothing ready to evaluate prunes (and benches) a variant whose
+  chunks are still waiting, so it holds that variant when they become ready.
+
+Order: a chunk of a task that compares variants with the dense model (``compares_with_dense``: KL
+to dense) waits for dense's chunk of the same task and index, whose reference it reads -- that one
+chunk, not the whole dense evaluation. Every other unit is ready at once.
 
 Why chunks, with variant affinity, and not whole variants: a free worker is given a chunk of the
 variant it already holds, else one of a variant no other worker holds, so a variant is pruned about
@@ -54,20 +60,29 @@ CONNECT_TIMEOUT_S = 5.0
 class Unit:
     """What one worker call evaluates; ``variant`` is the model it needs (None: the dense model)."""
 
-    kind: str  # "chunk", "sweep" or "bench"
+    kind: str  # "chunk", "sweep", "bench" or "prune"
     pairs: tuple[Pair, ...]
     variant: Variant | None
+    #: (task, chunk index) of the dense chunks whose reference this unit reads: it runs after them
+    waits_for: frozenset[tuple[str, int]] = frozenset()
 
     @property
     def items(self) -> int:
         return sum(stop - start for *_, (start, stop) in self.pairs)
 
+    @property
+    def provides(self) -> set[tuple[str, int]]:
+        """The dense chunks this unit evaluates (and so the references it writes)."""
+        from prunelab.report.stats import DENSE
+
+        return {(task, index) for variant, task, index, _ in self.pairs if variant.strategy == DENSE}
+
     def describe(self) -> str:
         if self.kind == "sweep":
             _, task, index, _ = self.pairs[0]
             return f"layer sweep of {task} chunk {index} ({len(self.pairs)} variants)"
-        if self.kind == "bench":
-            return f"bench of {self.variant.name}"
+        if self.kind in ("bench", "prune"):
+            return f"{self.kind} of {self.variant.name}"
         variant, task, index, _ = self.pairs[0]
         return f"{variant.name} {task} chunk {index}"
 
@@ -202,8 +217,7 @@ class RayExecutor:
             if pending:
                 info = ray.get(pool.first_ready().describe.remote())
                 self.revision = info["revision"]
-                for phase in dense_first(units(session, pending, sweep=session.layer_sweep and info["sweep"])):
-                    pool.drain(phase)
+                pool.drain(units(session, pending, sweep=session.layer_sweep and info["sweep"]))
             if session.study.bench:
                 missing = [v for v in plan.variants if not session.work.bench(v).is_file()]
                 pool.drain([Unit("bench", (), v) for v in missing])
@@ -227,7 +241,12 @@ class RayExecutor:
 
 
 def units(session: Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
-    """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks."""
+    """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks.
+
+    A chunk unit of a task that ``compares_with_dense`` waits for dense's pending chunk of the same
+    task and index (a finished one has left its reference already).
+    """
+    from prunelab.report.stats import DENSE
     from prunelab.runner.run import removed_layer
 
     swept: dict[tuple[str, int], list[Pair]] = {}
@@ -236,22 +255,16 @@ def units(session: Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
             if session.sweepable(pair[0], pair[1]):
                 swept.setdefault((pair[1], pair[2]), []).append(pair)
     taken = {id(p) for group in swept.values() for p in group}
-    chunks = [Unit("chunk", (p,), p[0]) for p in pending if id(p) not in taken]
+    dense_pending = {(p[1], p[2]) for p in pending if p[0].strategy == DENSE}  # in a sweep unit or not
+
+    def waits_for(pair: Pair) -> frozenset[tuple[str, int]]:
+        variant, task, index, _ = pair
+        compares = session.tasks[task].evaluator.compares_with_dense
+        needed = compares and variant.strategy != DENSE and (task, index) in dense_pending
+        return frozenset({(task, index)}) if needed else frozenset()
+
+    chunks = [Unit("chunk", (p,), p[0], waits_for(p)) for p in pending if id(p) not in taken]
     return [Unit("sweep", tuple(group), None) for group in swept.values()] + chunks
-
-
-def dense_first(queue: list[Unit]) -> list[list[Unit]]:
-    """The units holding the dense model's chunks, then the rest.
-
-    The dense chunks write the reference that other variants are compared with (KL to dense, see
-    ``prunelab.evaluate.reference``); a variant chunk evaluated before it would get no fidelity metrics and
-    differ from a local run.
-    """
-    from prunelab.report.stats import DENSE
-
-    has_dense = [u for u in queue if any(pair[0].strategy == DENSE for pair in u.pairs)]
-    rest = [u for u in queue if u not in has_dense]
-    return [phase for phase in (has_dense, rest) if phase]
 
 
 class WorkerPool:
@@ -309,13 +322,18 @@ class WorkerPool:
         return [ref for ref in done if ref in inflight]
 
     def drain(self, queue: list[Unit]) -> None:
-        """Evaluate every unit; a unit whose worker is lost goes back to the queue."""
+        """Evaluate every unit, each once the dense chunks it waits for are done; a unit whose worker
+        is lost goes back to the queue. A free worker with nothing ready prunes a waiting variant."""
         queue = list(queue)
         inflight: dict[Any, tuple[Any, Unit]] = {}
+        done: set[tuple[str, int]] = set()
         while queue or inflight:
-            while queue and self.free:
-                worker = self.free.pop(0)
-                unit = queue.pop(self.choose(queue, worker))
+            for worker in list(self.free):
+                ready = [i for i, u in enumerate(queue) if u.waits_for <= done]
+                unit = queue.pop(self.choose(queue, ready, worker)) if ready else self.prune_ahead(queue, worker)
+                if unit is None:
+                    continue
+                self.free.remove(worker)
                 self.holds[worker] = unit.variant.name if unit.variant is not None else self.holds[worker]
                 inflight[worker.run.remote(unit)] = (worker, unit)
             for ref in self.wait(inflight):
@@ -327,24 +345,37 @@ class WorkerPool:
                     continue
                 except RayTaskError as exc:  # the evaluation itself failed: it would fail anywhere
                     raise PrunelabError(f"{unit.describe()} failed on a Ray worker: {cause_line(exc)}") from None
+                done |= unit.provides
                 self.session.reporter.advance(items)
                 self.free.append(worker)
 
-    def choose(self, queue: list[Unit], worker: Any) -> int:
-        """The queue position for ``worker``: its held variant, else one nobody holds, else the first."""
+    def choose(self, queue: list[Unit], ready: list[int], worker: Any) -> int:
+        """The queue position (one of ``ready``) for ``worker``: its held variant, else one nobody
+        holds, else the first."""
         held = self.holds.get(worker)
         others = {v for w, v in self.holds.items() if w is not worker}
         for rank in (lambda u: u.variant is not None and u.variant.name == held,
                      lambda u: u.variant is None,
                      lambda u: u.variant.name not in others):
-            for position, unit in enumerate(queue):
-                if rank(unit):
+            for position in ready:
+                if rank(queue[position]):
                     return position
-        return 0
+        return ready[0]
+
+    def prune_ahead(self, queue: list[Unit], worker: Any) -> Unit | None:
+        """A prune unit for a waiting variant nobody holds, unless the worker's own still has units."""
+        held = self.holds.get(worker)
+        if any(u.variant is not None and u.variant.name == held for u in queue):
+            return None
+        holders = set(self.holds.values())
+        waiting = [u.variant for u in queue if u.variant is not None and u.variant.name not in holders]
+        return Unit("prune", (), waiting[0]) if waiting else None
 
     def lost(self, worker: Any, unit: Unit, queue: list[Unit], exc: Exception) -> None:
-        """Re-queue the unit; the worker counts again once Ray has restarted it (if it can)."""
-        queue.insert(0, unit)
+        """Re-queue the unit (a prune unit is only a head start); the worker counts again once Ray has
+        restarted it (if it can)."""
+        if unit.kind != "prune":
+            queue.insert(0, unit)
         self.holds[worker] = None
         self.session.work.log(event="lost", unit=unit.describe(), error=" ".join(str(exc).split())[:200])
         self.session.reporter.message(f"a Ray worker was lost during {unit.describe()}: evaluating it again")

@@ -288,7 +288,8 @@ class Session:
     def run_chunk(self, engine: Engine, variant: Variant, task: str, index: int, start: int, stop: int,
                   swept: bool = False) -> None:
         begun = time.perf_counter()
-        reference = ReferenceStore(self.work.reference(task, index), is_dense=variant.strategy == DENSE)
+        reference = (ReferenceStore(self.work.reference(task, index), is_dense=variant.strategy == DENSE)
+                     if self.tasks[task].evaluator.compares_with_dense else None)
         result = run_task(engine, chunk_task(self.tasks[task], start, stop), self.reporter.advance, reference)
         path = self.work.chunk(variant, task, index)
         self.work.write_chunk(path, item_rows(variant, task, result, self.tasks[task].evaluator.metrics))

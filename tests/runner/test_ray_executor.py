@@ -28,8 +28,8 @@ from ..conftest import chunk_files, sorted_items, study_text
 
 ray = pytest.importorskip("ray")
 
-COLUMNS = ["variant", "task", "metric", "item_id", "correct", "nll_sum", "tokens", "prediction",
-           "loglikelihoods", "generated"]
+COLUMNS = ["variant", "task", "metric", "item_id", "correct", "value", "nll_sum", "tokens", "prediction",
+           "loglikelihoods", "generated"]  # "value": KL to dense and same-top-token, read from dense's reference
 ENV = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
 
 
@@ -216,3 +216,34 @@ def test_a_workers_error_is_reported_by_its_message(local_ray):
         ray.get(fails.remote())
     assert "Traceback" in str(error.value) or "\n" in str(error.value)
     assert cause_line(error.value) == "data folder /nowhere does not exist on this node"
+
+
+def test_only_chunks_compared_with_dense_wait_and_only_for_denses_same_chunk():
+    """A variant's chunk of a task that ``compares_with_dense`` waits for dense's chunk of the same
+    task and index, wherever that one is evaluated (alone or in a layer sweep); nothing else waits."""
+    from types import SimpleNamespace
+
+    from prunelab.runner.ray_executor import units
+    from prunelab.runner.variants import DENSE_VARIANT, Variant
+
+    drop = Variant("drop-layers-1", "drop-layers", {"layers": [1]})
+    magnitude = Variant("magnitude-50", "magnitude", {"sparsity": 0.5})
+    tasks = {"wikitext": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=True)),
+             "mmlu": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=False))}
+    session = SimpleNamespace(tasks=tasks, sweepable=lambda variant, task: variant is not magnitude)
+    pending = [(v, task, index, (index, index + 1)) for v in (DENSE_VARIANT, drop, magnitude)
+               for task in tasks for index in (0, 1) if not (v is DENSE_VARIANT and (task, index) == ("wikitext", 1))]
+    waits = {u.describe(): set(u.waits_for) for u in units(session, pending, sweep=False)}
+    assert waits["magnitude-50 wikitext chunk 0"] == {("wikitext", 0)}
+    assert waits["magnitude-50 wikitext chunk 1"] == set()  # dense's chunk 1 is finished already
+    assert waits["drop-layers-1 wikitext chunk 0"] == {("wikitext", 0)}
+    assert all(not waits[f"{v.name} mmlu chunk {i}"] for v in (DENSE_VARIANT, drop, magnitude) for i in (0, 1))
+    assert not waits["dense wikitext chunk 0"]
+
+    swept = units(session, pending, sweep=True)  # dense and the removal share a sweep unit per chunk
+    sweeps = [u for u in swept if u.kind == "sweep"]
+    assert not any(u.waits_for for u in sweeps)
+    assert set().union(*(u.provides for u in sweeps)) == {("mmlu", 0), ("mmlu", 1), ("wikitext", 0)}
+    waits = {u.describe(): set(u.waits_for) for u in swept if u.kind == "chunk"}
+    assert waits == {"magnitude-50 wikitext chunk 0": {("wikitext", 0)}, "magnitude-50 wikitext chunk 1": set(),
+                     "magnitude-50 mmlu chunk 0": set(), "magnitude-50 mmlu chunk 1": set()}
