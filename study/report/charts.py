@@ -408,7 +408,7 @@ def answer_letters_chart(letters: list[dict[str, Any]]) -> alt.TopLevelMixin | N
         y=alt.Y("variant:N", sort=order, title=None),
         x=alt.X("share:Q", stack="normalize", title="share of questions", axis=alt.Axis(format="%")),
         color=alt.Color("letter:N", title="answer", legend=alt.Legend(orient="bottom")),
-        order=alt.Order("letter:N"),
+        order=alt.Order("letter:O"),  # ordinal: Vega-Lite warns on a nominal order channel
         tooltip=["task:N", "variant:N", "letter:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
     ).properties(width=PANEL_WIDTH, height=max(PANEL_HEIGHT // 2, 14 * len(order)))
     return bars.facet(column=alt.Column("task:N", title=None)).properties(

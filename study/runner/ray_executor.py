@@ -20,7 +20,9 @@ chunk, not the whole dense evaluation. Every other unit is ready at once.
 Why chunks, with variant affinity, and not whole variants: a free worker is given a chunk of the
 variant it already holds, else one of a variant no other worker holds, so a variant is pruned about
 once per worker that helps with it -- and the last variants are shared out chunk by chunk instead
-of leaving workers idle (7 variants over 2 workers is 4:3 at variant granularity). See
+of leaving workers idle (7 variants over 2 workers is 4:3 at variant granularity). A worker joins a
+variant another one holds only while pruning it (as measured) costs less than the variant's queued
+chunks (as measured): then both finish sooner; otherwise it waits for other work. See
 BENCHMARKS.md "Studies on Ray" for the measured costs behind this choice.
 
 Faults: the driver, not Ray, retries units. A lost worker (its process or its node) fails its one
@@ -34,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,6 +90,15 @@ class Unit:
         return f"{variant.name} {task} chunk {index}"
 
 
+@dataclass(frozen=True)
+class Done:
+    """What a worker reports of a unit: items evaluated, and seconds spent pruning and evaluating."""
+
+    items: int
+    prune_s: float
+    eval_s: float
+
+
 # ---------------------------------------------------------------------------------------- the worker
 class StudyWorker:
     """One Ray actor: the study's tasks, the dense model (loaded on first use) and the variant it holds."""
@@ -121,26 +133,30 @@ class StudyWorker:
         loaded = self.session.load()
         return {"sweep": LayerSweep.supports(loaded.adapter), "revision": model_revision(loaded)}
 
-    def run(self, unit: Unit) -> int:
+    def run(self, unit: Unit) -> Done:
         """Evaluate the unit's chunks that have no file yet (another attempt may have written them)."""
         todo = [p for p in unit.pairs if not self.work.chunk(p[0], p[1], p[2]).is_file()]
         if unit.kind == "sweep":
+            began = time.perf_counter()
             if todo:
                 self.session.evaluate_sweep(todo)
-            return unit.items
-        engine = self.engine_for(unit.variant)
+            return Done(unit.items, 0.0, time.perf_counter() - began)
+        prune_s = self.hold(unit.variant)
+        began = time.perf_counter()
         for variant, task, index, (start, stop) in todo:
-            self.session.run_chunk(engine, variant, task, index, start, stop)
-        return unit.items
+            self.session.run_chunk(self.held[1], variant, task, index, start, stop)
+        return Done(unit.items, prune_s, time.perf_counter() - began)
 
-    def engine_for(self, variant: Variant) -> Engine:
-        """The held variant's engine, or prune (and ``[bench]``) the variant and hold it instead."""
-        if self.held is None or self.held[0] != variant.name:
-            self.held = None  # free the previous pruned copy before making the next
-            loaded = self.session.variant_model(variant)
-            self.session.bench(variant, loaded)
-            self.held = (variant.name, self.session.engine(loaded))
-        return self.held[1]
+    def hold(self, variant: Variant) -> float:
+        """Hold the variant's engine: prune (and ``[bench]``) it unless held already; the seconds it took."""
+        if self.held is not None and self.held[0] == variant.name:
+            return 0.0
+        began = time.perf_counter()
+        self.held = None  # free the previous pruned copy before making the next
+        loaded = self.session.variant_model(variant)
+        self.session.bench(variant, loaded)
+        self.held = (variant.name, self.session.engine(loaded))
+        return time.perf_counter() - began
 
 
 # ---------------------------------------------------------------------------------------- the driver
@@ -285,6 +301,8 @@ class WorkerPool:
         self.starting = {w.ready.remote(): w for w in self.workers}  # not yet known to be up
         self.free: list[Any] = []
         self.holds: dict[Any, str | None] = {}  # worker -> the variant it holds
+        self.prune_s: dict[str, float] = {}  # variant -> seconds one worker took to prune it
+        self.unit_s: dict[str, list[float]] = {}  # variant -> seconds each of its chunk units took
 
     def cluster_capacity(self, gpus: float) -> int:
         total = ray.cluster_resources()
@@ -330,7 +348,8 @@ class WorkerPool:
         while queue or inflight:
             for worker in list(self.free):
                 ready = [i for i, u in enumerate(queue) if u.waits_for <= done]
-                unit = queue.pop(self.choose(queue, ready, worker)) if ready else self.prune_ahead(queue, worker)
+                position = self.choose(queue, ready, worker, may_wait=bool(inflight)) if ready else None
+                unit = queue.pop(position) if position is not None else self.prune_ahead(queue, worker)
                 if unit is None:
                     continue
                 self.free.remove(worker)
@@ -339,28 +358,49 @@ class WorkerPool:
             for ref in self.wait(inflight):
                 worker, unit = inflight.pop(ref)
                 try:
-                    items = ray.get(ref)
+                    result: Done = ray.get(ref)
                 except RayActorError as exc:
                     self.lost(worker, unit, queue, exc)
                     continue
                 except RayTaskError as exc:  # the evaluation itself failed: it would fail anywhere
                     raise PrunelabError(f"{unit.describe()} failed on a Ray worker: {cause_line(exc)}") from None
                 done |= unit.provides
-                self.session.reporter.advance(items)
+                self.measured(unit, result)
+                self.session.reporter.advance(result.items)
                 self.free.append(worker)
 
-    def choose(self, queue: list[Unit], ready: list[int], worker: Any) -> int:
-        """The queue position (one of ``ready``) for ``worker``: its held variant, else one nobody
-        holds, else the first."""
+    def measured(self, unit: Unit, result: Done) -> None:
+        if unit.variant is None:
+            return
+        if result.prune_s:
+            self.prune_s[unit.variant.name] = result.prune_s
+        if unit.kind == "chunk":
+            self.unit_s.setdefault(unit.variant.name, []).append(result.eval_s)
+
+    def choose(self, queue: list[Unit], ready: list[int], worker: Any, *, may_wait: bool) -> int | None:
+        """The queue position (one of ``ready``) for ``worker``: its held variant, else a sweep, else
+        a variant nobody holds, else one another worker holds if sharing it pays; None: better wait
+        (only while other units are in flight), else the first."""
         held = self.holds.get(worker)
         others = {v for w, v in self.holds.items() if w is not worker}
         for rank in (lambda u: u.variant is not None and u.variant.name == held,
                      lambda u: u.variant is None,
-                     lambda u: u.variant.name not in others):
+                     lambda u: u.variant.name not in others,
+                     lambda u: self.worth_sharing(queue, u.variant.name)):
             for position in ready:
                 if rank(queue[position]):
                     return position
-        return ready[0]
+        return None if may_wait else ready[0]
+
+    def worth_sharing(self, queue: list[Unit], variant: str) -> bool:
+        """Should a second worker prune ``variant`` to share its queued chunks? Splitting R seconds of
+        chunks after a P-second prune ends at (R + P) / 2 instead of R: yes while P < R (and before
+        either was measured)."""
+        prune_s, unit_s = self.prune_s.get(variant), self.unit_s.get(variant)
+        if prune_s is None or not unit_s:
+            return True
+        queued = sum(1 for u in queue if u.variant is not None and u.variant.name == variant)
+        return prune_s < queued * sum(unit_s) / len(unit_s)
 
     def prune_ahead(self, queue: list[Unit], worker: Any) -> Unit | None:
         """A prune unit for a waiting variant nobody holds, unless the worker's own still has units."""

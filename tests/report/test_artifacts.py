@@ -298,6 +298,21 @@ def test_pages_render_their_charts_in_headless_chromium(runs, tmp_path):
         assert console == [], f"{page.name} logged to the console: {console}"
 
 
+@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_answer_letters_chart_renders_without_a_vega_warning(tmp_path):
+    """The MMLU letter chart (absent from the synthetic runs): Vega-Lite logs a warning for a
+    nominal ``order`` channel, which the container smoke test's report showed."""
+    from prunelab.report.pages import chart_page
+
+    letters = [{"task": "mmlu", "metric": "acc", "variant": v, "n": 4, "A": a, "B": 4 - a, "C": 0, "D": 0}
+               for v, a in (("gold", 1), ("dense", 3))]
+    page = tmp_path / "letters.html"
+    page.write_text(chart_page("letters", charts.answer_letters_chart(letters).to_dict()))
+    dom, console = render(page, tmp_path / "profile")
+    assert 'data-charts-rendered="1"' in dom and 'data-charts-failed="0"' in dom
+    assert console == [], console
+
+
 def test_removal_plans_chart_has_one_line_per_plan_over_k():
     def rows(variant, strategy, params, correct):
         return [{"variant": variant, "strategy": strategy, "params": json.dumps(params), "task": "mmlu",

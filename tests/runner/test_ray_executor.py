@@ -247,3 +247,25 @@ def test_only_chunks_compared_with_dense_wait_and_only_for_denses_same_chunk():
     waits = {u.describe(): set(u.waits_for) for u in swept if u.kind == "chunk"}
     assert waits == {"magnitude-50 wikitext chunk 0": {("wikitext", 0)}, "magnitude-50 wikitext chunk 1": set(),
                      "magnitude-50 mmlu chunk 0": set(), "magnitude-50 mmlu chunk 1": set()}
+
+
+def test_a_free_worker_shares_a_held_variant_only_when_pruning_it_costs_less_than_its_queued_chunks():
+    """Two workers on 2 CPUs: a second prune of Wanda pays only if the chunks left outlast it."""
+    from prunelab.runner.ray_executor import Unit, WorkerPool
+    from prunelab.runner.variants import Variant
+
+    wanda = Variant("wanda-50", "wanda", {"sparsity": 0.5})
+    pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
+    pool.holds = {"busy": wanda.name, "free": "dense"}
+    pool.prune_s, pool.unit_s = {}, {}
+    chunk = (wanda, "gsm8k", 0, (0, 2))
+
+    def choice(chunks: int, *, may_wait: bool = True) -> int | None:
+        queue = [Unit("chunk", (chunk,), wanda)] * chunks
+        return pool.choose(queue, list(range(chunks)), "free", may_wait=may_wait)
+
+    assert choice(1) == 0  # nothing measured yet: share
+    pool.prune_s[wanda.name], pool.unit_s[wanda.name] = 30.0, [4.0, 6.0]
+    assert choice(6) is None  # 6 chunks x 5 s = 30 s left: a 30 s prune does not pay, wait
+    assert choice(7) == 0  # 35 s left: it does
+    assert choice(1, may_wait=False) == 0  # nothing else in flight: never idle
