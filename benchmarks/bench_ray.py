@@ -32,7 +32,7 @@ import torch
 
 from prunelab.runner.executors import ExecutorSettings, make_executor
 from prunelab.runner.run import run_study
-from prunelab.runner.studyfile import WORK, Study, load_study
+from prunelab.runner.studyfile import Study, load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,17 +52,7 @@ def run_once(study: Study, out: Path, workers: int | None) -> dict:
             "chunk_s": timings["evaluate_total_s"], "prune_s": round(sum(timings["prune_s"].values()), 2),
             "load_s": timings["load_s"], "sessions": len(timings["sessions"]),
             "loadavg_1min_before": round(load, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
-            "variant_s": variant_seconds(timings), "timeline": timeline(folder.parent / WORK / "log.jsonl"),
-            "folder": str(folder)}
-
-
-def timeline(log: Path) -> list[list]:
-    """[seconds from the first event, session, event, variant, task, chunk, seconds it took] per logged
-    step: where each worker was busy and where it waited."""
-    events = [json.loads(line) for line in log.read_text().splitlines()]
-    start = events[0]["time"]
-    return [[round(e["time"] - start, 2), e.get("session", "")[:6], e["event"], e.get("variant"), e.get("task"),
-             e.get("chunk"), e.get("seconds")] for e in events if e["event"] in {"load", "prune", "chunk", "worker"}]
+            "variant_s": variant_seconds(timings), "folder": str(folder)}
 
 
 def variant_seconds(timings: dict) -> dict[str, float]:
