@@ -20,11 +20,13 @@ driver's scheduling.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -40,8 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_once(study: Study, out: Path, workers: int | None) -> dict:
     executor = None if workers is None else make_executor(ExecutorSettings(kind="ray", workers=workers))
     load = os.getloadavg()[0]
-    started = time.perf_counter()
-    folder = run_study(study, out, executor=executor)
+    started, epoch = time.perf_counter(), time.time()
+    with kept_log() as log:
+        folder = run_study(study, out, executor=executor)
     wall = time.perf_counter() - started
     manifest = json.loads((folder / "manifest.json").read_text())
     timings = manifest["timings"]
@@ -52,7 +55,42 @@ def run_once(study: Study, out: Path, workers: int | None) -> dict:
             "chunk_s": timings["evaluate_total_s"], "prune_s": round(sum(timings["prune_s"].values()), 2),
             "load_s": timings["load_s"], "sessions": len(timings["sessions"]),
             "loadavg_1min_before": round(load, 2), "loadavg_1min_after": round(os.getloadavg()[0], 2),
-            "variant_s": variant_seconds(timings), "folder": str(folder)}
+            "variant_s": variant_seconds(timings), "timeline": timeline(log, epoch, wall), "folder": str(folder)}
+
+
+@contextlib.contextmanager
+def kept_log() -> Iterator[list[dict]]:
+    """The work folder's event log, read just before the finished run removes the folder."""
+    events: list[dict] = []
+    remove = shutil.rmtree
+
+    def read_then_remove(path, *args, **kwargs):
+        log = Path(path) / "log.jsonl"
+        if log.is_file():
+            events.extend(json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+        remove(path, *args, **kwargs)
+
+    shutil.rmtree = read_then_remove
+    try:
+        yield events
+    finally:
+        shutil.rmtree = remove
+
+
+def timeline(events: list[dict], epoch: float, wall: float) -> list[dict]:
+    """Per process (driver or worker): when its first timed step began and its last ended (seconds
+    from the run's start), and the seconds it spent loading, pruning and evaluating in between --
+    where a run on several workers loses time: late starts, gaps, and early ends before the last."""
+    by_session: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        if e.get("event") in ("load", "prune", "chunk") and "seconds" in e:
+            by_session.setdefault(e["session"], []).append((e["time"] - e["seconds"] - epoch, e["time"] - epoch))
+    rows = []
+    for spans in by_session.values():
+        first, last = min(b for b, _ in spans), max(e for _, e in spans)
+        rows.append({"first_s": round(first, 1), "last_s": round(last, 1), "busy_s": round(sum(e - b for b, e in spans), 1),
+                     "gaps_s": round(last - first - sum(e - b for b, e in spans), 1), "wall_s": round(wall, 1)})
+    return sorted(rows, key=lambda r: r["first_s"])
 
 
 def variant_seconds(timings: dict) -> dict[str, float]:

@@ -66,6 +66,12 @@ class Registry:
         layers = found[0].removed_layers(params) if found else None
         return layers[0] if layers is not None and len(layers) == 1 else None
 
+    def calibrates(self, strategy: str, params: Mapping[str, Any]) -> bool:
+        """Whether a variant reads calibration text before pruning (``Strategy.needs_calibration``);
+        False for dense and for a strategy that is not installed."""
+        found = self.strategies.get(strategy)
+        return bool(found and found[0].uses_calibration(params))
+
     def recovery(self, name: str) -> Recovery:
         if name not in self.recoveries:
             known = ", ".join(sorted(self.recoveries)) or "none"

@@ -15,7 +15,8 @@ out **units** one at a time to whichever worker is free:
 
 Order: a chunk of a task that compares variants with the dense model (``compares_with_dense``: KL
 to dense) waits for dense's chunk of the same task and index, whose reference it reads -- that one
-chunk, not the whole dense evaluation. Every other unit is ready at once.
+chunk, not the whole dense evaluation. Every other unit is ready at once. Variants that take long
+to prepare (healed, then calibrated ones) are queued first, so that their prune does not start last.
 
 Why chunks, with variant affinity, and not whole variants: a free worker is given a chunk of the
 variant it already holds, else one of a variant no other worker holds, so a variant is pruned about
@@ -33,6 +34,7 @@ so a killed driver resumes from them when started again (its actors die with it)
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -257,7 +259,8 @@ class RayExecutor:
 
 
 def units(session: Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
-    """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks.
+    """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks,
+    the slowest variants to prepare first (``preparation_rank``).
 
     A chunk unit of a task that ``compares_with_dense`` waits for dense's pending chunk of the same
     task and index (a finished one has left its reference already).
@@ -280,7 +283,24 @@ def units(session: Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
         return frozenset({(task, index)}) if needed else frozenset()
 
     chunks = [Unit("chunk", (p,), p[0], waits_for(p)) for p in pending if id(p) not in taken]
+    chunks.sort(key=lambda u: -preparation_rank(u.variant))  # stable: plan order within a rank
     return [Unit("sweep", tuple(group), None) for group in swept.values()] + chunks
+
+
+def preparation_rank(variant: Variant) -> int:
+    """How long a variant takes to prepare before its first chunk, as a rank: 2 healed (pruned,
+    then trained), 1 calibrated (forward passes over calibration text first), 0 anything else.
+
+    Chunks are queued by this rank, highest first, and a free worker takes the first variant nobody
+    holds: the longest serial steps start early, while other workers evaluate, and the study ends on
+    variants that any worker can prepare in a moment and so share (longest-processing-time first).
+    Measured on the quick smoke study: Wanda's prune, queued last, left one worker idle at the end.
+    """
+    from prunelab.registry import default_registry
+
+    if variant.recovery:
+        return 2
+    return int(default_registry().calibrates(variant.pruned_by, variant.params))
 
 
 class WorkerPool:
@@ -303,6 +323,7 @@ class WorkerPool:
         self.holds: dict[Any, str | None] = {}  # worker -> the variant it holds
         self.prune_s: dict[str, float] = {}  # variant -> seconds one worker took to prune it
         self.unit_s: dict[str, list[float]] = {}  # variant -> seconds each of its chunk units took
+        self.task_s: dict[str, list[float]] = {}  # task -> seconds each chunk unit of it took
 
     def cluster_capacity(self, gpus: float) -> int:
         total = ray.cluster_resources()
@@ -376,11 +397,13 @@ class WorkerPool:
             self.prune_s[unit.variant.name] = result.prune_s
         if unit.kind == "chunk":
             self.unit_s.setdefault(unit.variant.name, []).append(result.eval_s)
+            self.task_s.setdefault(unit.pairs[0][1], []).append(result.eval_s)
 
     def choose(self, queue: list[Unit], ready: list[int], worker: Any, *, may_wait: bool) -> int | None:
         """The queue position (one of ``ready``) for ``worker``: its held variant, else a sweep, else
         a variant nobody holds, else one another worker holds if sharing it pays; None: better wait
-        (only while other units are in flight), else the first."""
+        (only while other units are in flight), else the first. Of the chosen variant's ready
+        chunks, the longest (``longest``)."""
         held = self.holds.get(worker)
         others = {v for w, v in self.holds.items() if w is not worker}
         for rank in (lambda u: u.variant is not None and u.variant.name == held,
@@ -389,8 +412,24 @@ class WorkerPool:
                      lambda u: self.worth_sharing(queue, u.variant.name)):
             for position in ready:
                 if rank(queue[position]):
-                    return position
-        return None if may_wait else ready[0]
+                    return self.longest(queue, ready, position)
+        return None if may_wait else self.longest(queue, ready, ready[0])
+
+    def longest(self, queue: list[Unit], ready: list[int], chosen: int) -> int:
+        """Of the ready chunks of the chosen unit's variant, the one whose task's chunks took longest
+        so far (a task not measured yet counts as longest; ties keep queue order). Long units go
+        first and short ones are left for the end, where a worker that has run out of work waits
+        only for a short one (longest-processing-time first)."""
+        unit = queue[chosen]
+        if unit.kind != "chunk":
+            return chosen
+        same = [p for p in ready if queue[p].kind == "chunk" and queue[p].variant == unit.variant]
+
+        def expected_s(position: int) -> float:
+            seconds = self.task_s.get(queue[position].pairs[0][1])
+            return sum(seconds) / len(seconds) if seconds else math.inf
+
+        return max(same, key=expected_s)
 
     def worth_sharing(self, queue: list[Unit], variant: str) -> bool:
         """Should a second worker prune ``variant`` to share its queued chunks? Splitting R seconds of

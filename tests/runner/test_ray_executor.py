@@ -261,7 +261,7 @@ def test_a_free_worker_shares_a_held_variant_only_when_pruning_it_costs_less_tha
     wanda = Variant("wanda-50", "wanda", {"sparsity": 0.5})
     pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
     pool.holds = {"busy": wanda.name, "free": "dense"}
-    pool.prune_s, pool.unit_s = {}, {}
+    pool.prune_s, pool.unit_s, pool.task_s = {}, {}, {}
     chunk = (wanda, "gsm8k", 0, (0, 2))
 
     def choice(chunks: int, *, may_wait: bool = True) -> int | None:
@@ -273,3 +273,55 @@ def test_a_free_worker_shares_a_held_variant_only_when_pruning_it_costs_less_tha
     assert choice(6) is None  # 6 chunks x 5 s = 30 s left: a 30 s prune does not pay, wait
     assert choice(7) == 0  # 35 s left: it does
     assert choice(1, may_wait=False) == 0  # nothing else in flight: never idle
+
+
+def test_variants_slow_to_prepare_are_queued_and_taken_first():
+    """Healed, then calibrated variants come first, so that their long prune does not start last and
+    leave the other workers idle at the end; within a rank the plan's order is kept."""
+    from types import SimpleNamespace
+
+    from prunelab.runner.ray_executor import WorkerPool, units
+    from prunelab.runner.variants import DENSE_VARIANT, Variant
+
+    magnitude = Variant("magnitude-50", "magnitude", {"sparsity": 0.5})
+    healed = Variant("magnitude-50+lora", "magnitude+lora", {"sparsity": 0.5}, recovery="lora")
+    wanda = Variant("wanda-50", "wanda", {"sparsity": 0.5})
+    session = SimpleNamespace(tasks={"gsm8k": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=False))})
+    pending = [(v, "gsm8k", index, (index, index + 1)) for v in (DENSE_VARIANT, magnitude, healed, wanda)
+               for index in (0, 1)]
+    queue = units(session, pending, sweep=False)
+    assert [u.describe() for u in queue] == [f"{v.name} gsm8k chunk {i}" for v in (healed, wanda, DENSE_VARIANT, magnitude)
+                                            for i in (0, 1)]
+
+    pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
+    pool.holds, pool.prune_s, pool.unit_s, pool.task_s = {"a": None, "b": None}, {}, {}, {}
+    ready = list(range(len(queue)))
+    assert queue[pool.choose(queue, ready, "a", may_wait=True)].variant is healed
+    pool.holds["a"] = healed.name
+    assert queue[pool.choose(queue, ready, "b", may_wait=True)].variant is wanda
+
+
+def test_a_worker_takes_its_variants_longest_chunk_first_as_measured_per_task():
+    """Long chunks first, short ones for the end: of the held variant's ready chunks, the one whose
+    task took longest per chunk so far; a task not measured yet first; queue order on ties."""
+    from prunelab.runner.ray_executor import Unit, WorkerPool
+    from prunelab.runner.variants import Variant
+
+    magnitude = Variant("magnitude-50", "magnitude", {"sparsity": 0.5})
+    other = Variant("magnitude-60", "magnitude", {"sparsity": 0.6})
+    queue = [Unit("chunk", ((variant, task, 0, (0, 8)),), variant)
+             for variant, task in ((magnitude, "wikitext"), (other, "gsm8k"), (magnitude, "mmlu"), (magnitude, "gsm8k"))]
+    pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
+    pool.holds, pool.prune_s, pool.unit_s = {"w": magnitude.name}, {}, {}
+
+    def chosen(task_s: dict[str, list[float]], ready: list[int] | None = None) -> str:
+        pool.task_s = task_s
+        ready = list(range(len(queue))) if ready is None else ready
+        unit = queue[pool.choose(queue, ready, "w", may_wait=True)]
+        assert unit.variant is magnitude  # the held variant still comes first, whatever its chunks cost
+        return unit.pairs[0][1]
+
+    assert chosen({}) == "wikitext"  # nothing measured: queue order
+    assert chosen({"wikitext": [3.0], "gsm8k": [12.0, 14.0], "mmlu": [9.0]}) == "gsm8k"
+    assert chosen({"wikitext": [3.0], "gsm8k": [12.0, 14.0]}) == "mmlu"  # not measured yet: first
+    assert chosen({"wikitext": [3.0], "gsm8k": [12.0], "mmlu": [9.0]}, ready=[0, 1, 2]) == "mmlu"  # ready ones only
