@@ -29,7 +29,8 @@ from prunelab import __version__
 from prunelab.errors import PrunelabError
 from prunelab.readers import check_output_file, check_output_folder, describe
 
-console = Console(stderr=True)
+# soft_wrap: a message is one line however long (a path); the terminal wraps it, a log file keeps it whole
+console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -63,7 +64,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tasks", default="mmlu,gsm8k,wikitext", help="comma-separated task names (see `prunelab plugins`)")
+    parser.add_argument("--tasks", default=None,
+                        help="comma-separated task names (default: every installed task; see `prunelab plugins`)")
     parser.add_argument("--data-dir", default=None, help="local data folder (mmlu/, gsm8k/, wikitext-2/); env PRUNELAB_DATA")
     parser.add_argument("--fraction", type=float, default=1.0, help="fraction of each task (per MMLU subject), in (0, 1]")
     parser.add_argument("--sample", choices=("random", "first"), default="random",
@@ -113,11 +115,13 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from prunelab.evaluate.data import DataSource
     from prunelab.evaluate.run import evaluate, parse_tasks, prepare_tasks, write_outputs
+    from prunelab.registry import default_registry
 
     subset = subset_from(args)
     if args.out:
         check_output_folder(args.out)  # before an evaluation that could not be saved
-    tasks = prepare_tasks(parse_tasks(args.tasks), DataSource.resolve(args.data_dir), subset, common_task_options(args))
+    names = parse_tasks(list(default_registry().evaluators) if args.tasks is None else args.tasks)  # default: all
+    tasks = prepare_tasks(names, DataSource.resolve(args.data_dir), subset, common_task_options(args))
     loaded = load_from(args)
     with progress_bars() as bars:
         def start(task):

@@ -72,3 +72,13 @@ def test_malformed_csv_through_cli(tmp_path, tiny_qwen3):
     (tmp_path / "mmlu" / "dev" / "virology_dev.csv").write_text("q,a,b,c,d,A\n" * 5)
     result = prunelab("eval", "--model", str(tiny_qwen3), "--tasks", "mmlu", "--data-dir", str(tmp_path))
     assert_one_line_error(result, "virology_test.csv:")
+
+
+def test_a_progress_message_stays_one_line_however_long(capsys):
+    """Rich wraps at 80 columns when stderr is not a terminal; a message with a long path must stay
+    whole, so that logs and the tests that read them see it as written."""
+    from prunelab.cli import console
+
+    message = f"loading {'/deep' * 40}/model.gguf"
+    console.print(message, highlight=False, markup=False)
+    assert capsys.readouterr().err == message + "\n"

@@ -111,7 +111,8 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     evaluation = raw.get("evaluation", {})
     _check_keys(evaluation, EVALUATION_KEYS | common_task_options(registry) | set(registry.evaluators),
                 f"{path} [evaluation]")
-    tasks = _string_list(evaluation.get("tasks", ["mmlu", "gsm8k", "wikitext"]), f"{path} [evaluation] tasks")
+    # no list: every installed task, built-in or third-party alike (the core names none of them)
+    tasks = _string_list(evaluation.get("tasks", list(registry.evaluators)), f"{path} [evaluation] tasks")
     strays = sorted(k for k in evaluation if k in registry.evaluators and k not in tasks)
     if strays:
         raise PrunelabError(f"{path}: [evaluation.{strays[0]}] is given but {strays[0]} is not in tasks")
