@@ -35,6 +35,7 @@ import torch
 from prunelab.runner.executors import ExecutorSettings, make_executor
 from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import Study, load_study
+from prunelab.runner.workfolder import WorkFolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,9 +66,7 @@ def kept_log() -> Iterator[list[dict]]:
     remove = shutil.rmtree
 
     def read_then_remove(path, *args, **kwargs):
-        log = Path(path) / "log.jsonl"
-        if log.is_file():
-            events.extend(json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip())
+        events.extend(WorkFolder(Path(path)).events())
         remove(path, *args, **kwargs)
 
     shutil.rmtree = read_then_remove
@@ -88,8 +87,9 @@ def timeline(events: list[dict], epoch: float, wall: float) -> list[dict]:
     rows = []
     for spans in by_session.values():
         first, last = min(b for b, _ in spans), max(e for _, e in spans)
-        rows.append({"first_s": round(first, 1), "last_s": round(last, 1), "busy_s": round(sum(e - b for b, e in spans), 1),
-                     "gaps_s": round(last - first - sum(e - b for b, e in spans), 1), "wall_s": round(wall, 1)})
+        busy = sum(e - b for b, e in spans)
+        rows.append({"first_s": round(first, 1), "last_s": round(last, 1), "busy_s": round(busy, 1),
+                     "gaps_s": round(last - first - busy, 1), "wall_s": round(wall, 1)})
     return sorted(rows, key=lambda r: r["first_s"])
 
 

@@ -277,7 +277,7 @@ def _calibration(value: Any, strategies: list[StrategyGrid], registry: Registry,
     if "source" in spec and spec["source"] not in HUB_SOURCES:
         spec["source"] = str(_resolve_path(spec["source"], where))
     CalibrationSpec.from_mapping(spec).check_source()  # values and file now, not after the dense evaluation
-    if not any(registry.strategy(s.name).uses_calibration(point) for s in strategies for point in grid_points(s.grid)):
+    if not any(registry.calibrates(s.name, point) for s in strategies for point in grid_points(s.grid)):
         raise PrunelabError(f"{path}: [calibration] is given but no strategy uses calibration data")
     return spec
 
