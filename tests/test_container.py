@@ -325,8 +325,8 @@ def in_build_context(relative: str, rules: list[str]) -> bool:
 
 def test_dockerignore_matcher_on_known_paths():
     rules = ["*", "!study/", "**/__pycache__"]
-    assert in_build_context("study/cli.py", rules)
-    assert not in_build_context("study/__pycache__/cli.cpython-311.pyc", rules)
+    assert in_build_context("study/prunelab/cli.py", rules)
+    assert not in_build_context("study/prunelab/__pycache__/cli.cpython-311.pyc", rules)
     assert not in_build_context("artifacts/index.html", rules)
 
 

@@ -14,10 +14,10 @@ import pytest
 
 from .conftest import ROOT
 
-STUDY = ROOT / "study"
+STUDY = ROOT / "study" / "prunelab"
 # lower = closer to the bottom of the stack; a module may import its own layer or a lower one
 LAYERS = {"errors": 0, "readers": 0, "options": 0, "versions": 0, "plugin": 1, "registry": 2, "model": 3, "evaluate": 4,
-          "prune": 5, "report": 6, "runner": 7, "cli": 8, "hookspecs": 9, "pruning": 9}
+          "prune": 5, "report": 6, "runner": 7, "cli": 8}
 # the documented plugin API: package-level names of these modules (docs/plugins.md)
 PLUGIN_API = {"prunelab.plugin", "prunelab.model", "prunelab.prune", "prunelab.evaluate", "prunelab.errors",
               "prunelab.readers"}
@@ -61,7 +61,7 @@ def test_imports_run_down_the_data_path(path):
     assert not upward, f"{path.relative_to(ROOT)} ({mine}) imports upward: {upward}"
 
 
-@pytest.mark.parametrize("path", sorted([*(ROOT / "plugins").glob("*.py"), *(ROOT / "examples").rglob("*.py")]),
+@pytest.mark.parametrize("path", sorted([*(ROOT / "plugins" / "prunelab_plugins").glob("*.py"), *(ROOT / "examples").rglob("*.py")]),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_plugins_import_only_the_plugin_api(path):
     private = [(line, module) for line, module in imports(path) if module not in PLUGIN_API]
@@ -77,7 +77,7 @@ def test_the_api_modules_export_what_plugins_import():
     """Every name a plugin imports is in its module's ``__all__`` (the documented surface)."""
     import importlib
 
-    for path in [*(ROOT / "plugins").glob("*.py"), *(ROOT / "examples").rglob("*.py")]:
+    for path in [*(ROOT / "plugins" / "prunelab_plugins").glob("*.py"), *(ROOT / "examples").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module in PLUGIN_API - {"prunelab.errors", "prunelab.readers"}:
                 exported = set(importlib.import_module(node.module).__all__)

@@ -1,7 +1,7 @@
 """Statistics that make a study's numbers trustworthy: intervals, paired tests, the summary table.
 
 Every variant is compared with the dense model *on the same items*, with a test chosen by the
-metric's kind (``hookspecs.MetricSpec.kind``) that holds its level at the sample sizes studies use
+metric's kind (``plugin.MetricSpec.kind``) that holds its level at the sample sizes studies use
 (8 windows, 57 questions); docs/statistics.md explains each choice.
 
 - accuracy: 95% Wilson score interval; exact McNemar test (only discordant items carry
