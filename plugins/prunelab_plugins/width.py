@@ -44,7 +44,7 @@ IMPORTANCE = ("activation", "magnitude")
 
 
 def check_fraction(value: float) -> str | None:
-    return None if 0 <= value < 1 else "a fraction to remove must be in [0, 1) (mlp=0.25 keeps 75 %)"
+    return None if 0 <= value < 1 else "a fraction to remove must be in [0, 1) (0.25 keeps 75 %)"
 
 
 def targets_of(context: PruneContext, options: dict[str, Any]) -> WidthTargets:

@@ -239,7 +239,7 @@ def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hid
 
 def _check_count(adapter: Adapter, option: str, value: float, gone: int, total: int, what: str) -> None:
     if value and gone == 0:
-        raise _fraction_error(option, value, adapter, f"removes none of its {total} {what} (0.5 rounds up)")
+        raise _fraction_error(option, value, adapter, f"removes none of its {total} {what} (round(fraction x {total}) = 0)")
     if gone >= total:
         raise _fraction_error(option, value, adapter, f"would leave none of its {total} {what}")
 
