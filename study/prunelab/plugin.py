@@ -39,8 +39,12 @@ hookimpl = pluggy.HookimplMarker("prunelab")
 class Strategy:
     """A pruning strategy: declared options and a function that prunes a loaded model in place.
 
-    ``prune(model, options, context)`` returns a JSON-able report (at least the achieved
-    sparsity); ``context`` carries the calibration source and the seed.
+    ``prune(model, options, context)`` returns a JSON-able report (a weight-pruning strategy: at
+    least the achieved sparsity, with its masks left in ``context.masks``); ``context`` carries the
+    calibration source and the seed. A structural strategy may change shapes and the config in place
+    and leave no masks: ``prunelab.model`` offers the surgery (``drop_layers``; ``width_targets`` +
+    ``prune_width`` or ``apply_width`` for width) that keeps the model a standard checkpoint and
+    returns the record to report (kept channels, config before/after, new shapes).
     """
 
     name: str
