@@ -83,3 +83,41 @@ def test_the_api_modules_export_what_plugins_import():
                 exported = set(importlib.import_module(node.module).__all__)
                 missing = {alias.name for alias in node.names} - exported
                 assert not missing, f"{path.relative_to(ROOT)}: {sorted(missing)} not in {node.module}.__all__"
+
+
+def _protocol_members(protocol: type) -> set[str]:
+    """The attributes and methods a Protocol of ``prunelab.plugin`` names (its own, not object's)."""
+    names = set(getattr(protocol, "__annotations__", {}))
+    names |= {n for n, v in vars(protocol).items() if callable(v) and not n.startswith("_")}
+    return names
+
+
+def test_what_the_stages_hand_a_plugin_is_what_plugin_py_describes(tmp_path):
+    """Each Protocol of the plugin contract is met by the stage's class that a plugin is handed:
+    every attribute it names is set on an instance, every method takes the same parameters."""
+    import inspect
+
+    import torch
+
+    from prunelab import plugin
+    from prunelab.evaluate import DataSource, DenseReference, Subset, WindowScores
+    from prunelab.evaluate.reference import ReferenceStore
+    from prunelab.model import adapt
+    from prunelab.prune import RecoveryContext
+
+    from .conftest import random_model, tiny_config
+
+    model = random_model(tiny_config("llama", vocab_size=64))
+    handed = {
+        plugin.DataSource: DataSource(tmp_path), plugin.Subset: Subset(),
+        plugin.DenseReference: DenseReference(torch.zeros(1, 2, 3), torch.zeros(1, 2), "head"),
+        plugin.WindowScores: WindowScores(), plugin.ReferenceStore: ReferenceStore(tmp_path / "r", True),
+        plugin.RecoveryContext: RecoveryContext(adapt(model), tokenizer=None),
+    }
+    for protocol, instance in handed.items():
+        for name in _protocol_members(protocol):
+            assert hasattr(instance, name), f"{type(instance).__name__} lacks {name} ({protocol.__name__})"
+            wanted = vars(protocol).get(name)
+            if callable(wanted):
+                mine = list(inspect.signature(getattr(instance, name)).parameters)
+                assert mine == list(inspect.signature(wanted).parameters)[1:], (protocol.__name__, name)
