@@ -40,6 +40,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter, as_adapter
+from prunelab.options import Option
 
 AXES = ("mlp", "heads", "hidden")
 #: How ``heads`` removes heads under GQA: whole KV groups (their query heads go with them), or the
@@ -235,6 +236,32 @@ def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hid
         kept[option] = total - gone
     query, kv = _head_targets(adapter, sizes, heads, heads_mode)
     return WidthTargets(sizes, kept["mlp"], query, kv, kept["hidden"], heads_mode)
+
+
+def check_fraction(value: float) -> str | None:
+    """Option check for an axis fraction (``Option(check=...)``), before any model is loaded."""
+    return None if 0 <= value < 1 else "a fraction to remove must be in [0, 1) (0.25 keeps 75 %)"
+
+
+def width_options() -> tuple[Option, ...]:
+    """The options every width strategy shares: one fraction per axis and the GQA mode."""
+    def fraction(axis: str, what: str) -> Option:
+        return Option(axis, float, 0.0, f"fraction of the {what} to remove, in [0, 1) (the same in every layer)",
+                      check=check_fraction)
+    return (
+        fraction("mlp", "MLP intermediate channels"),
+        fraction("heads", "attention (query) heads"),
+        fraction("hidden", "hidden (embedding / residual) channels"),
+        Option("heads_mode", str, "query",
+               "GQA: 'query' removes the same number of query heads from every KV group (KV heads stay), "
+               "'groups' removes whole KV groups with their query heads", choices=HEAD_MODES),
+    )
+
+
+def width_targets_from_options(model_or_adapter, options: Mapping[str, Any]) -> WidthTargets:
+    """``width_targets`` for the options of ``width_options()`` (also a strategy's ``check_model``)."""
+    return width_targets(model_or_adapter, **{axis: options.get(axis) or 0.0 for axis in AXES},
+                         heads_mode=options.get("heads_mode") or "query")
 
 
 def _check_count(adapter: Adapter, option: str, value: float, gone: int, total: int, what: str) -> None:
