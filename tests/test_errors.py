@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +179,93 @@ def test_damaged_calibration_file_fails_with_the_study_file(tmp_path, monkeypatc
     (tmp_path / "calib.txt").write_text("\n\n")
     with pytest.raises(PrunelabError, match=r"calib\.txt: calibration file has no text"):
         runner.load_study(study)
+
+
+# ---------------------------------------------------------------------- code from data (issue 27 part 1)
+EVIL_CODE = "from pathlib import Path\nPath({marker!r}).write_text('the model folder ran its code')\n"
+
+
+def run_cli(*args: str, stdin: str = "y\n", timeout: float = 300) -> subprocess.CompletedProcess:
+    """``prunelab ARGS`` in a fresh process whose standard input answers "y" to any prompt."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "prunelab.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def remote_code_folder(tiny_qwen3: Path, tmp_path: Path, where: str) -> tuple[Path, Path]:
+    """A copy of the tiny model whose config (or tokenizer config) points at a Python file that would
+    write ``marker`` when imported."""
+    folder, marker = tmp_path / "evil-model", tmp_path / "marker.txt"
+    shutil.copytree(tiny_qwen3, folder)
+    (folder / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    name = "config.json" if where == "config" else "tokenizer_config.json"
+    doc = json.loads((folder / name).read_text())
+    if where == "config":  # a model type transformers does not know: only the folder's code defines it
+        doc.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                "AutoModelForCausalLM": "evil.EvilModel"})
+    else:
+        doc.update(tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["evil.EvilTokenizer", None]})
+    (folder / name).write_text(json.dumps(doc))
+    return folder, marker
+
+
+@pytest.mark.parametrize("where", ["config", "tokenizer"])
+def test_a_folders_own_code_never_runs_even_when_stdin_answers_yes(where, tiny_qwen3, data, tmp_path):
+    """A config only the folder's code defines is refused in one line; a tokenizer config naming the
+    folder's own class falls back to the folder's tokenizer.json. Neither asks, neither runs the code."""
+    folder, marker = remote_code_folder(tiny_qwen3, tmp_path, where)
+    result = run_cli("eval", "--model", str(folder), "--tasks", "wikitext", "--limit", "1", "--seqlen", "16",
+                     "--data-dir", str(data))
+    assert not marker.exists(), "the model folder's code ran"
+    assert "Do you wish to run the custom code" not in result.stdout + result.stderr
+    if where == "config":
+        line = assert_one_line(result)
+        assert f"{folder}/config.json" in line and "--trust-remote-code" in line
+    else:
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_known_model_type_with_an_auto_map_loads_the_built_in_class_without_its_code(tiny_qwen3, tmp_path):
+    folder, marker = remote_code_folder(tiny_qwen3, tmp_path, "config")
+    doc = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**doc, "model_type": "qwen3"}))
+    loaded = modeling.load_model(str(folder), device="cpu", dtype="float32")
+    assert type(loaded.model).__module__.startswith("transformers.") and not marker.exists()
+
+
+class WritesAFile:
+    """Unpickling this calls ``open(marker, "w")``: a pickle that runs code when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["refused", "--allow-pickle"])
+def test_pickle_weights_are_never_unpickled(allow, tiny_qwen3, data, tmp_path):
+    """Without safetensors the folder is refused in one line; with --allow-pickle torch's weights-only
+    loader reads it and refuses the payload, reported in one line too. The payload never runs."""
+    import pickle
+
+    folder, marker = tmp_path / "pickled", tmp_path / "marker.txt"
+    shutil.copytree(tiny_qwen3, folder)
+    (folder / "model.safetensors").unlink()
+    import torch
+
+    torch.save({"model.embed_tokens.weight": WritesAFile(marker)}, folder / "pytorch_model.bin",
+               pickle_module=pickle)
+    result = run_cli("eval", "--model", str(folder), "--tasks", "wikitext", "--limit", "1", "--data-dir",
+                     str(data), *(["--allow-pickle"] if allow else []))
+    line = assert_one_line(result)
+    assert not marker.exists(), "the pickle ran"
+    if not allow:
+        assert "pytorch_model.bin" in line and "safetensors" in line and "--allow-pickle" in line

@@ -31,7 +31,7 @@ from prunelab.readers import check_output_file, check_output_folder, describe
 
 # soft_wrap: a message is one line however long (a path); the terminal wraps it, a log file keeps it whole
 console = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)  # printed paths (``report: .../report.html``) are read back by scripts: never wrapped
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -60,7 +60,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, local HF folder, or .gguf file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="auto (CUDA bf16; CPU fp32 unless native bf16), float32, bfloat16, float16")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
+    add_trust_arguments(parser)
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a model's files may run: nothing unless asked (see docs/errors.md, "code from data")."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repository's own Python code (auto_map; off by default)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="UNSAFE: read pickle weights (pytorch_model.bin) when there are no safetensors")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +109,8 @@ def load_from(args: argparse.Namespace):
     from prunelab.model.loading import load_model
 
     with console.status(f"loading {args.model}"):
-        return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                          allow_pickle=args.allow_pickle)
 
 
 # ---------------------------------------------------------------------- eval
@@ -416,6 +425,8 @@ def run_study_command(args: argparse.Namespace) -> int:
     from prunelab.runner.studyfile import load_study
 
     study = load_study(args.file, data_dir=args.data_dir)  # validated before any model is loaded
+    for note in study.notes:
+        console.print(note, highlight=False, markup=False)
     check_output_folder(args.out)
     executor = make_executor(study.executor.replace(
         "command line", kind=args.executor, address=args.address, workers=args.workers))
@@ -542,6 +553,7 @@ def _add_bench_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--semi-structured", action="store_true",
                         help="CUDA only: run 2:4-pruned Linear weights on PyTorch's semi-structured sparse kernels")
     parser.add_argument("--out", default="bench-model.json", help="JSON file for the results")
+    add_trust_arguments(parser)
 
 
 @command("bench-model", "measure a model's size, peak memory, prefill and decode throughput", _add_bench_model)
@@ -557,7 +569,8 @@ def run_bench_model(args: argparse.Namespace) -> int:
     with console.status(f"benchmarking {args.model}"):
         result = bench_model(args.model, device=args.device, dtype=args.dtype, prompt_lengths=lengths,
                              batches=batches, new_tokens=args.new_tokens, repeats=args.repeats,
-                             semi_structured=args.semi_structured)
+                             semi_structured=args.semi_structured, trust_remote_code=args.trust_remote_code,
+                             allow_pickle=args.allow_pickle)
     out.print(bench_table(result))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -298,7 +298,8 @@ def measure(adapter: Adapter, *, prompt_lengths: Sequence[int] = DEFAULT_PROMPT_
 def bench_model(model, *, device: str = "auto", dtype: str = "auto",
                 prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTHS, batches: Sequence[int] = DEFAULT_BATCHES,
                 new_tokens: int = DEFAULT_NEW_TOKENS, repeats: int = DEFAULT_REPEATS, warmup: int = 1,
-                semi_structured: bool = False, seed: int = 0) -> dict[str, Any]:
+                semi_structured: bool = False, seed: int = 0, trust_remote_code: bool = False,
+                allow_pickle: bool = False) -> dict[str, Any]:
     """Measure what a model costs on this machine; ``model`` is a path/Hub id or a ``LoadedModel``.
 
     Returns a JSON-able dict: model, device, dtype, threads, decoder layers, parameters, weight
@@ -309,7 +310,8 @@ def bench_model(model, *, device: str = "auto", dtype: str = "auto",
     if isinstance(model, (str, os.PathLike)):
         if semi_structured and choose_device(device).type != "cuda":
             raise PrunelabError(SEMI_STRUCTURED_NEEDS_CUDA)  # before a long model load
-        loaded = load_model(str(model), device=device, dtype=dtype)
+        loaded = load_model(str(model), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle)
     else:
         loaded = model
     adapter = loaded.adapter

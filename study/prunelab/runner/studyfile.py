@@ -47,7 +47,7 @@ from prunelab.runner.executors import ExecutorSettings
 EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
 CHUNK_ITEMS = 32
 WORK = ".work"
-TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
+TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "allow_pickle", "prune_seed", "evaluation", "calibration",
             "strategies", "bench", "recovery", "executor"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
@@ -92,6 +92,9 @@ class Study:
     # ``[executor]``: where the pairs run (local, ray); not in the configuration hash -- every executor
     # writes the same chunk files, so a Ray run resumes a local one and the other way round
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    # ``allow_pickle = true``: read pickle weights (unsafe); not in the hash -- it changes no result
+    allow_pickle: bool = False
+    notes: tuple[str, ...] = ()  # what was chosen for the user (a study name made from the file name)
 
 
 def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
@@ -117,9 +120,7 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     if strays:
         raise PrunelabError(f"{path}: [evaluation.{strays[0]}] is given but {strays[0]} is not in tasks")
     where = path.resolve().parent
-    name = _typed(raw, "name", str, path.stem, f"{path}")
-    if not artifacts.STUDY_NAME.match(name):
-        raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
+    name, notes = _study_name(raw, path)
     if "model" not in raw:
         raise PrunelabError(f"{path}: no model (e.g. model = \"Qwen/Qwen3-0.6B\")")
     if not isinstance(raw["model"], str) or not raw["model"].strip():
@@ -160,7 +161,35 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
         task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
         strategies=strategies, settings=settings, bench=bench, recovery=recovery,
         executor=ExecutorSettings.from_table(raw.get("executor"), f"{path} [executor]"),
+        allow_pickle=_typed(raw, "allow_pickle", bool, False, f"{path}"), notes=tuple(notes),
     )
+
+
+def _study_name(raw: dict[str, Any], path: Path) -> tuple[str, list[str]]:
+    """The study's folder name: ``name``, else the file's name -- made plain (and said so) when it is not one.
+
+    A ``name`` written in the file must be a plain folder name (letters, digits, . _ -); the file's
+    own name is the user's filesystem's business, so ``mon étude.toml`` becomes ``mon-etude``.
+    """
+    if "name" in raw:
+        name = _typed(raw, "name", str, "", f"{path}")
+        if not artifacts.STUDY_NAME.match(name):
+            raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
+        return name, []
+    if artifacts.STUDY_NAME.match(path.stem):
+        return path.stem, []
+    name = slugify(path.stem)
+    return name, [f"study name: {name} (the file name {path.stem!r} is not a plain folder name; set name = ... "
+                  "to choose another)"]
+
+
+def slugify(text: str, default: str = "study") -> str:
+    """A plain folder name from any text: accents dropped, every other run of characters one '-'."""
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_text).strip("-._")[:80].strip("-._")
+    return slug if artifacts.STUDY_NAME.match(slug) else default
 
 
 def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
