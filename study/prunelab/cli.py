@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ from rich.table import Table
 
 from prunelab import __version__
 from prunelab.errors import PrunelabError
-from prunelab.readers import check_output_file, check_output_folder, describe
+from prunelab.readers import atomic_write, check_output_file, check_output_folder, describe
 
 # soft_wrap: a message is one line however long (a path); the terminal wraps it, a log file keeps it whole
 console = Console(stderr=True, soft_wrap=True)
@@ -433,9 +435,20 @@ def run_study_command(args: argparse.Namespace) -> int:
     executor.connect()  # an unreachable cluster fails here, before any model is loaded
     with progress_bars() as bars:
         run = run_study(study, args.out, rerun=args.rerun, reporter=StudyProgress(bars), executor=executor)
-    out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {run.parent.parent / 'index.html'}",
+    out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {index_of(run.parent.parent)}",
               highlight=False, markup=False)
     return 0
+
+
+def index_of(root) -> str:
+    """Where prunelab's index of ``root`` is; the user is told (stderr) when an ``index.html`` prunelab
+    did not write was kept and the index written beside it."""
+    from prunelab.report.artifacts import INDEX, index_file
+
+    index = index_file(root)
+    if index.name != INDEX:
+        _tell(f"kept {index.with_name(INDEX)} (prunelab did not write it); prunelab's index is {index}")
+    return str(index)
 
 
 def _add_index(parser: argparse.ArgumentParser) -> None:
@@ -450,8 +463,12 @@ def run_index(args: argparse.Namespace) -> int:
 
     if not Path(args.root).is_dir():
         raise PrunelabError(f"artifacts folder not found: {args.root}")
-    out.print(f"wrote {build_index(args.root)}", highlight=False, markup=False)
+    out.print(f"wrote {build_index(args.root, tell=_tell)}", highlight=False, markup=False)
     return 0
+
+
+def _tell(text: str) -> None:
+    console.print(text, highlight=False, markup=False)
 
 
 def _add_report(parser: argparse.ArgumentParser) -> None:
@@ -463,8 +480,8 @@ def _add_report(parser: argparse.ArgumentParser) -> None:
 def run_report(args: argparse.Namespace) -> int:
     from prunelab.report.artifacts import rebuild_run
 
-    folder = rebuild_run(args.run_dir)
-    out.print(f"rebuilt {folder / 'report.html'}\nindex: {folder.parent.parent / 'index.html'}",
+    folder = rebuild_run(args.run_dir, tell=_tell)
+    out.print(f"rebuilt {folder / 'report.html'}\nindex: {index_of(folder.parent.parent)}",
               highlight=False, markup=False)
     return 0
 
@@ -574,7 +591,7 @@ def run_bench_model(args: argparse.Namespace) -> int:
     out.print(bench_table(result))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write(path, lambda staging: staging.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8"))
     console.print(f"wrote {path}", highlight=False)
     return 0
 
@@ -627,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         _quiet_transformers()
+    previous = _exit_on_sigterm()
     try:
         return args.handler(args)
     except (PrunelabError, OSError) as exc:
@@ -637,6 +655,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM ends the command as Ctrl-C does, through every ``finally`` (staging folders are removed,
+    finished chunks kept), with status 143; returns the handler it replaced (None: not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        return None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return previous
 
 
 def one_line(exc: BaseException) -> str:

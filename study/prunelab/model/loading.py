@@ -12,8 +12,6 @@ import hashlib
 import os
 import pickle  # only for its error type: prunelab never unpickles
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -23,7 +21,7 @@ import torch
 
 from prunelab.errors import FileProblem, PrunelabError
 from prunelab.model.adapter import Adapter, adapt
-from prunelab.readers import check_model_folder, read_gguf_header, reading
+from prunelab.readers import check_model_folder, read_gguf_header, reading, staging_folder, writing
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
 #: weight files that are pickles: loading them means unpickling, which can run code (``--allow-pickle``)
@@ -123,9 +121,7 @@ def gguf_to_folder(path: Path, *, trust_remote_code: bool = False) -> Path:
 
     read_gguf_header(path)  # random bytes or a truncated file: one line, before transformers' traceback
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    with staging_folder(target) as staging:  # and a conversion killed half-way is removed on the next
         # The header is whole; what transformers still rejects (an unsupported architecture, a tensor
         # type it cannot dequantize, missing metadata) is about this file's content.
         with warnings.catch_warnings(), reading(path, "cannot convert this GGUF file", extra=(KeyError, IndexError)):
@@ -138,12 +134,11 @@ def gguf_to_folder(path: Path, *, trust_remote_code: bool = False) -> Path:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "source.txt").write_text(f"{path}\n")
-        os.replace(staging, target)  # atomic: a half-written cache is never used
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with writing(target):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "source.txt").write_text(f"{path}\n")
+            os.replace(staging, target)  # atomic: a half-written cache is never used
     return target
 
 

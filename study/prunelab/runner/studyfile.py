@@ -24,6 +24,7 @@ study file's folder; ``${VAR}`` and ``${VAR:-default}`` are expanded, then ``~``
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -46,6 +47,11 @@ from prunelab.runner.executors import ExecutorSettings
 
 EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
 CHUNK_ITEMS = 32
+# Bounds checked before anything is expanded or allocated (docs/errors.md, "bounds"): a real study
+# has tens to a few hundred variants and a study file a few kilobytes.
+MAX_VARIANTS = 10_000
+MAX_STUDY_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # after expanding aliases
 WORK = ".work"
 TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "allow_pickle", "prune_seed", "evaluation", "calibration",
             "strategies", "bench", "recovery", "executor"}
@@ -130,7 +136,9 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     chunk = _typed(evaluation, "chunk_items", int, CHUNK_ITEMS, f"{path} [evaluation]")
     if chunk < 1:
         raise PrunelabError(f"{path} [evaluation] chunk_items must be a positive integer, got {chunk!r}")
-    strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(_blocks(raw, path))]
+    blocks = _blocks(raw, path)
+    check_variant_count(sum(grid_size(block) for block in blocks), f"{path}", "its [[strategies]] grids")
+    strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(blocks)]
     calibration = _calibration(raw.get("calibration"), strategies, registry, where, path)
     bench = _bench_settings(raw.get("bench"), path)
     recovery = study_recovery(raw.get("recovery"), [s.name for s in strategies], registry, where, path)
@@ -194,15 +202,57 @@ def slugify(text: str, default: str = "study") -> str:
 
 def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
     """The file's text and its table: YAML for ``.yaml``/``.yml``, TOML otherwise (same keys either way)."""
+    with reading(path, "cannot read study file"):
+        size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:
+        raise PrunelabError(f"{path}: a study file of {size:,} bytes, more than prunelab's limit of "
+                            f"{MAX_STUDY_BYTES:,}")
     text = read_utf8(path, "cannot read study file")
     if path.suffix.lower() in {".yaml", ".yml"}:
         with reading(path, "invalid YAML"):
-            raw = yaml.safe_load(text)  # plain data only: no tags that construct objects
+            raw = yaml.load(text, Loader=BoundedLoader)  # plain data only: no tags that construct objects
         if not isinstance(raw, dict):
             raise PrunelabError(f"{path}: a study file is a mapping of settings (model, evaluation, strategies)")
         return text, raw
     with reading(path, "invalid TOML"):
         return text, tomllib.loads(text)
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a document whose nodes, with every alias expanded, exceed
+    ``MAX_YAML_NODES``, and a recursive alias -- before anything is constructed.
+
+    An alias is one node shared by reference, so a few lines of nested aliases (a "billion laughs")
+    make a structure whose expanded size is exponential: every later walk of it (validation, the
+    configuration hash) would take minutes and gigabytes. The expanded size is counted on the
+    composed node graph, each distinct node once (memoized), so the check itself is linear.
+    """
+
+    def compose_document(self):
+        node = super().compose_document()
+        expanded_size(node, {}, set())
+        return node
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes under ``node`` with aliases expanded; a ``yaml.YAMLError`` past the limit or on a cycle."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.YAMLError("a recursive alias (a node that contains itself)")
+    open_nodes.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    total = 1
+    for child in children:
+        total += expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} nodes once aliases are expanded (an alias bomb?); "
+                                 "prunelab's limit")
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
 
 
 def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], path: Path):
@@ -288,6 +338,18 @@ def _strategy_grid(block: dict[str, Any], index: int, registry: Registry, path: 
         except PrunelabError as exc:
             raise PrunelabError(f"{path}: {exc}") from None
     return StrategyGrid(strategy.name, grid, strategy.each_layer)
+
+
+def grid_size(block: dict[str, Any]) -> int:
+    """How many variants a ``[[strategies]]`` block expands to, from its list lengths (the product),
+    without expanding it; ``"each"`` counts as one here (``expand_variants`` checks it with the layers)."""
+    return math.prod(len(value) if isinstance(value, list) else 1 for key, value in block.items() if key != "name")
+
+
+def check_variant_count(count: int, where: str, what: str) -> None:
+    if count > MAX_VARIANTS:
+        raise PrunelabError(f"{where}: {what} expand to {count:,} variants, more than prunelab's limit of "
+                            f"{MAX_VARIANTS:,}")
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
