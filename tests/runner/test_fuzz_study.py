@@ -149,7 +149,7 @@ def test_fuzz_grid_size_is_bounded_before_expansion(lengths):
     a single grid point is made (``grid_points`` is never called past the limit)."""
     from prunelab.runner import studyfile
 
-    block = {"name": "magnitude", **{key: list(range(1, n + 1)) for key, n in zip(["sparsity", "x", "y"], lengths)}}
+    block = {"name": "magnitude", **{key: list(range(1, n + 1)) for key, n in zip(["sparsity", "x", "y"][:len(lengths)], lengths, strict=True)}}
     size = 1
     for n in lengths:
         size *= n

@@ -43,6 +43,7 @@ class WorkFolder:
 
     def config_hash(self) -> str | None:
         """The configuration this folder's chunks belong to; a damaged marker is refused, never guessed."""
+        self.check_links()  # before anything in it is read or written
         marker = self.root / "config.json"
         if not marker.is_file():
             return None
@@ -56,7 +57,6 @@ class WorkFolder:
 
     def claim(self, config: dict[str, Any], digest: str) -> None:
         """Create the folder for this configuration, or accept it if it holds this configuration's work."""
-        self.check_links()
         found = self.config_hash()
         if found is not None:
             if found != digest:
