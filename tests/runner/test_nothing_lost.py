@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 
 import polars as pl
 
@@ -118,7 +119,6 @@ def killed_staging(target) -> Path:
     """The staging folder a process killed -9 while assembling ``target`` leaves behind."""
     import subprocess
     import sys
-    from pathlib import Path
 
     result = subprocess.run([sys.executable, "-c", KILLED_IN_STAGING, str(target)], capture_output=True, text=True,
                             timeout=120)
