@@ -144,7 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out.print(summary_table(run))
     if args.out:
         path = write_outputs(run, args.out)
-        console.print(f"wrote {path / 'results.json'} and {path / 'items.parquet'}")
+        console.print(f"wrote {path / 'results.json'} and {path / 'items.parquet'}", highlight=False, markup=False)
     return 0
 
 
@@ -252,6 +252,7 @@ def run_prune(args: argparse.Namespace) -> int:
     with console.status(f"saving to {out_dir}"):
         path = save_pruned(loaded, out_dir, report, overwrite=args.overwrite, save_masks=not args.no_masks)
     out.print(prune_table(report, path))
+    out.print(f"wrote {path}", highlight=False, markup=False)  # whole on one line: a script reads it back
     return 0
 
 
@@ -358,6 +359,7 @@ def run_heal(args: argparse.Namespace) -> int:
         with console.status(f"saving to {out_dir}"):
             path = save_pruned(loaded, out_dir, recipe, overwrite=args.overwrite, extra_files=copy_adapter)
     out.print(heal_table(report, path))
+    out.print(f"wrote {path}", highlight=False, markup=False)
     return 0
 
 
@@ -478,11 +480,12 @@ def _add_report(parser: argparse.ArgumentParser) -> None:
 @command("report", "rebuild a run's summary, charts, report and the index from its stored items (no model)",
          _add_report)
 def run_report(args: argparse.Namespace) -> int:
-    from prunelab.report.artifacts import rebuild_run
+    from prunelab.report.artifacts import has_prunelab_index, rebuild_run
 
     folder = rebuild_run(args.run_dir, tell=_tell)
-    out.print(f"rebuilt {folder / 'report.html'}\nindex: {index_of(folder.parent.parent)}",
-              highlight=False, markup=False)
+    out.print(f"rebuilt {folder / 'report.html'}", highlight=False, markup=False)
+    if has_prunelab_index(folder.parent.parent):
+        out.print(f"index: {index_of(folder.parent.parent)}", highlight=False, markup=False)
     return 0
 
 

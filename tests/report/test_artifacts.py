@@ -393,6 +393,9 @@ def test_report_deletes_only_its_own_chart_files_whatever_the_manifest_lists(run
     assert all(v.read_text() == "precious" for v in victims), "a file outside prunelab's charts was touched"
     assert (folder / "charts" / "link.png").is_symlink(), "a link prunelab did not write was removed"
     assert any("kept 5 file(s)" in line for line in told), told  # the five under charts/; the rest are never candidates
+    # a run folder outside an artifacts root: nothing is written beside it (no index there to rebuild)
+    assert sorted(p.name for p in root.iterdir()) == ["synthetic", "victim.txt"]
+    assert any(line.startswith(f"index not rebuilt: {root} has no prunelab index") for line in told), told
 
 
 def test_report_replaces_links_planted_in_the_run_folder_instead_of_writing_through_them(runs, tmp_path):

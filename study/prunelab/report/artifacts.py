@@ -192,8 +192,18 @@ def rebuild_run(run_dir: str | os.PathLike, tell: Callable[[str], None] | None =
     kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
     manifest_out = {**written, "files": {**kept, **written["files"]}}
     _write_text(manifest_path, json.dumps(manifest_out, indent=2, default=str) + "\n")
-    build_index(folder.parent.parent, tell)
+    root = folder.parent.parent
+    if has_prunelab_index(root):
+        build_index(root, tell)
+    elif tell:  # a run folder outside an artifacts root (a download): nothing is written beside it
+        tell(f"index not rebuilt: {root} has no prunelab index (prunelab index --root {root} makes one)")
     return folder
+
+
+def has_prunelab_index(root: Path) -> bool:
+    """Whether ``root`` is an artifacts root: it holds an index prunelab wrote."""
+    index = index_file(root)
+    return index.is_file() and not index.is_symlink() and pages.written_by_prunelab(index)
 
 
 OWN_CHART = re.compile(r"^charts/[A-Za-z0-9_-]+\.(html|svg|png)$")
