@@ -384,7 +384,8 @@ def read_gguf_header(path: str | os.PathLike) -> dict[str, Any]:
 def check_layer_count(path: Path, layers: Any, key: str) -> None:
     """A declared number of decoder layers above ``MAX_LAYERS`` is refused before a model is built."""
     if isinstance(layers, int | float) and not isinstance(layers, bool) and layers > MAX_LAYERS:
-        raise FileProblem(path, f"the model declares {key} = {layers:g} decoder layers, more than prunelab's "
+        shown = layers if isinstance(layers, int) else f"{layers:g}"
+        raise FileProblem(path, f"the model declares {key} = {shown} decoder layers, more than prunelab's "
                                 f"limit of {MAX_LAYERS}")
 
 

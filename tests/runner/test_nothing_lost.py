@@ -163,7 +163,9 @@ def test_a_failed_run_write_leaves_no_partial_folder_and_a_killed_ones_is_swept(
     from ..report.test_artifacts import MANIFEST, NOW, synthetic_items
 
     root = tmp_path / "artifacts"
-    version = artifacts.version_id(artifacts.config_hash(MANIFEST["config"]), "abc1234", NOW)
+    from prunelab.records import json_digest
+
+    version = artifacts.version_id(json_digest(MANIFEST["config"]), "abc1234", NOW)
     left = killed_staging(root / "synthetic" / version)
 
     def disk_full(*args, **kwargs):
