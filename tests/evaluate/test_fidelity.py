@@ -210,7 +210,7 @@ def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikit
 def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
     import math
 
-    from plugins.mmlu import letter_probabilities
+    from prunelab_plugins.mmlu import letter_probabilities
 
     assert letter_probabilities([math.log(0.1), math.log(0.2), math.log(0.3), math.log(0.4)]) == pytest.approx(
         [0.1, 0.2, 0.3, 0.4], rel=1e-12)
