@@ -134,7 +134,9 @@ def headline_sentence(h: dict[str, Any]) -> str:
         return f"{h['task']} · {name}: no dense baseline, no comparison"
     dense = f"dense {h['dense']:.4g}"
     if h.get("dense_ci") and h["dense_ci"][0] is not None:
-        dense += f" [{h['dense_ci'][0]:.4g}, {h['dense_ci'][1]:.4g}]"
+        interval = f"[{h['dense_ci'][0]:.4g}, {h['dense_ci'][1]:.4g}]"
+        # a continuous value's interval is of the median item (window): distribution-free, see stats
+        dense += f" {interval}" if h["kind"] == "accuracy" else f" (median window {interval})"
     if not h.get("tested"):
         return f"{h['task']} · {name}: {dense}; no pruned variant"
     if h.get("underpowered"):
