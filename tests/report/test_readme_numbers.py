@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from prunelab.report.stats import BEYOND, BETTER, NO_CHANGE, WORSE, accuracy_mdd, pairs_needed
+from prunelab.report.stats import BETTER, BEYOND, NO_CHANGE, WORSE, accuracy_mdd, pairs_needed
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"

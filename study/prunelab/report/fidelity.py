@@ -27,7 +27,8 @@ import numpy as np
 import polars as pl
 from scipy import stats as scipy_stats
 
-from prunelab.report.stats import DENSE, median_interval
+from prunelab.records import DENSE
+from prunelab.report.stats import median_interval
 
 QUANTILE = 0.99
 

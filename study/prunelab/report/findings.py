@@ -15,12 +15,12 @@ from typing import Any
 
 import polars as pl
 
+from prunelab.records import DENSE
 from prunelab.report.charts import removed_layer, series_label, sparsity_percent, varying_settings
 from prunelab.report.stats import (
     ALPHA,
     BETTER,
     BEYOND,
-    DENSE,
     UNDERPOWERED,
     WITHIN,
     WORSE,

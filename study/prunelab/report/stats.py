@@ -37,15 +37,12 @@ import polars as pl
 from scipy import stats as sps
 
 from prunelab.errors import PrunelabError
+from prunelab.records import DENSE, ITEM_COLUMNS, PERPLEXITY_COLUMNS
 
-DENSE = "dense"
 ALPHA = 0.05
 CONFIDENCE = 0.95
 POWER = 0.8  # the minimum detectable difference is the one detected with this probability
 P_PRINT_FLOOR = 0.001  # p-values below this print as "< 0.001"
-
-ITEM_COLUMNS = ("variant", "strategy", "params", "task", "metric", "item_id", "correct")
-PERPLEXITY_COLUMNS = ("nll_sum", "tokens")
 
 ACCURACY_TEST = "exact McNemar"
 SIGN_TEST = "exact sign test"
