@@ -201,7 +201,8 @@ def findings_html(blocks: list[dict[str, Any]]) -> str:
                 text = f"first significant loss at {cliff['sparsity']:g}% ({interval_text(cliff['row'])})"
             items.append(f"{html.escape(cliff['method'])}: {html.escape(text)}")
         for best in block["best_by_sparsity"]:
-            items.append(f"Best at {best['sparsity']:g}% sparsity (of {best['of']} methods): "
+            items.append(f"Least change at {best['sparsity']:g}% sparsity (point estimates of {best['of']} methods; "
+                         "each is tested against dense, not against the others): "
                          f"{html.escape(best['method'])} ({html.escape(interval_text(best['row']))}, "
                          f"{html.escape(best['row']['verdict'])})")
         ranked = block["ranked"]
