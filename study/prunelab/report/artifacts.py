@@ -187,6 +187,7 @@ def rebuild_run(run_dir: str | os.PathLike, tell: Callable[[str], None] | None =
         tell(f"kept {len(refused)} file(s) the manifest lists that are not chart files inside {folder}: "
              f"{', '.join(map(repr, refused[:3]))}{' ...' if len(refused) > 3 else ''}")
     manifest["report_rebuilt"] = {"created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", **code_version()}
+    manifest["metrics"] = declared_tolerances(manifest.get("metrics") or [])
     files = dict(listed)
     written = render_run(folder, items, manifest, bench=bench)
     kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
@@ -226,6 +227,22 @@ def remove_own_chart(folder: Path, name: str) -> bool:
         return False
     path.unlink(missing_ok=True)
     return True
+
+
+def declared_tolerances(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stored run's metric declarations, with the installed evaluator's tolerance where the run
+    predates tolerances (no ``tolerance`` key): the rebuilt report then tests fidelity against it.
+    A run that recorded one (None included) keeps it; an evaluator not installed changes nothing."""
+    from prunelab.registry import default_registry
+
+    registry = default_registry()
+    out = []
+    for metric in metrics:
+        if "tolerance" not in metric and metric.get("task") in registry.evaluators:
+            declared = {m.name: m.tolerance for m in registry.evaluator(metric["task"]).metrics}
+            metric = {**metric, "tolerance": declared.get(metric.get("name"))}
+        out.append(metric)
+    return out
 
 
 def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
