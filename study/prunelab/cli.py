@@ -186,10 +186,25 @@ def run_plugins(args: argparse.Namespace) -> int:
     for name, (recovery, info) in sorted(registry.recoveries.items()):
         table.add_row("recovery", name, info.package, info.version, recovery.description)
     out.print(table)
+    out.print(plugins_table(registry))
     failed = [p for p in registry.plugins if p.error]
     for plugin in failed:
         console.print(f"[red]plugin '{plugin.name}' ({plugin.module}, {plugin.package} {plugin.version}) failed to load: {plugin.error}")
     return 0
+
+
+def plugins_table(registry) -> Table:
+    """Each plugin (entry point) with its distribution, version and how many items of each kind it adds:
+    a plugin that loads but adds nothing shows as such."""
+    table = Table(title="prunelab plugin packages")
+    for column in ("plugin", "module", "package", "version", "adds"):
+        table.add_column(column)
+    for plugin in registry.plugins:
+        counts = {kind.kind: sum(1 for _, info in kind.values() if info == plugin)
+                  for kind in (registry.strategies, registry.evaluators, registry.recoveries)}
+        adds = "failed to load" if plugin.error else ", ".join(f"{kind} × {n}" for kind, n in counts.items() if n)
+        table.add_row(plugin.name, plugin.module, plugin.package, plugin.version, adds or "nothing")
+    return table
 
 
 # ---------------------------------------------------------------------- prune

@@ -36,6 +36,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter
+from prunelab.records import DENSE, PARAMS, STRATEGY, VARIANT
 
 DEFAULT_PROMPT_LENGTHS = (128, 512)
 DEFAULT_BATCHES = (1, 8)
@@ -347,7 +348,7 @@ def bench_rows(measured: Sequence[tuple[str, str, str, dict[str, Any]]]):
 
     rows = []
     for variant, strategy, params, result in measured:
-        row = {"variant": variant, "strategy": strategy, "params": params, "parameters": result["parameters"],
+        row = {VARIANT: variant, STRATEGY: strategy, PARAMS: params, "parameters": result["parameters"],
                "decoder_layers": result["decoder_layers"],
                "peak_memory_mib": result["peak_memory_bytes"] / 2**20 if result.get("peak_memory_bytes") else None}
         row |= {f"prefill_tokens_per_s_len{r['prompt_length']}": r["tokens_per_s"] for r in result["prefill"]}
@@ -356,7 +357,7 @@ def bench_rows(measured: Sequence[tuple[str, str, str, dict[str, Any]]]):
     frame = pl.DataFrame(rows, infer_schema_length=None)
     prefill = max((c for c in frame.columns if c.startswith("prefill_")), key=lambda c: int(c.rsplit("len", 1)[1]))
     decode = next(c for c in frame.columns if c.startswith("decode_"))
-    dense = frame.filter(pl.col("strategy") == "dense")
+    dense = frame.filter(pl.col(STRATEGY) == DENSE)
     for name, column in (("prefill_speedup", prefill), ("decode_speedup", decode)):
         base = dense[column][0] if len(dense) else None
         # Divided in Python, not as a Polars expression: Polars multiplies by 1/base, which leaves

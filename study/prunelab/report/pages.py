@@ -20,6 +20,7 @@ from urllib.parse import quote
 import altair as alt
 import vl_convert as vlc
 
+from prunelab.records import DENSE, STRATEGY
 from prunelab.report.stats import format_p
 
 LIBRARIES_ID = "prunelab-vega-libraries"
@@ -388,7 +389,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         cells.append([
             html.escape(r["task"]), html.escape(r["metric"]), html.escape(r["variant"]), fmt(r["n"]),
             f"{fmt(value)} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["dense_value"]),
-            html.escape(interval_text(r)) if r.get("p_value") is not None and r["strategy"] != "dense" else "—",
+            html.escape(interval_text(r)) if r.get("p_value") is not None and r[STRATEGY] != DENSE else "—",
             discordant, html.escape(test), format_p(r["p_value"], _at_floor(r)),
             format_p(r["p_holm"], _at_floor(r)) if r["p_holm"] is not None else "—", html.escape(verdict),
         ])
