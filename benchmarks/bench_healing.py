@@ -63,20 +63,28 @@ def log_probs(model, window: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
-def score(model, windows: torch.Tensor, dense: list[torch.Tensor] | None) -> dict[str, float]:
-    """Perplexity on the windows, and the mean per-token KL(dense || model) when dense log-probs are given.
+def per_window(model, windows: torch.Tensor, dense: list[torch.Tensor] | None) -> dict[str, list[float]]:
+    """Per window: summed NLL, predicted tokens and (with dense log-probs) summed KL(dense || model).
 
     ``model`` None scores the dense log-probs themselves (no second pass through the dense model).
     """
-    nll, kl, tokens = 0.0, 0.0, 0
+    rows: dict[str, list[float]] = {"nll": [], "tokens": [], "kl": []}
     for i, window in enumerate(windows):
         logp = dense[i] if model is None else log_probs(model, window)
         targets = window[1:]
-        nll -= float(logp.gather(1, targets[:, None]).sum())
+        rows["nll"].append(-float(logp.gather(1, targets[:, None]).sum()))
+        rows["tokens"].append(targets.numel())
         if dense is not None:
-            kl += float((dense[i].exp() * (dense[i] - logp)).sum())
-        tokens += targets.numel()
-    return {"perplexity": math.exp(nll / tokens), **({"kl_to_dense": kl / tokens} if dense is not None else {})}
+            rows["kl"].append(float((dense[i].exp() * (dense[i] - logp)).sum()))
+    return rows
+
+
+def score(model, windows: torch.Tensor, dense: list[torch.Tensor] | None) -> dict[str, float]:
+    """Perplexity on the windows, and the mean per-token KL(dense || model) when dense log-probs are given."""
+    rows = per_window(model, windows, dense)
+    tokens = sum(rows["tokens"])
+    return {"perplexity": math.exp(sum(rows["nll"]) / tokens),
+            **({"kl_to_dense": sum(rows["kl"]) / tokens} if dense is not None else {})}
 
 
 def drop_block(dense, k: int, calibration: dict[str, Any]):
@@ -96,7 +104,7 @@ def heal_timed(loaded, options: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     from prunelab.prune.recovery import heal
 
     with PeakMemory(loaded.device) as peak:
-        report = heal(loaded, "lora", seed=0, progress=lambda step, loss: print(f"  step {step} loss {loss:.4f}",
+        report = heal(loaded, "lora", seed=0, progress=lambda step, loss, rate: print(f"  step {step} loss {loss:.4f}",
                                                                                  flush=True), **options)
     seconds = report["step_seconds"]
     cost = {"step_s_median": statistics.median(seconds), "step_s_first": seconds[0],

@@ -146,10 +146,30 @@ class Recovery:
     description: str
     recover: Callable[[Any, dict[str, Any], RecoveryContext], dict[str, Any]]
     options: tuple[Option, ...] = field(default_factory=tuple)
+    #: Whether it learns from a teacher (the dense model): the core then finds one (``--teacher``,
+    #: the source recorded in the pruned folder's ``prunelab.json``, a study's dense model), checks
+    #: that it speaks the student's vocabulary and hands it over as ``context.teacher``.
+    uses_teacher: bool = False
+    #: Checks that involve several options at once (a token budget below one step), run with the
+    #: option checks, before any model is loaded; returns an error message or None.
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
+    #: How many optimizer steps these options make (the progress bar's total); None: not known.
+    planned_steps: Callable[[Mapping[str, Any]], int] | None = None
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"recovery '{self.name}'", self.options)
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option with its default, each checked, then the checks across options."""
+        validated = self.option_set.validate(options)
+        if self.check is not None and (problem := self.check(validated)):
+            raise PrunelabError(f"recovery '{self.name}': {problem}")
+        return validated
+
+    def steps(self, options: Mapping[str, Any]) -> int | None:
+        """The optimizer steps of validated options, when the method declares them."""
+        return int(self.planned_steps(options)) if self.planned_steps is not None else None
 
 
 # ---------------------------------------------------------------------------- what an evaluator asks

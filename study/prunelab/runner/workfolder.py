@@ -85,6 +85,10 @@ class WorkFolder:
     def chunk(self, variant: Variant, task: str, index: int) -> Path:
         return self.variant_folder(variant) / f"{task}-{index:04d}.parquet"
 
+    def pruned(self, variant: Variant) -> Path:
+        """Where an unhealed variant's pruned model waits for its healed twin (``Session.pruned``)."""
+        return self.variant_folder(variant) / "pruned"
+
     def bench(self, variant: Variant) -> Path:
         return self.variant_folder(variant) / "bench.json"
 
@@ -151,7 +155,8 @@ class WorkFolder:
             return None
         try:
             doc = read_json(path)
-            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"])) for v in doc["variants"]],
+            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"]), v.get("recovery"))
+                         for v in doc["variants"]],
                         {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()})
         except (PrunelabError, LookupError, TypeError, ValueError, AttributeError):
             return None
