@@ -17,8 +17,11 @@ each student layer with the teacher layer it was (``context.layer_map``: a depth
 kept layers by their original index), relative to the teacher's norm so deep layers with large
 activations do not dominate.
 
-It trains every parameter (``train = "full"``, the default: the recipe for depth and width
-pruning) or LoRA adapters (``train = "lora"``, through the ``lora`` plugin's masked adapters). The
+It trains every parameter of the decoder (``train = "full"``, the default: the recipe for depth and
+width pruning) or LoRA adapters (``train = "lora"``, through the ``lora`` plugin's masked adapters).
+The input embeddings and output head stay frozen unless ``embeddings = true``: pruning does not
+change them, and a study computes KL to dense from the dense model's stored final hidden states
+through the variant's own head (``DenseReference``), which refuses a changed head. The
 budget is in tokens: ``tokens // (batch * seqlen * accumulate)`` optimizer steps, AdamW with a
 linear warm-up then cosine decay to zero, gradient norm clipped. Pruned weights stay exactly zero at
 every step (``RecoveryContext.hold_masks`` for full training; the masked LoRA update otherwise), so
@@ -38,17 +41,17 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.evaluate.engine import KL_ROWS, kl_from_logits
-from prunelab.model.adapter import Adapter, layer_output
+from prunelab.evaluate import KL_ROWS, kl_from_logits
+from prunelab.model import Adapter, layer_output
 from prunelab.plugin import Option, Recovery, hookimpl
 from prunelab.prune import RecoveryContext
 from prunelab_plugins.lora import (
-    _fraction,
-    _positive,
-    _seeded,
+    fraction,
     lora_options,
     masked_modules,
     merge_lora,
+    positive,
+    seeded,
     wrap_lora,
 )
 
@@ -196,6 +199,11 @@ def _layer_map(context: RecoveryContext, student: Adapter, teacher: Adapter, nee
     return None
 
 
+def embedding_parameters(adapter: Adapter) -> list[nn.Parameter]:
+    """The input embedding's and output head's parameters (one tensor when tied)."""
+    return list({id(p): p for module in (adapter.embedding, adapter.head) for p in module.parameters()}.values())
+
+
 def _autocast(dtype: str, device: torch.device):
     if dtype == "model":
         return contextlib.nullcontext()
@@ -220,13 +228,15 @@ def recover(model: nn.Module, options: dict[str, Any], context: RecoveryContext)
     if options["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     curve: dict[str, list[float]] = {"loss": [], "kl": [], "ce": [], "hidden": [], "lr": [], "step_seconds": []}
-    with _seeded(context.seed, device):
+    with seeded(context.seed, device):
         if options["train"] == "lora":
             trained, targets = wrap_lora(model, context, lora_options(options, "lora_alpha"))
         else:
             trained, targets = model, []
             for param in model.parameters():
                 param.requires_grad_(True)
+            for param in ([] if options["embeddings"] else embedding_parameters(context.adapter)):
+                param.requires_grad_(False)
         masked = masked_modules(trained)
         trainable = [p for p in trained.parameters() if p.requires_grad]
         hold = context.hold_masks()
@@ -257,7 +267,7 @@ def recover(model: nn.Module, options: dict[str, Any], context: RecoveryContext)
                 rate = context.report_step(step, curve["loss"][-1], step * tokens_per_step(options))
         finally:
             hold.remove()
-            for param in frozen:
+            for param in [*frozen, *embedding_parameters(context.adapter)]:
                 param.requires_grad_(True)
     if options["train"] == "lora":
         if context.adapter_dir is not None:
@@ -291,19 +301,22 @@ def prunelab_recoveries() -> list[Recovery]:
             Option("tokens", int, 2_000_000, "training budget in tokens (whole optimizer steps of it)",
                    check=_at_least(1)),
             Option("temperature", float, 1.0, "softmax temperature T of teacher and student (loss scaled by T^2)",
-                   check=_positive),
+                   check=positive),
             Option("alpha", float, 0.0, "weight of next-token cross-entropy (1 - alpha on the KL term)",
                    check=lambda v: None if 0 <= v <= 1 else f"must be in [0, 1], got {v:g}"),
             Option("hidden_weight", float, 0.0, "weight of the hidden-state loss on matching layers (0: off)",
                    check=lambda v: None if v >= 0 else f"must be >= 0, got {v:g}"),
             Option("train", str, "full", "full: every parameter; lora: LoRA adapters (peft), merged",
                    choices=("full", "lora")),
-            Option("lr", float, None, "peak AdamW learning rate (default 5e-5 full, 2e-4 lora)", check=_positive),
+            Option("embeddings", bool, False,
+                   "train = full: also train the input embeddings and output head (a changed head cannot be "
+                   "compared with dense from a study's stored hidden states)"),
+            Option("lr", float, None, "peak AdamW learning rate (default 5e-5 full, 2e-4 lora)", check=positive),
             Option("warmup", float, 0.05, "fraction of the steps with a linear warm-up (then cosine to 0)",
-                   check=_fraction),
+                   check=fraction),
             Option("weight_decay", float, 0.0, "AdamW weight decay",
                    check=lambda v: None if v >= 0 else f"must be >= 0, got {v:g}"),
-            Option("max_grad_norm", float, 1.0, "gradient norm clip", check=_positive),
+            Option("max_grad_norm", float, 1.0, "gradient norm clip", check=positive),
             Option("batch", int, 4, "windows per micro-batch", check=_at_least(1)),
             Option("accumulate", int, 1, "micro-batches per optimizer step (gradient accumulation)",
                    check=_at_least(1)),
@@ -313,8 +326,8 @@ def prunelab_recoveries() -> list[Recovery]:
                    choices=("model", "bfloat16", "float16")),
             Option("data", str, "wikitext2", "wikitext2 (Hub train split), c4 (Hub), or a local text / .jsonl file"),
             Option("rank", int, 8, "LoRA rank r (train = lora)", check=_at_least(1)),
-            Option("lora_alpha", float, 16.0, "LoRA alpha (train = lora)", check=_positive),
-            Option("dropout", float, 0.05, "LoRA dropout (train = lora)", check=_fraction),
+            Option("lora_alpha", float, 16.0, "LoRA alpha (train = lora)", check=positive),
+            Option("dropout", float, 0.05, "LoRA dropout (train = lora)", check=fraction),
             Option("target_modules", str, "", "Linear names to adapt (train = lora); empty = every decoder Linear"),
             Option("gradient_checkpointing", bool, False, "recompute activations in backward (less memory)"),
         ),

@@ -28,11 +28,11 @@ from prunelab.plugin import Option, Recovery, hookimpl
 from prunelab.prune import RecoveryContext
 
 
-def _positive(value: float) -> str | None:
+def positive(value: float) -> str | None:
     return None if value > 0 else f"must be positive, got {value:g}"
 
 
-def _fraction(value: float) -> str | None:
+def fraction(value: float) -> str | None:
     return None if 0 <= value < 1 else f"must be in [0, 1), got {value:g}"
 
 
@@ -55,7 +55,7 @@ def target_names(model: nn.Module, adapter, wanted: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
+def seeded(seed: int, device: torch.device):
     """LoRA's random A init and dropout from ``seed``, without touching the caller's RNG state."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -72,7 +72,7 @@ def lora_options(options: dict[str, Any], alpha_key: str = "alpha", dropout_key:
 def wrap_lora(model: nn.Module, context: RecoveryContext, settings: dict[str, Any]) -> tuple[nn.Module, list[str]]:
     """(the peft model, its targets) with every masked target's update masked in the forward.
 
-    Call inside ``_seeded`` so the adapters' random init follows the seed.
+    Call inside ``seeded`` so the adapters' random init follows the seed.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -131,7 +131,7 @@ def recover(model: nn.Module, options: dict[str, Any], context: RecoveryContext)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     losses, seconds = [], []
     tokens_per_step = options["batch"] * options["seqlen"]
-    with _seeded(context.seed, device):
+    with seeded(context.seed, device):
         peft_model, targets = wrap_lora(model, context, lora_options(options))
         masked = masked_modules(peft_model)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -169,12 +169,12 @@ def prunelab_recoveries() -> list[Recovery]:
         planned_steps=lambda options: options["steps"],
         options=(
             Option("rank", int, 8, "LoRA rank r", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
-            Option("alpha", float, 16.0, "LoRA alpha (the update is scaled by alpha / rank)", check=_positive),
-            Option("dropout", float, 0.05, "dropout on the LoRA input", check=_fraction),
+            Option("alpha", float, 16.0, "LoRA alpha (the update is scaled by alpha / rank)", check=positive),
+            Option("dropout", float, 0.05, "dropout on the LoRA input", check=fraction),
             Option("target_modules", str, "",
                    "comma-separated Linear names to adapt (e.g. q_proj,v_proj); empty = every decoder Linear"),
             Option("steps", int, 100, "optimizer steps", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
-            Option("lr", float, 2e-4, "AdamW learning rate (constant)", check=_positive),
+            Option("lr", float, 2e-4, "AdamW learning rate (constant)", check=positive),
             Option("batch", int, 4, "windows per step", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
             Option("seqlen", int, 512, "tokens per window",
                    check=lambda v: None if v >= 2 else f"must be >= 2, got {v}"),
