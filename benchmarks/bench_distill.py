@@ -143,7 +143,7 @@ def main() -> None:
               f"KL {row['unhealed']['kl_to_dense']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
         result["rows"].append(row)
         runs = [(name, args.tokens, options) for name, options in methods(args).items()]
-        runs += [(f"full-kd@{fraction:g}", int(args.tokens * float(fraction)), methods(args)["full-kd"])
+        runs += [(f"full-kd@{float(fraction):g}", int(args.tokens * float(fraction)), methods(args)["full-kd"])
                  for fraction in args.budgets.split(",") if fraction]
         for name, tokens, options in runs:
             print(f"  {name}: {tokens} tokens", flush=True)

@@ -262,7 +262,7 @@ def test_study_distills_from_the_pruned_weights_and_pairs_against_the_healed_den
     """Each pruned model is pruned once (the twin loads it), dense+distill is the control, and the report pairs both."""
     import polars as pl
 
-    from prunelab.runner import run as runner
+    from prunelab.runner import session as runner
     from prunelab.runner.run import run_study
     from prunelab.runner.studyfile import load_study
     from prunelab.runner.variants import expand_variants
@@ -299,3 +299,16 @@ def test_study_distills_from_the_pruned_weights_and_pairs_against_the_healed_den
         control = summary.filter((pl.col("variant") == "dense+distill") & (pl.col("metric") == "perplexity"))
         assert row["healed_dense_value"] == pytest.approx(control["value"][0])
     assert "healed dense" in (run / "report.html").read_text()
+
+
+def test_a_saved_plan_keeps_which_variants_are_healed(tmp_path):
+    """A resumed run reads the plan back: a healed twin must still be one (else it is pruned by '<strategy>+<method>')."""
+    from prunelab.runner.variants import DENSE_VARIANT, Variant
+    from prunelab.runner.workfolder import Plan, WorkFolder
+
+    work = WorkFolder(tmp_path)
+    twin = Variant("drop-block[k=2]+distill", "drop-block+distill", {"k": 2}, "distill")
+    work.save_plan(Plan([DENSE_VARIANT, Variant("drop-block[k=2]", "drop-block", {"k": 2}), twin], {"wikitext": [(0, 1)]}))
+    loaded = work.load_plan()
+    assert loaded.variants[2] == twin and loaded.variants[2].pruned_by == "drop-block"
+    assert loaded.variants[2].unhealed == "drop-block[k=2]" and loaded.variants[1].recovery is None

@@ -79,7 +79,8 @@ def test_masks_stay_zero_and_the_rest_is_the_merged_adapter(tiny_models, heal_te
         module = f"base_model.model.model.{name.removesuffix('.weight')}"
         delta = scale * adapter[f"{module}.lora_B.weight"] @ adapter[f"{module}.lora_A.weight"]
         torch.testing.assert_close(weight, (before[name] + delta) * keep, rtol=1e-5, atol=1e-6)
-        assert bool((weight[keep] != before[name][keep]).all()), f"LoRA did not change {name}"
+        changed = (weight[keep] != before[name][keep]).float().mean()  # a delta below float32 resolution leaves one
+        assert changed > 0.99, f"LoRA changed only {changed:.2%} of the kept weights of {name}"
     if options.get("pattern") == "2:4":
         for keep in pruned.masks.values():
             assert bool((keep.reshape(-1, 4).sum(dim=1) == 2).all())
