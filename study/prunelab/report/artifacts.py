@@ -187,6 +187,7 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
     for name in stale:
         (folder / name).unlink(missing_ok=True)
     manifest["report_rebuilt"] = {"created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", **code_version()}
+    manifest["metrics"] = declared_tolerances(manifest.get("metrics") or [])
     files = dict(manifest.get("files") or {})
     written = render_run(folder, items, manifest, bench=bench)
     kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
@@ -194,6 +195,22 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
     _write_text(manifest_path, json.dumps(manifest_out, indent=2, default=str) + "\n")
     build_index(folder.parent.parent)
     return folder
+
+
+def declared_tolerances(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stored run's metric declarations, with the installed evaluator's tolerance where the run
+    predates tolerances (no ``tolerance`` key): the rebuilt report then tests fidelity against it.
+    A run that recorded one (None included) keeps it; an evaluator not installed changes nothing."""
+    from prunelab.registry import default_registry
+
+    registry = default_registry()
+    out = []
+    for metric in metrics:
+        if "tolerance" not in metric and metric.get("task") in registry.evaluators:
+            declared = {m.name: m.tolerance for m in registry.evaluator(metric["task"]).metrics}
+            metric = {**metric, "tolerance": declared.get(metric.get("name"))}
+        out.append(metric)
+    return out
 
 
 def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
