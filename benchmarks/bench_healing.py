@@ -63,20 +63,28 @@ def log_probs(model, window: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1).cpu()
 
 
-def score(model, windows: torch.Tensor, dense: list[torch.Tensor] | None) -> dict[str, float]:
-    """Perplexity on the windows, and the mean per-token KL(dense || model) when dense log-probs are given.
+def per_window(model, windows: torch.Tensor, dense: list[torch.Tensor] | None) -> dict[str, list[float]]:
+    """Per window: summed NLL, predicted tokens and (with dense log-probs) summed KL(dense || model).
 
     ``model`` None scores the dense log-probs themselves (no second pass through the dense model).
     """
-    nll, kl, tokens = 0.0, 0.0, 0
+    rows: dict[str, list[float]] = {"nll": [], "tokens": [], "kl": []}
     for i, window in enumerate(windows):
         logp = dense[i] if model is None else log_probs(model, window)
         targets = window[1:]
-        nll -= float(logp.gather(1, targets[:, None]).sum())
+        rows["nll"].append(-float(logp.gather(1, targets[:, None]).sum()))
+        rows["tokens"].append(targets.numel())
         if dense is not None:
-            kl += float((dense[i].exp() * (dense[i] - logp)).sum())
-        tokens += targets.numel()
-    return {"perplexity": math.exp(nll / tokens), **({"kl_to_dense": kl / tokens} if dense is not None else {})}
+            rows["kl"].append(float((dense[i].exp() * (dense[i] - logp)).sum()))
+    return rows
+
+
+def score(model, windows: torch.Tensor, dense: list[torch.Tensor] | None) -> dict[str, float]:
+    """Perplexity on the windows, and the mean per-token KL(dense || model) when dense log-probs are given."""
+    rows = per_window(model, windows, dense)
+    tokens = sum(rows["tokens"])
+    return {"perplexity": math.exp(sum(rows["nll"]) / tokens),
+            **({"kl_to_dense": sum(rows["kl"]) / tokens} if dense is not None else {})}
 
 
 def drop_block(dense, k: int, calibration: dict[str, Any]):
@@ -96,7 +104,7 @@ def heal_timed(loaded, options: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     from prunelab.prune.recovery import heal
 
     with PeakMemory(loaded.device) as peak:
-        report = heal(loaded, "lora", seed=0, progress=lambda step, loss: print(f"  step {step} loss {loss:.4f}",
+        report = heal(loaded, "lora", seed=0, progress=lambda step, loss, rate: print(f"  step {step} loss {loss:.4f}",
                                                                                  flush=True), **options)
     seconds = report["step_seconds"]
     cost = {"step_s_median": statistics.median(seconds), "step_s_first": seconds[0],
@@ -106,9 +114,41 @@ def heal_timed(loaded, options: dict[str, Any]) -> tuple[dict[str, Any], dict[st
     return report, cost
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, windows: int, eval_seqlen: int) -> None:
+    """The model, scoring and machine arguments every healing benchmark shares (``bench_distill`` too)."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--windows", type=int, default=windows, help="WikiText-2 test windows to score")
+    parser.add_argument("--eval-seqlen", type=int, default=eval_seqlen)
+    parser.add_argument("--calibration-samples", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", required=True)
+
+
+@dataclasses.dataclass
+class Scoring:
+    """The dense model, the scored test windows and the dense log-probs every variant is compared with."""
+
+    dense: Any
+    windows: torch.Tensor
+    dense_logp: list[torch.Tensor]
+
+
+def load_scoring(args: argparse.Namespace) -> Scoring:
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from prunelab.model.loading import load_model
+
+    dense = load_model(args.model, device=args.device, dtype=args.dtype)
+    windows = test_windows(dense.tokenizer, args.windows, args.eval_seqlen)
+    return Scoring(dense, windows, [log_probs(dense.model, w) for w in windows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True)
+    add_common_arguments(parser, windows=8, eval_seqlen=512)
     parser.add_argument("--k", default="2,4,8", help="block sizes to remove (0: heal the dense model, a control)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=4)
@@ -116,23 +156,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--windows", type=int, default=8, help="WikiText-2 test windows to score")
-    parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--calibration-samples", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", required=True)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from prunelab.model.loading import load_model
-
     started = time.perf_counter()
-    dense = load_model(args.model, device=args.device, dtype=args.dtype)
-    windows = test_windows(dense.tokenizer, args.windows, args.eval_seqlen)
-    dense_logp = [log_probs(dense.model, w) for w in windows]
+    scoring = load_scoring(args)
+    dense, windows, dense_logp = scoring.dense, scoring.windows, scoring.dense_logp
     dense_score = score(None, windows, dense_logp)
     dense_score.pop("kl_to_dense")
     print(f"dense: {dense_score} ({time.perf_counter() - started:.0f} s)", flush=True)

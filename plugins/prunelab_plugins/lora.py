@@ -3,14 +3,21 @@
 The recipe of the depth-pruning papers (LLM-Pruner; Gromov et al. with QLoRA): low-rank adapters on
 the decoder's Linear layers, a few hundred steps of next-token loss on generic text, merged into
 the weights. Targets are found like the pruning targets -- every ``nn.Linear`` inside the decoder
-layers, whatever the family calls them -- and can be narrowed by name (``q_proj,v_proj``). The core
-(``prunelab.prune.recovery.heal``) re-applies the pruning masks after the merge.
+layers, whatever the family calls them -- and can be narrowed by name (``q_proj,v_proj``).
+
+**The masks hold in training.** A LoRA update ``B @ A`` is dense; merged as it is it would fill the
+pruned weights back in, and the core (``prunelab.prune.recovery.heal``) re-masks after the merge. So
+that the model being trained -- and the loss logged -- is that masked model, every adapted Linear
+with a mask computes ``x @ (W + mask * s B A)^T`` in training (``masked_lora``): the base weight is
+frozen with its zeros, the update is masked before it is applied, and the merged, re-masked weight
+is exactly what was trained. ``distill`` trains its LoRA mode through the same functions.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,11 +28,11 @@ from prunelab.plugin import Option, Recovery, hookimpl
 from prunelab.prune import RecoveryContext
 
 
-def _positive(value: float) -> str | None:
+def positive(value: float) -> str | None:
     return None if value > 0 else f"must be positive, got {value:g}"
 
 
-def _fraction(value: float) -> str | None:
+def fraction(value: float) -> str | None:
     return None if 0 <= value < 1 else f"must be in [0, 1), got {value:g}"
 
 
@@ -48,7 +55,7 @@ def target_names(model: nn.Module, adapter, wanted: str = "") -> list[str]:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
+def seeded(seed: int, device: torch.device):
     """LoRA's random A init and dropout from ``seed``, without touching the caller's RNG state."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -56,23 +63,81 @@ def _seeded(seed: int, device: torch.device):
         yield
 
 
-def recover(model: nn.Module, options: dict[str, Any], context: RecoveryContext) -> dict[str, Any]:
-    """Train LoRA adapters for ``steps`` AdamW steps (constant learning rate, grad-norm clip 1), merge them."""
+def lora_options(options: dict[str, Any], alpha_key: str = "alpha", dropout_key: str = "dropout") -> dict[str, Any]:
+    """The peft settings of a method's options (``distill`` names its LoRA alpha ``lora_alpha``)."""
+    return {"r": options["rank"], "lora_alpha": options[alpha_key], "lora_dropout": options[dropout_key],
+            "target_modules": options["target_modules"]}
+
+
+def wrap_lora(model: nn.Module, context: RecoveryContext, settings: dict[str, Any]) -> tuple[nn.Module, list[str]]:
+    """(the peft model, its targets) with every masked target's update masked in the forward.
+
+    Call inside ``seeded`` so the adapters' random init follows the seed.
+    """
     from peft import LoraConfig, get_peft_model
 
-    targets = target_names(model, context.adapter, options["target_modules"])
+    targets = target_names(model, context.adapter, settings["target_modules"])
+    config = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=settings["lora_dropout"],
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    module_masks = context.module_masks()  # before wrapping: the Linear modules become peft's base layers
+    peft_model = get_peft_model(model, config)
+    for module in peft_model.modules():
+        keep = module_masks.get(getattr(module, "base_layer", None))
+        if keep is not None and hasattr(module, "lora_A"):
+            module.forward = masked_lora(module, keep)
+    return peft_model, targets
+
+
+def masked_lora(layer: nn.Module, keep: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The forward of a peft LoRA Linear whose update is masked: ``base(x) + dropout(x) @ (keep * s B A)^T``.
+
+    peft adds ``s B (A x)`` without forming ``B A``; a mask needs the matrix, formed once per call
+    (out x in, the size of the weight it updates).
+    """
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = layer.base_layer(x, *args, **kwargs)
+        for name in layer.active_adapters:
+            if name not in layer.lora_A:
+                continue
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            update = (b @ a) * layer.scaling[name]
+            dropped = layer.lora_dropout[name](x.to(a.dtype))
+            result = result + torch.nn.functional.linear(dropped, update.masked_fill(~keep, 0)).to(result.dtype)
+        return result
+    return forward
+
+
+def masked_modules(peft_model: nn.Module) -> int:
+    """How many LoRA layers train a masked update (``masked_lora`` forwards)."""
+    return sum("forward" in vars(module) for module in peft_model.modules())
+
+
+def merge_lora(peft_model: nn.Module, model: nn.Module, method: str) -> nn.Module:
+    """Merge the adapters into the weights (the masked forwards removed first) and return the plain model."""
+    for module in peft_model.modules():
+        if "forward" in vars(module):  # our masked forward: peft's own merge path takes over
+            del module.forward
+    merged = peft_model.merge_and_unload()
+    if merged is not model:  # the core keeps working on the caller's model object
+        raise PrunelabError(f"recovery '{method}': peft returned a different model object after merging")
+    return merged
+
+
+def recover(model: nn.Module, options: dict[str, Any], context: RecoveryContext) -> dict[str, Any]:
+    """Train LoRA adapters for ``steps`` AdamW steps (constant learning rate, grad-norm clip 1), merge them."""
     batches = context.batches(options["data"], options["seqlen"], options["batch"], options["steps"])
     device = next(model.parameters()).device
-    config = LoraConfig(r=options["rank"], lora_alpha=options["alpha"], lora_dropout=options["dropout"],
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
     if options["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     losses, seconds = [], []
-    with _seeded(context.seed, device):
-        peft_model = get_peft_model(model, config)
+    tokens_per_step = options["batch"] * options["seqlen"]
+    with seeded(context.seed, device):
+        peft_model, targets = wrap_lora(model, context, lora_options(options))
+        masked = masked_modules(peft_model)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=options["lr"], weight_decay=0.0)
         peft_model.train()
+        context.start_clock()
         for step, batch in enumerate(batches, 1):
             started = time.perf_counter()
             loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
@@ -82,18 +147,17 @@ def recover(model: nn.Module, options: dict[str, Any], context: RecoveryContext)
             optimizer.zero_grad(set_to_none=True)
             losses.append(round(float(loss.detach()), 5))
             seconds.append(round(time.perf_counter() - started, 4))
-            context.report_step(step, losses[-1])
+            context.report_step(step, losses[-1], step * tokens_per_step)
     if context.adapter_dir is not None:
         peft_model.save_pretrained(context.adapter_dir)
-    merged = peft_model.merge_and_unload()
+    merged = merge_lora(peft_model, model, "lora")
     if options["gradient_checkpointing"]:
         merged.gradient_checkpointing_disable()
-    if merged is not model:  # the core keeps working on the caller's model object
-        raise PrunelabError("recovery 'lora': peft returned a different model object after merging")
     merged.eval()
     return {"loss": losses, "step_seconds": seconds, "target_modules": len(targets),
             "trainable_parameters": sum(p.numel() for p in trainable),
-            "tokens_trained": options["steps"] * options["batch"] * options["seqlen"]}
+            "tokens_trained": options["steps"] * tokens_per_step,
+            "masked_update_modules": masked}
 
 
 @hookimpl
@@ -102,14 +166,15 @@ def prunelab_recoveries() -> list[Recovery]:
         name="lora",
         description="heal with LoRA adapters on the decoder Linear layers (peft), merged; masks kept",
         recover=recover,
+        planned_steps=lambda options: options["steps"],
         options=(
             Option("rank", int, 8, "LoRA rank r", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
-            Option("alpha", float, 16.0, "LoRA alpha (the update is scaled by alpha / rank)", check=_positive),
-            Option("dropout", float, 0.05, "dropout on the LoRA input", check=_fraction),
+            Option("alpha", float, 16.0, "LoRA alpha (the update is scaled by alpha / rank)", check=positive),
+            Option("dropout", float, 0.05, "dropout on the LoRA input", check=fraction),
             Option("target_modules", str, "",
                    "comma-separated Linear names to adapt (e.g. q_proj,v_proj); empty = every decoder Linear"),
             Option("steps", int, 100, "optimizer steps", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
-            Option("lr", float, 2e-4, "AdamW learning rate (constant)", check=_positive),
+            Option("lr", float, 2e-4, "AdamW learning rate (constant)", check=positive),
             Option("batch", int, 4, "windows per step", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
             Option("seqlen", int, 512, "tokens per window",
                    check=lambda v: None if v >= 2 else f"must be >= 2, got {v}"),

@@ -306,16 +306,18 @@ def prune_table(report, path) -> Table:
 
 
 # ---------------------------------------------------------------------- heal
-HEAL_SHORTCUTS = ("rank", "alpha", "steps", "lr", "batch", "seqlen", "data", "target_modules")
+HEAL_SHORTCUTS = ("rank", "alpha", "steps", "tokens", "temperature", "lr", "batch", "seqlen", "data", "target_modules")
 
 
 def _add_heal(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--method", default="lora", help="recovery method (see `prunelab plugins`; default lora)")
     parser.add_argument("--rank", default=None, help="LoRA rank (default 8)")
-    parser.add_argument("--alpha", default=None, help="LoRA alpha (default 16)")
-    parser.add_argument("--steps", default=None, help="optimizer steps (default 100)")
-    parser.add_argument("--lr", default=None, help="learning rate (default 2e-4)")
+    parser.add_argument("--alpha", default=None, help="lora: LoRA alpha (default 16); distill: weight of cross-entropy (0)")
+    parser.add_argument("--steps", default=None, help="optimizer steps (lora; default 100)")
+    parser.add_argument("--tokens", default=None, help="token budget (distill; default 2000000)")
+    parser.add_argument("--temperature", default=None, help="distillation temperature T > 0 (distill; default 1)")
+    parser.add_argument("--lr", default=None, help="learning rate (lora 2e-4; distill 5e-5 full, 2e-4 lora)")
     parser.add_argument("--batch", default=None, help="windows per step (default 4)")
     parser.add_argument("--seqlen", default=None, help="tokens per window (default 512)")
     parser.add_argument("--data", default=None, metavar="SOURCE",
@@ -327,12 +329,16 @@ def _add_heal(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", default="auto", metavar="auto|none|zeros|FILE",
                         help="pruning masks to keep: auto = the folder's masks.safetensors (or its zeros if its "
                              "prunelab.json records a weight pruning); zeros = every zero weight; none")
+    parser.add_argument("--teacher", default=None, metavar="MODEL",
+                        help="the dense model a distilling method learns from (default: the source model recorded "
+                             "in the pruned folder's prunelab.json)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the adapter init, dropout and data order")
     parser.add_argument("--out", required=True, help="folder for the healed model, adapter/ and prunelab.json")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
 
 
-@command("heal", "fine-tune a pruned model to recover quality (LoRA), keeping its masks; save it merged", _add_heal)
+@command("heal", "fine-tune a pruned model to recover quality (LoRA, distillation), keeping its masks; save it",
+         _add_heal)
 def run_heal(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
@@ -340,6 +346,7 @@ def run_heal(args: argparse.Namespace) -> int:
 
     from prunelab.model.export import read_recipe, save_pruned
     from prunelab.prune.recovery import (
+        check_teacher,
         check_training_source,
         heal,
         healed_recipe,
@@ -348,7 +355,7 @@ def run_heal(args: argparse.Namespace) -> int:
     )
 
     options = strategy_options_from(args, HEAL_SHORTCUTS)
-    _, validated = validate_recovery(args.method, options)  # bad options fail before the model loads
+    recovery, validated = validate_recovery(args.method, options)  # bad options fail before the model loads
     if isinstance(validated.get("data"), str):
         check_training_source(validated["data"])  # a missing file too
     out_dir = Path(args.out)
@@ -356,17 +363,28 @@ def run_heal(args: argparse.Namespace) -> int:
         raise PrunelabError(f"output folder {out_dir} is not empty (choose another --out, or --overwrite)")
     if args.masks not in {"auto", "none", "zeros"} and not Path(args.masks).is_file():
         raise PrunelabError(f"masks file not found: {args.masks}")
+    lineage = find_teacher(args) if recovery.uses_teacher else None
     loaded = load_from(args)
     masks, masks_source = masks_of(loaded.local_dir if loaded.kind == "dir" else None, loaded.adapter, args.masks)
-    steps = int(validated.get("steps") or 0) or None
+    teacher = layer_map = None
+    if lineage is not None:
+        teacher = load_teacher(lineage, args)
+        check_teacher(loaded, teacher)  # another vocabulary or tokenizer: refused before training
+        layer_map = lineage.layer_map(teacher.adapter.num_layers)
+        layer_map = layer_map if len(layer_map) == loaded.adapter.num_layers else None
+    steps = recovery.steps(validated)
     with tempfile.TemporaryDirectory(prefix="prunelab-adapter-") as adapter_dir, progress_bars() as bars:
         bar = bars.add_task(f"{args.method}: healing", total=steps)
 
-        def step_done(step: int, loss: float) -> None:
-            bars.update(bar, completed=step, description=f"{args.method}: loss {loss:.3f}")
+        def step_done(step: int, loss: float, tokens_per_s: float | None) -> None:
+            rate = f", {tokens_per_s:,.0f} tokens/s" if tokens_per_s else ""
+            bars.update(bar, completed=step, description=f"{args.method}: loss {loss:.3f}{rate}")
 
         report = heal(loaded, args.method, masks=masks, seed=args.seed, progress=step_done,
-                      adapter_dir=adapter_dir, **options)
+                      adapter_dir=adapter_dir, teacher=teacher, layer_map=layer_map, **options)
+        if teacher is not None:
+            report["teacher"] = {"model": teacher.source, "chosen_by": lineage.recorded_in}
+        del teacher
         recipe = healed_recipe(report, read_recipe(loaded.local_dir) if loaded.kind == "dir" else None, masks_source)
 
         def copy_adapter(folder: Path) -> None:
@@ -380,6 +398,48 @@ def run_heal(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_teacher(args: argparse.Namespace):
+    """The teacher of a distilling heal (``--teacher``, else the recorded source), checked before any loading.
+
+    Returns a ``TeacherSource``: the model, where it was chosen, and the recorded layer removals
+    (the student's layer map), which ``--teacher`` does not change.
+    """
+    from pathlib import Path
+
+    from prunelab.model.loading import classify_source
+    from prunelab.prune.recovery import TeacherSource, teacher_source
+
+    recorded = None
+    if Path(args.model).is_dir():
+        try:
+            recorded = teacher_source(args.model)
+        except PrunelabError:
+            if args.teacher is None:
+                raise
+    if args.teacher is not None:
+        lineage = TeacherSource(args.teacher, "--teacher", recorded.removals if recorded else ())
+    elif recorded is None:
+        raise PrunelabError(f"no teacher: {args.model} is not a folder prunelab wrote (pass --teacher MODEL)")
+    else:
+        lineage = recorded
+    try:
+        classify_source(lineage.model)
+    except PrunelabError as exc:
+        raise PrunelabError(f"teacher not found: {lineage.model} (from {lineage.recorded_in}): {exc}") from None
+    return lineage
+
+
+def load_teacher(lineage, args: argparse.Namespace):
+    from prunelab.model.loading import load_model
+
+    with console.status(f"loading the teacher {lineage.model}"):
+        try:
+            return load_model(lineage.model, device=args.device, dtype=args.dtype,
+                              trust_remote_code=args.trust_remote_code)
+        except PrunelabError as exc:
+            raise PrunelabError(f"teacher {lineage.model} (from {lineage.recorded_in}): {exc}") from None
+
+
 def heal_table(report, path) -> Table:
     table = Table(title=f"{report['method']} -> {path}")
     table.add_column("what")
@@ -391,6 +451,10 @@ def heal_table(report, path) -> Table:
         table.add_row("loss (first -> last step)", f"{losses[0]:.4f} -> {losses[-1]:.4f}")
     if report.get("trainable_parameters") is not None:
         table.add_row("trainable parameters", f"{report['trainable_parameters']:,}")
+    if report.get("tokens_trained") is not None:
+        table.add_row("tokens trained", f"{report['tokens_trained']:,}")
+    if report.get("tokens_per_second"):
+        table.add_row("tokens / s", f"{report['tokens_per_second']:,.0f}")
     table.add_row("pruned weights kept at zero", f"{report['masks']['pruned_weights_kept_zero']:,}")
     table.add_row("seconds", f"{report['seconds']:.1f}")
     return table

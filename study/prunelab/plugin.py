@@ -188,10 +188,30 @@ class Recovery:
     description: str
     recover: Callable[[Any, dict[str, Any], RecoveryContext], dict[str, Any]]
     options: tuple[Option, ...] = field(default_factory=tuple)
+    #: Whether it learns from a teacher (the dense model): the core then finds one (``--teacher``,
+    #: the source recorded in the pruned folder's ``prunelab.json``, a study's dense model), checks
+    #: that it speaks the student's vocabulary and hands it over as ``context.teacher``.
+    uses_teacher: bool = False
+    #: Checks that involve several options at once (a token budget below one step), run with the
+    #: option checks, before any model is loaded; returns an error message or None.
+    check: Callable[[Mapping[str, Any]], str | None] | None = None
+    #: How many optimizer steps these options make (the progress bar's total); None: not known.
+    planned_steps: Callable[[Mapping[str, Any]], int] | None = None
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"recovery '{self.name}'", self.options)
+
+    def validate(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option with its default, each checked, then the checks across options."""
+        validated = self.option_set.validate(options)
+        if self.check is not None and (problem := self.check(validated)):
+            raise PrunelabError(f"recovery '{self.name}': {problem}")
+        return validated
+
+    def steps(self, options: Mapping[str, Any]) -> int | None:
+        """The optimizer steps of validated options, when the method declares them."""
+        return int(self.planned_steps(options)) if self.planned_steps is not None else None
 
 
 # ---------------------------------------------------------------------------- what an evaluator asks
@@ -274,6 +294,8 @@ class RecoveryContext(Protocol):
     """What a recovery method may use besides the model and its options (``prunelab.prune.RecoveryContext``).
 
     ``adapter_dir`` is where a method that trains an adapter saves it (None: do not save).
+    ``teacher`` is the dense model's adapter for a method that declares ``uses_teacher`` (else
+    None), ``layer_map[i]`` the teacher's index of student layer ``i`` (None when unknown).
     """
 
     adapter: Any  # where the decoder layers are (``prunelab.model.Adapter``)
@@ -281,12 +303,23 @@ class RecoveryContext(Protocol):
     seed: int
     masks: Any  # the pruning masks the core re-applies afterwards (``prunelab.prune.MaskSet``)
     adapter_dir: Path | None
+    teacher: Any  # ``prunelab.model.Adapter`` or None
+    layer_map: list[int] | None
 
     def batches(self, source: str, seqlen: int, batch: int, steps: int) -> Iterator[torch.Tensor]:
         """``steps`` batches of ``batch`` token windows of ``seqlen`` from the training text ``source``."""
 
-    def report_step(self, step: int, loss: float) -> None:
-        """Call after every optimizer step (the CLI draws a progress bar from it)."""
+    def report_step(self, step: int, loss: float, tokens: int | None = None) -> float | None:
+        """Call after every optimizer step (``tokens``: trained so far); returns tokens/s when known."""
+
+    def start_clock(self) -> None:
+        """Start timing tokens/s now (call just before the first step)."""
+
+    def hold_masks(self) -> Any:
+        """Pruned weights held at zero in full-parameter training: ``.after_step()`` each step, ``.remove()``."""
+
+    def module_masks(self) -> dict[Any, torch.Tensor]:
+        """The keep-mask of each masked module's ``weight``, by module (to mask an adapter's update)."""
 
 
 # ---------------------------------------------------------------------------- what an evaluator produces

@@ -79,7 +79,8 @@ def test_masks_stay_zero_and_the_rest_is_the_merged_adapter(tiny_models, heal_te
         module = f"base_model.model.model.{name.removesuffix('.weight')}"
         delta = scale * adapter[f"{module}.lora_B.weight"] @ adapter[f"{module}.lora_A.weight"]
         torch.testing.assert_close(weight, (before[name] + delta) * keep, rtol=1e-5, atol=1e-6)
-        assert bool((weight[keep] != before[name][keep]).all()), f"LoRA did not change {name}"
+        changed = (weight[keep] != before[name][keep]).float().mean()  # a delta below float32 resolution leaves one
+        assert changed > 0.99, f"LoRA changed only {changed:.2%} of the kept weights of {name}"
     if options.get("pattern") == "2:4":
         for keep in pruned.masks.values():
             assert bool((keep.reshape(-1, 4).sum(dim=1) == 2).all())
@@ -241,10 +242,14 @@ def test_study_heals_each_variant_and_reports_before_and_after(tiny_qwen3, small
                                                                                        "chunk_items = 8"))
     loaded = load_study(study)
     assert [v.name for v in expand_variants(loaded, 4)] == [
-        "dense", "drop-block[k=2]", "drop-block[k=2]+lora", "magnitude[pattern=2:4]", "magnitude[pattern=2:4]+lora"]
+        "dense", "dense+lora", "drop-block[k=2]", "drop-block[k=2]+lora", "magnitude[pattern=2:4]",
+        "magnitude[pattern=2:4]+lora"]
     run = run_study(loaded, tmp_path / "out")
     healing = pl.read_parquet(run / "healing.parquet")
-    assert sorted(set(healing["variant"])) == ["drop-block[k=2]+lora", "magnitude[pattern=2:4]+lora"]
+    assert sorted(set(healing["variant"])) == ["dense+lora", "drop-block[k=2]+lora", "magnitude[pattern=2:4]+lora"]
+    assert set(healing.filter(pl.col("variant") == "dense+lora")["unhealed"]) == {"dense"}
+    twins = healing.filter(pl.col("variant") != "dense+lora")
+    assert set(twins["healed_dense"]) == {"dense+lora"} and twins["p_vs_healed_dense"].null_count() == 0
     assert set(healing["task"]) == {"mmlu", "wikitext"} and healing["p_vs_unhealed"].null_count() == 0
     summary = pl.read_parquet(run / "summary.parquet")
     for row in healing.iter_rows(named=True):
@@ -293,7 +298,7 @@ def test_a_third_party_recovery_gets_the_masks_kept_by_the_core(tiny_qwen3, monk
     pruned = prune(loaded, "magnitude", pattern="2:4")
     before = {name: resolve_parameter(loaded.adapter, name).detach().clone() for name in pruned.masks}
     steps = []
-    report = heal(loaded, "shift", masks=pruned.masks, registry=registry, progress=lambda s, loss: steps.append(s),
+    report = heal(loaded, "shift", masks=pruned.masks, registry=registry, progress=lambda s, loss, rate: steps.append(s),
                   shift=0.5)
     assert report["method"] == "shift" and steps == [1]
     for name, keep in pruned.masks.items():

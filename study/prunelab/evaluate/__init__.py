@@ -6,17 +6,19 @@ Public names (what plugins and scripts may import from ``prunelab.evaluate``) ar
 
 from prunelab.evaluate.data import DataSource, Subset, load_hub_split, read_csv_rows, read_jsonl
 from prunelab.evaluate.engine import (
+    KL_ROWS,
     DenseReference,
     Engine,
     GenerationRequest,
     LoglikelihoodRequest,
     WindowScores,
     head_fingerprint,
+    kl_from_logits,
 )
 from prunelab.evaluate.run import PreparedTask, evaluate, prepare_tasks, run_task
 
 __all__ = [
-    "DataSource", "DenseReference", "Engine", "GenerationRequest", "LoglikelihoodRequest", "PreparedTask",
-    "Subset", "WindowScores", "evaluate", "head_fingerprint", "load_hub_split", "prepare_tasks",
+    "KL_ROWS", "DataSource", "DenseReference", "Engine", "GenerationRequest", "LoglikelihoodRequest", "PreparedTask",
+    "Subset", "WindowScores", "evaluate", "head_fingerprint", "kl_from_logits", "load_hub_split", "prepare_tasks",
     "read_csv_rows", "read_jsonl", "run_task",
 ]

@@ -5,7 +5,7 @@ Public names (what plugins and scripts may import from ``prunelab.model``) are l
 everything else is internal to the stage.
 """
 
-from prunelab.model.adapter import Adapter, adapt, as_adapter
+from prunelab.model.adapter import Adapter, adapt, as_adapter, layer_output
 from prunelab.model.export import read_recipe, save_pruned
 from prunelab.model.loading import LoadedModel, load_model
 from prunelab.model.surgery import check_layer_spec, drop_layers, parse_layer_indices, single_layer
@@ -41,5 +41,5 @@ __all__ = [
     "plan_width", "prune_width", "stream_norms", "top_indices", "width_options", "width_sizes", "width_targets",
     "width_targets_from_options",
     "Adapter", "LoadedModel", "adapt", "as_adapter", "check_layer_spec", "consecutive_windows", "drop_layers",
-    "load_model", "parse_layer_indices", "read_recipe", "save_pruned", "single_layer", "text_width", "window_bos", "window_count", "windows_at",
+    "layer_output", "load_model", "parse_layer_indices", "read_recipe", "save_pruned", "single_layer", "text_width", "window_bos", "window_count", "windows_at",
 ]

@@ -41,16 +41,23 @@ NGRAM = 13  # words; the contamination test of GPT-3 (Brown et al. 2020, appendi
 class RecoveryContext:
     """What a recovery method may use besides the model and its options.
 
-    ``progress(step, loss)`` is called after every optimizer step (the CLI draws a bar from it);
+    ``progress(step, loss, tokens_per_s)`` is called after every optimizer step (the CLI draws a
+    bar from it; ``tokens_per_s`` is None unless the method reports the tokens it trained on);
     ``adapter_dir`` is where a method that trains an adapter saves it (None: do not save).
+    ``teacher`` is the dense model's adapter for a method that declares ``uses_teacher``, and
+    ``layer_map[i]`` the teacher's index of student layer ``i`` (a depth-pruned student keeps
+    some of the teacher's layers; None when unknown).
     """
 
     adapter: Adapter
     tokenizer: Any
     seed: int = 0
     masks: MaskSet = field(default_factory=MaskSet)
-    progress: Callable[[int, float], None] | None = None
+    progress: Callable[[int, float, float | None], None] | None = None
     adapter_dir: Path | None = None
+    teacher: Adapter | None = None
+    layer_map: list[int] | None = None
+    _clock: list[float] = field(default_factory=list, repr=False)
 
     def batches(self, source: str, seqlen: int, batch: int, steps: int) -> Iterator[torch.Tensor]:
         """``steps`` batches of ``batch`` windows of ``seqlen`` tokens from ``source`` (see module doc).
@@ -65,9 +72,67 @@ class RecoveryContext:
         device = next(self.adapter.model.parameters()).device
         return (windows[order[step * batch:(step + 1) * batch]].to(device) for step in range(steps))
 
-    def report_step(self, step: int, loss: float) -> None:
+    def report_step(self, step: int, loss: float, tokens: int | None = None) -> float | None:
+        """Tell the caller a step is done; ``tokens``: trained so far. Returns tokens/s since the first call."""
+        now = time.perf_counter()
+        if not self._clock:
+            self._clock.append(now)
+        rate = None
+        if tokens is not None and now > self._clock[0]:
+            rate = tokens / (now - self._clock[0])
         if self.progress is not None:
-            self.progress(step, loss)
+            self.progress(step, loss, rate)
+        return rate
+
+    def start_clock(self) -> None:
+        """Start timing tokens/s now (before the first step), not at the first report."""
+        self._clock[:] = [time.perf_counter()]
+
+    def hold_masks(self) -> MaskHold:
+        """Keep the pruned weights at zero while training every parameter (see ``MaskHold``)."""
+        return MaskHold(self.masks, self.adapter)
+
+    def module_masks(self) -> dict[torch.nn.Module, torch.Tensor]:
+        """The keep-mask of each masked module's ``weight``, by module (a LoRA method masks its update)."""
+        from prunelab.prune.masks import resolve_parameter
+
+        owners = {id(module.weight): module for module in self.adapter.model.modules()
+                  if isinstance(getattr(module, "weight", None), torch.nn.Parameter)}
+        found: dict[torch.nn.Module, torch.Tensor] = {}
+        for name, keep in self.masks.items():
+            param = resolve_parameter(self.adapter, name)
+            if id(param) in owners:
+                found[owners[id(param)]] = keep.to(param.device)
+        return found
+
+
+class MaskHold:
+    """Pruned weights stay exactly zero during full-parameter training, so every step trains the pruned model.
+
+    Two guards: the gradient of a pruned weight is zeroed as it is computed (so AdamW's moments of
+    it stay zero and no update reaches it), and ``after_step()`` zeroes the masked weights again
+    after each optimizer step (weight decay, a fused optimizer, anything else that writes them).
+    ``remove()`` takes the gradient hooks off.
+    """
+
+    def __init__(self, masks: MaskSet, adapter: Adapter) -> None:
+        from prunelab.prune.masks import resolve_parameter
+
+        self.masks, self.adapter = masks, adapter
+        self.params = [(param, keep.to(param.device)) for name, keep in masks.items()
+                       for param in [resolve_parameter(adapter, name)]]
+        self.handles = [param.register_hook(lambda grad, k=keep: grad.masked_fill(~k, 0))
+                        for param, keep in self.params if param.requires_grad]
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for param, keep in self.params:
+            param.masked_fill_(~keep, 0)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
 
 
 class HealReport(dict):
@@ -243,23 +308,38 @@ def validate_recovery(method: str, options: Mapping[str, Any], registry=None) ->
     from prunelab.registry import default_registry
 
     recovery = (registry or default_registry()).recovery(method)
-    return recovery, recovery.option_set.validate(options)
+    return recovery, recovery.validate(options)
 
 
 def heal(model_or_loaded, method: str, *, masks: MaskSet | None = None, seed: int = 0, registry=None,
-         progress: Callable[[int, float], None] | None = None, adapter_dir: str | Path | None = None,
+         progress: Callable[[int, float, float | None], None] | None = None,
+         adapter_dir: str | Path | None = None, teacher=None, layer_map: list[int] | None = None,
          **options) -> HealReport:
     """Heal a pruned model in place with a registered recovery method; the masks stay zero.
 
     ``heal(loaded, "lora", masks=report.masks, steps=50, data="train.txt")``. ``masks`` None:
-    the zeros of the decoder Linear weights are kept (``zero_masks``).
+    the zeros of the decoder Linear weights are kept (``zero_masks``). ``teacher`` (a LoadedModel,
+    Adapter or model) is required by a method that ``uses_teacher`` and checked against the
+    student (``check_teacher``); ``layer_map`` gives the teacher's index of each student layer.
     """
     recovery, validated = validate_recovery(method, options, registry)
     adapter = as_adapter(model_or_loaded)
+    teacher_adapter = None
+    if recovery.uses_teacher:
+        if teacher is None:
+            raise PrunelabError(f"recovery '{recovery.name}' learns from a teacher: pass teacher= (the dense model)")
+        check_teacher(model_or_loaded, teacher)
+        teacher_adapter = as_adapter(teacher)
+        if teacher_adapter.model is adapter.model:
+            raise PrunelabError(f"recovery '{recovery.name}': the teacher is the model being healed (pass the dense "
+                                "model, or a copy of it)")
+        if layer_map is not None:
+            check_layer_map(layer_map, adapter.num_layers, teacher_adapter.num_layers)
     masks = zero_masks(adapter) if masks is None else masks
     context = RecoveryContext(adapter=adapter, tokenizer=getattr(model_or_loaded, "tokenizer", None), seed=seed,
                               masks=masks, progress=progress,
-                              adapter_dir=Path(adapter_dir) if adapter_dir is not None else None)
+                              adapter_dir=Path(adapter_dir) if adapter_dir is not None else None,
+                              teacher=teacher_adapter, layer_map=list(layer_map) if layer_map is not None else None)
     started = time.perf_counter()
     was_training = adapter.model.training
     result = recovery.recover(adapter.model, validated, context) or {}
@@ -279,6 +359,86 @@ def heal(model_or_loaded, method: str, *, masks: MaskSet | None = None, seed: in
     return report
 
 
+# ------------------------------------------------------------------------------------ the teacher
+def check_teacher(student, teacher) -> None:
+    """Refuse a teacher whose distribution is over other tokens: another vocabulary size or tokenizer.
+
+    KL(teacher || student) compares probabilities of the same token ids, so both output heads must
+    have the same rows and, where both tokenizers are known, map the same strings to the same ids.
+    """
+    rows = (as_adapter(student).head.weight.shape[0], as_adapter(teacher).head.weight.shape[0])
+    if rows[0] != rows[1]:
+        raise PrunelabError(f"the teacher's vocabulary has {rows[1]} tokens, the student's {rows[0]}: "
+                            "distillation needs the same vocabulary (use the model this one was pruned from)")
+    tokenizers = getattr(student, "tokenizer", None), getattr(teacher, "tokenizer", None)
+    if all(t is not None and hasattr(t, "get_vocab") for t in tokenizers):
+        vocabularies = [t.get_vocab() for t in tokenizers]
+        if vocabularies[0] != vocabularies[1]:
+            differ = sorted(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))
+            raise PrunelabError(f"the teacher's tokenizer differs from the student's ({len(differ)} token/id "
+                                f"pair(s) differ, e.g. {differ[0][0]!r}): distillation needs the same tokenizer")
+
+
+def check_layer_map(layer_map: list[int], student_layers: int, teacher_layers: int) -> None:
+    """A layer map names one teacher layer per student layer, in increasing order, all inside the teacher."""
+    if (len(layer_map) != student_layers or any(not 0 <= i < teacher_layers for i in layer_map)
+            or any(b <= a for a, b in zip(layer_map, layer_map[1:], strict=False))):
+        raise PrunelabError(f"layer map {layer_map} does not fit a student of {student_layers} layers and a "
+                            f"teacher of {teacher_layers} (one increasing teacher index per student layer)")
+
+
+def kept_layers(dropped: Iterable[int], teacher_layers: int) -> list[int]:
+    """The teacher's index of each layer left after removing ``dropped`` (the student's layer map)."""
+    gone = set(dropped)
+    return [i for i in range(teacher_layers) if i not in gone]
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a pruned folder came from: the dense model's spec, and the chain of layer removals after it."""
+
+    model: str
+    recorded_in: str
+    removals: tuple[tuple[int, ...], ...] = ()  # dropped_layers of each pruning, first pruning first
+
+    def layer_map(self, teacher_layers: int) -> list[int]:
+        """The teacher's index of each student layer, composing every recorded removal."""
+        indices = list(range(teacher_layers))
+        for dropped in self.removals:
+            indices = [indices[position] for position in kept_layers(dropped, len(indices))]
+        return indices
+
+
+def teacher_source(folder: str | Path) -> TeacherSource:
+    """The dense model a prunelab folder was made from, following its ``prunelab.json`` chain.
+
+    A healed folder's source is the pruned folder, whose source is the dense model; where a source
+    folder is gone, the copy of its recipe kept under ``pruned`` is read instead. A folder without
+    a recipe has no recorded teacher: a one-line error asks for ``--teacher``.
+    """
+    from prunelab.model.export import RECIPE_FILE, read_recipe
+
+    recipe = read_recipe(folder)
+    if recipe is None:
+        raise PrunelabError(f"no teacher: {folder} has no {RECIPE_FILE} naming the model it was pruned from "
+                            "(pass --teacher MODEL)")
+    where, removals = str(Path(folder) / RECIPE_FILE), []
+    for _ in range(64):  # a chain longer than this is a loop
+        removals.append(tuple(recipe.get("dropped_layers") or ()))
+        source = (recipe.get("source") or {}).get("model")
+        if not isinstance(source, str):
+            raise PrunelabError(f"no teacher: {where} records no source model (pass --teacher MODEL)")
+        upstream = read_recipe(source) if Path(source).is_dir() else None
+        if upstream is None and isinstance(recipe.get("pruned"), dict):
+            upstream, source_where = recipe["pruned"], f"{where} (its pruned recipe)"
+        else:
+            source_where = str(Path(source) / RECIPE_FILE)
+        if upstream is None:
+            break
+        recipe, where = upstream, source_where
+    return TeacherSource(source, where, tuple(reversed([r for r in removals if r])))
+
+
 def healed_recipe(report: HealReport, pruned_recipe: Mapping[str, Any] | None, masks_source: str) -> HealReport:
     """What ``prunelab.json`` of a healed model records: the healing, and the recipe of the pruned input."""
     recipe = HealReport(healing={**report, "masks": {**report["masks"], "source": masks_source}},
@@ -288,7 +448,7 @@ def healed_recipe(report: HealReport, pruned_recipe: Mapping[str, Any] | None, m
 
 
 # ------------------------------------------------------------------------------------ studies
-RECOVERY_KEYS = {"method", "strategies"}
+RECOVERY_KEYS = {"method", "strategies", "control"}
 
 
 def healed_name(name: str, method: str) -> str:
@@ -319,6 +479,9 @@ def study_recovery(value: Any, strategies: Iterable[str], registry, where: Path,
     if missing:
         raise PrunelabError(f"{where_text}: strategies {', '.join(missing)} are not in the study "
                             f"(its strategies: {', '.join(known) or 'none'})")
+    control = value.get("control", True)
+    if not isinstance(control, bool):
+        raise PrunelabError(f"{where_text}: control must be true or false (heal the dense model too), got {control!r}")
     options = {k: v for k, v in value.items() if k not in RECOVERY_KEYS}
     try:
         _, validated = validate_recovery(method, options, registry)
@@ -328,4 +491,4 @@ def study_recovery(value: Any, strategies: Iterable[str], registry, where: Path,
         data = Path(os.path.expandvars(validated["data"])).expanduser()
         validated["data"] = str(data if data.is_absolute() else where / data)
         check_training_source(validated["data"])
-    return {"method": method, "strategies": list(dict.fromkeys(chosen)), "options": validated}
+    return {"method": method, "strategies": list(dict.fromkeys(chosen)), "control": control, "options": validated}

@@ -5,6 +5,12 @@ variant to ``prunelab.report.stats.summarize``, so it is already compared with d
 second comparison the question needs -- did healing change anything -- *with the same statistics*:
 the unhealed variant plays the baseline's part (relabelled as dense) on the items both evaluated,
 then Holm's adjustment runs over the healed variants of each task and metric.
+
+And a third, when the study heals the dense model too (``dense+<method>``, the control): each healed
+variant against the healed dense model, the same way. Healing the dense model measures what the
+method does to a model that lost nothing (adaptation to the healing text); a healed variant's gap
+to the healed dense model is what healing did *not* recover, with the adaptation taken out. The
+control's own row is its before (dense) and after.
 """
 
 from __future__ import annotations
@@ -25,36 +31,59 @@ HEALING_SCHEMA = {
     "after_diff_vs_dense": pl.Float64, "after_p_vs_dense": pl.Float64,
     "n_paired": pl.Int64, "diff_vs_unhealed": pl.Float64, "lost": pl.Int64, "gained": pl.Int64,
     "p_vs_unhealed": pl.Float64, "p_holm_vs_unhealed": pl.Float64, "test": pl.String,
+    "healed_dense": pl.String, "healed_dense_value": pl.Float64, "diff_vs_healed_dense": pl.Float64,
+    "p_vs_healed_dense": pl.Float64, "p_holm_vs_healed_dense": pl.Float64,
 }
+HOLM = {"p_vs_unhealed": "p_holm_vs_unhealed", "p_vs_healed_dense": "p_holm_vs_healed_dense"}
 
 
 def healed_pairs(items: pl.DataFrame) -> list[tuple[str, str]]:
     """(healed variant, unhealed variant) pairs, recognised by name: ``<name>+<method>`` and ``<name>``.
 
     The strategy must follow the same convention (``<strategy>+<method>``), so a variant whose own
-    name merely contains a '+' is not mistaken for a healed one.
+    name merely contains a '+' is not mistaken for a healed one. The healed dense control
+    (``dense+<method>``, unhealed ``dense``) is one of the pairs.
     """
     kinds = dict(items.select("variant", "strategy").unique().iter_rows())
     pairs = []
     for variant, strategy in kinds.items():
         base, sep, method = variant.rpartition("+")
-        if sep and base in kinds and strategy == f"{kinds[base]}+{method}" and kinds[base] != DENSE:
+        if sep and base in kinds and strategy == f"{kinds[base]}+{method}":
             pairs.append((variant, base))
     order = list(dict.fromkeys(items["variant"]))
     return sorted(pairs, key=lambda pair: order.index(pair[0]))
 
 
+def versus(items: pl.DataFrame, variant: str, baseline: str) -> pl.DataFrame:
+    """``summarize`` of ``variant`` with ``baseline`` in dense's place, on the items both evaluated."""
+    pair = items.filter(pl.col("variant").is_in([variant, baseline])).with_columns(
+        pl.when(pl.col("variant") == baseline).then(pl.lit(DENSE)).otherwise(pl.col("strategy")).alias("strategy"))
+    return summarize(pair).filter(pl.col("variant") == variant)
+
+
 def healing_table(items: pl.DataFrame, summary: pl.DataFrame) -> pl.DataFrame:
-    """One row per healed variant x task x metric: before and after healing, vs dense and vs unhealed."""
+    """One row per healed variant x task x metric: before and after healing, vs dense, unhealed, healed dense."""
     rows: list[dict[str, Any]] = []
-    for healed, base in healed_pairs(items):
-        pair = items.filter(pl.col("variant").is_in([healed, base])).with_columns(
-            pl.when(pl.col("variant") == base).then(pl.lit(DENSE)).otherwise(pl.col("strategy")).alias("strategy"))
-        versus = summarize(pair).filter(pl.col("variant") == healed)
-        for row in versus.iter_rows(named=True):
-            rows.append(_row(row, healed, base, summary))
-    frame = pl.DataFrame(rows, schema={k: v for k, v in HEALING_SCHEMA.items() if k != "p_holm_vs_unhealed"})
+    pairs = healed_pairs(items)
+    controls = {variant for variant, base in pairs if base == DENSE}
+    for healed, base in pairs:
+        control = f"{DENSE}+{healed.rpartition('+')[2]}"
+        against_control = {}
+        if control in controls and healed != control:
+            against_control = {(r["task"], r["metric"]): r for r in versus(items, healed, control).iter_rows(named=True)}
+        for row in versus(items, healed, base).iter_rows(named=True):
+            rows.append(_row(row, healed, base, summary)
+                        | _control_row(against_control.get((row["task"], row["metric"])), control))
+    frame = pl.DataFrame(rows, schema={k: v for k, v in HEALING_SCHEMA.items() if k not in HOLM.values()})
     return _with_holm(frame).select(HEALING_SCHEMA.keys())
+
+
+def _control_row(row: dict[str, Any] | None, control: str) -> dict[str, Any]:
+    if row is None:
+        return {"healed_dense": None, "healed_dense_value": None, "diff_vs_healed_dense": None,
+                "p_vs_healed_dense": None}
+    return {"healed_dense": control, "healed_dense_value": row["dense_value"],
+            "diff_vs_healed_dense": row["diff_vs_dense"], "p_vs_healed_dense": row["p_value"]}
 
 
 def _row(versus: dict[str, Any], healed: str, base: str, summary: pl.DataFrame) -> dict[str, Any]:
@@ -79,10 +108,12 @@ def _row(versus: dict[str, Any], healed: str, base: str, summary: pl.DataFrame) 
 
 
 def _with_holm(frame: pl.DataFrame) -> pl.DataFrame:
-    """``p_holm_vs_unhealed``: Holm over the healed variants of each task and metric."""
-    adjusted: list[float | None] = [None] * frame.height
+    """Holm over the healed variants of each task and metric, for each family of comparisons."""
     indexed = frame.with_row_index("_row")
-    for _, group in indexed.filter(pl.col("p_vs_unhealed").is_not_null()).group_by(["task", "metric"]):
-        for row, p in zip(group["_row"], holm_adjust(group["p_vs_unhealed"].to_list()), strict=True):
-            adjusted[row] = p
-    return frame.with_columns(pl.Series("p_holm_vs_unhealed", adjusted, dtype=pl.Float64))
+    for column, holm in HOLM.items():
+        adjusted: list[float | None] = [None] * frame.height
+        for _, group in indexed.filter(pl.col(column).is_not_null()).group_by(["task", "metric"]):
+            for row, p in zip(group["_row"], holm_adjust(group[column].to_list()), strict=True):
+                adjusted[row] = p
+        frame = frame.with_columns(pl.Series(holm, adjusted, dtype=pl.Float64))
+    return frame

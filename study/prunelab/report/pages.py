@@ -340,14 +340,18 @@ def category_html(rows: list[dict[str, Any]]) -> str:
 HEALING_NOTE = (
     "Each healed variant (&lt;variant&gt;+&lt;method&gt;) before and after healing, both paired against dense "
     "(diff and p as in the summary), and after against before on the same items with the same test "
-    "(unhealed in the baseline's place); p (Holm) adjusts for the healed variants of a task and metric."
+    "(unhealed in the baseline's place); p (Holm) adjusts for the healed variants of a task and metric. "
+    "With the healed dense control (dense+&lt;method&gt;, the dense model healed the same way), the last columns "
+    "pair each healed variant against it: healing the dense model shows what the method adapts without any "
+    "loss to recover, and after − healed dense is what healing did not recover, adaptation taken out."
 )
 
 
 def healing_table(rows: list[dict[str, Any]]) -> str:
     """Before and after healing per task: each vs dense, and after vs before (``healstats.healing_table``)."""
     header = ["task", "metric", "healed variant", "dense", "before [95% CI]", "before − dense (p)",
-              "after [95% CI]", "after − dense (p)", "after − before", "lost / gained", "p", "p (Holm)"]
+              "after [95% CI]", "after − dense (p)", "after − before", "lost / gained", "p", "p (Holm)",
+              "healed dense", "after − healed dense (p, Holm)"]
     cells = []
     for r in rows:
         discordant = "—" if r["lost"] is None else f"{r['lost']} / {r['gained']}"
@@ -358,9 +362,11 @@ def healing_table(rows: list[dict[str, Any]]) -> str:
             f"{fmt(r['after'])} [{fmt(r['after_ci_low'])}, {fmt(r['after_ci_high'])}]",
             f"{fmt(r['after_diff_vs_dense'], '+.4g')} ({fmt(r['after_p_vs_dense'], '.3g')})",
             fmt(r["diff_vs_unhealed"], "+.4g"), discordant, fmt(r["p_vs_unhealed"], ".3g"),
-            fmt(r["p_holm_vs_unhealed"], ".3g"),
+            fmt(r["p_holm_vs_unhealed"], ".3g"), fmt(r["healed_dense_value"]),
+            "—" if r["healed_dense"] is None else f"{fmt(r['diff_vs_healed_dense'], '+.4g')} "
+            f"({fmt(r['p_vs_healed_dense'], '.3g')}, {fmt(r['p_holm_vs_healed_dense'], '.3g')})",
         ])
-    return table(header, cells, numeric=set(range(3, 12)))
+    return table(header, cells, numeric=set(range(3, 14)))
 
 
 def bench_table(rows: list[dict[str, Any]]) -> str:

@@ -23,11 +23,12 @@ from prunelab.evaluate.reference import ReferenceStore
 from prunelab.evaluate.run import PreparedTask, prepare_tasks, run_task
 from prunelab.model.adapter import adapt
 from prunelab.model.bench import measure, parameter_count
+from prunelab.model.export import RECIPE_FILE, read_recipe, save_pruned
 from prunelab.model.loading import LoadedModel, load_model
 from prunelab.plugin import Scorer
-from prunelab.prune.api import prune
+from prunelab.prune.api import PruneReport, prune
 from prunelab.prune.masks import MaskSet, validate_options
-from prunelab.prune.recovery import heal
+from prunelab.prune.recovery import heal, kept_layers, masks_of
 from prunelab.readers import atomic_write
 from prunelab.records import DENSE
 from prunelab.registry import default_registry
@@ -35,6 +36,8 @@ from prunelab.runner.chunks import Chunk, chunk_ranges, chunk_task, item_rows
 from prunelab.runner.studyfile import Study
 from prunelab.runner.variants import Variant, expand_variants
 from prunelab.runner.workfolder import Plan, WorkFolder
+
+RECIPE_ONLY = {"format", "created", "source", "dtype", "versions"}  # what build_recipe adds to a prune report
 
 
 class Reporter:
@@ -158,25 +161,60 @@ class Session:
                 self.run_chunk(sweep.view(removed_layer(chunk.variant)), chunk, swept=True)
 
     def variant_model(self, variant: Variant) -> LoadedModel:
-        """The dense model itself, or a pruned deep copy of it (the dense one is never changed)."""
+        """The dense model itself, or a pruned (and, for a healed twin, healed) copy; dense is never changed.
+
+        A healed twin starts from its unhealed variant's pruned weights, not from a second prune
+        (``pruned``); ``dense+<method>`` starts from a copy of the dense model.
+        """
         dense = self.load()
         if variant.strategy == DENSE:
             return dense
-        self.reporter.message(f"pruning: {variant.name}")
         start = time.perf_counter()
-        model = copy.deepcopy(dense.model)
-        loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
-        report = prune(loaded, variant.pruned_by, seed=self.study.prune_seed, calibration=self.study.calibration,
-                       **variant.params)
+        loaded, report = self.pruned(variant)
         compact = compact_report(report)
         if variant.recovery:
             self.reporter.message(f"healing: {variant.name}")
+            recovery = default_registry().recovery(variant.recovery)
+            teacher = dense if recovery.uses_teacher else None
+            layer_map = kept_layers(report.get("dropped_layers") or [], dense.adapter.num_layers)
             healed = heal(loaded, variant.recovery, masks=report.masks or MaskSet(), seed=self.study.prune_seed,
+                          teacher=teacher,
+                          layer_map=layer_map if len(layer_map) == loaded.adapter.num_layers else None,
                           **self.study.recovery["options"])
             compact["recovery"] = compact_report(healed)
         self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
                       report=compact)
         return loaded
+
+    def pruned(self, variant: Variant) -> tuple[LoadedModel, PruneReport]:
+        """A variant's pruned model and its prune report, pruning each unhealed variant once per run.
+
+        An unhealed variant with a healed twin leaves its pruned model in the work folder
+        (``WorkFolder.pruned``: a normal checkpoint with its masks and recipe), and the twin loads it
+        from there instead of pruning again -- also in a later session or on another Ray worker;
+        whichever of the two runs first prunes. ``dense+<method>`` heals a copy of dense.
+        """
+        dense = self.load()
+        if variant.pruned_by == DENSE:
+            model = copy.deepcopy(dense.model)
+            return dataclasses.replace(dense, model=model, adapter=adapt(model)), PruneReport(strategy=DENSE)
+        base = Variant(variant.unhealed, variant.pruned_by, variant.params)
+        folder = self.work.pruned(base)
+        if (folder / RECIPE_FILE).is_file():
+            self.reporter.message(f"loading the pruned {base.name} (pruned once, for its healed twin)")
+            loaded = load_model(str(folder), device=self.study.device, dtype=self.study.dtype)
+            recipe = read_recipe(folder) or {}
+            report = PruneReport({k: v for k, v in recipe.items() if k not in RECIPE_ONLY})
+            report.masks = masks_of(folder, loaded.adapter)[0]
+            return dataclasses.replace(loaded, source=dense.source, kind=dense.kind, local_dir=dense.local_dir), report
+        self.reporter.message(f"pruning: {base.name}")
+        model = copy.deepcopy(dense.model)
+        loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
+        report = prune(loaded, base.strategy, seed=self.study.prune_seed, calibration=self.study.calibration,
+                       **base.params)
+        if self.study.recovery and base.strategy in self.study.recovery["strategies"]:  # it has a healed twin
+            save_pruned(loaded, folder, report, overwrite=True)
+        return loaded, report
 
     def run_chunk(self, scorer: Scorer, chunk: Chunk, swept: bool = False) -> None:
         """Evaluate one chunk through ``scorer`` and write its rows (and log how long it took)."""

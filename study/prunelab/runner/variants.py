@@ -32,6 +32,11 @@ class Variant:
     def pruned_by(self) -> str:
         return self.strategy.removesuffix(f"+{self.recovery}") if self.recovery else self.strategy
 
+    @property
+    def unhealed(self) -> str:
+        """The variant a healed twin was healed from (its own name for any other variant)."""
+        return self.name.removesuffix(f"+{self.recovery}") if self.recovery else self.name
+
 
 DENSE_VARIANT = Variant(DENSE, DENSE, {})
 
@@ -40,9 +45,14 @@ def expand_variants(study: Study, num_layers: int) -> list[Variant]:
     """The dense baseline, then every grid point of every strategy (``layers = "each"`` -> each layer).
 
     With ``[recovery]`` each variant of a healed strategy is followed by its healed twin
-    (``<variant>+lora``), so every statistic compares it with dense like any other variant.
+    (``<variant>+lora``), so every statistic compares it with dense like any other variant; and,
+    unless ``control = false``, the dense model healed the same way (``dense+lora``) follows dense:
+    what healing does to a model nothing was removed from is adaptation, not recovery.
     """
     variants = [DENSE_VARIANT]
+    if study.recovery and study.recovery.get("control", True):
+        method = study.recovery["method"]
+        variants.append(Variant(healed_name(DENSE, method), healed_name(DENSE, method), {}, method))
     grids = [{k: [layer for value in values for layer in (range(num_layers) if value == EACH_LAYER else [value])]
               if k in block.each_layer else values for k, values in block.grid.items()} for block in study.strategies]
     healed = [bool(study.recovery and block.name in study.recovery["strategies"]) for block in study.strategies]

@@ -115,6 +115,10 @@ class WorkFolder:
         """The file of a chunk's rows (its bounds are in the plan, not in the name)."""
         return self.variant_folder(chunk.variant) / f"{chunk.task}-{chunk.index:04d}.parquet"
 
+    def pruned(self, variant: Variant) -> Path:
+        """Where an unhealed variant's pruned model waits for its healed twin (``Session.pruned``)."""
+        return self.variant_folder(variant) / "pruned"
+
     def bench(self, variant: Variant) -> Path:
         return self.variant_folder(variant) / "bench.json"
 
@@ -181,7 +185,8 @@ class WorkFolder:
             return None
         try:
             doc = read_json(path)
-            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"])) for v in doc["variants"]],
+            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"]), v.get("recovery"))
+                         for v in doc["variants"]],
                         {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()})
         except (PrunelabError, LookupError, TypeError, ValueError, AttributeError):
             return None
