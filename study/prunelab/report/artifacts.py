@@ -29,8 +29,10 @@ from prunelab.errors import PrunelabError
 from prunelab.readers import atomic_write
 from prunelab.report import fidelity, pages
 from prunelab.report.charts import baseline_history_chart, build_charts
+from prunelab.report.equalsize import equal_size_table
 from prunelab.report.findings import findings, headline
 from prunelab.report.healstats import healing_table
+from prunelab.report.sizes import VariantSize, run_sizes
 from prunelab.report.stats import harm_order, statistics_manifest, summarize
 
 CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
@@ -177,9 +179,15 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
         healing.write_parquet(folder / "healing.parquet")
         healing.write_csv(folder / "healing.csv")
         files += ["healing.parquet", "healing.csv"]
+    sizes = run_sizes(manifest, list(summary.select("variant", "strategy", "params").unique(maintain_order=True).iter_rows()))
+    equal_size = equal_size_table(items, summary, sizes, bench)
+    if equal_size.height:
+        equal_size.write_parquet(folder / "equal_size.parquet")
+        equal_size.write_csv(folder / "equal_size.csv")
+        files += ["equal_size.parquet", "equal_size.csv"]
     extras = fidelity.summary_records(items)
-    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
-    charts.update(extra_charts(extras))
+    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items), sizes=sizes)
+    charts.update(extra_charts(extras, sizes))
     specs = {name: chart.to_dict() for name, chart in charts.items()}
     files += write_charts(folder / "charts", specs)
     full_manifest = {
@@ -190,8 +198,9 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     }
     _write_text(folder / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
     report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
-                               bench.to_dicts() if bench is not None else None, findings=findings(summary),
+                               bench.to_dicts() if bench is not None else None, findings=findings(summary, sizes),
                                extra_sections=pages.sensitive_sections(extras),
+                               equal_size=equal_size.to_dicts(),
                                healing_rows=healing.to_dicts() if healing.height else None)
     _write_text(folder / "report.html", report)
     return full_manifest
@@ -227,12 +236,12 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
     return folder
 
 
-def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def extra_charts(extras: Mapping[str, list[dict[str, Any]]], sizes: Mapping[str, VariantSize]) -> dict[str, Any]:
     """Charts of the metrics that see harm at chance (``fidelity.summary_records``)."""
     from prunelab.report.charts import answer_letters_chart, fidelity_chart, fidelity_layer_chart
 
     charts = {"fidelity": fidelity_chart(extras.get("fidelity", [])),
-              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", [])),
+              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", []), dict(sizes)),
               "answer_letters": answer_letters_chart(extras.get("answer_letters", []))}
     return {name: chart for name, chart in charts.items() if chart is not None}
 

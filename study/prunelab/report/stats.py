@@ -443,6 +443,19 @@ def _exp(x: float | None) -> float | None:
     return None if x is None else math.exp(x)
 
 
+def paired_test(base: pl.DataFrame, other: pl.DataFrame, spec: Mapping[str, Any],
+                resamples: int = PERMUTATION_RESAMPLES, seed: int = PERMUTATION_SEED) -> dict[str, Any]:
+    """``other`` against ``base`` (two variants' per-item rows of one task and metric) on the items
+    both have, with the test, interval and direction a variant gets against dense (``summarize``):
+    ``diff_vs_dense`` is other - base, ``p_value`` the same test family. No Holm: the caller's family.
+    """
+    row = _summary_row(other, base, {"kind": spec["kind"], "higher_is_better": spec["higher_is_better"],
+                                     "label": spec.get("label") or ""}, resamples, seed)
+    row.pop("_differences", None)
+    row.pop("_dense_correct", None)
+    return row
+
+
 def harmful(diff: float | None, higher_is_better: bool) -> bool:
     """Whether a difference vs dense is in the bad direction."""
     return diff is not None and (diff < 0 if higher_is_better else diff > 0)

@@ -23,7 +23,13 @@ from prunelab.evaluate.layersweep import LayerSweep
 from prunelab.evaluate.reference import ReferenceStore
 from prunelab.evaluate.run import PreparedTask, prepare_tasks, run_task
 from prunelab.model.adapter import adapt
-from prunelab.model.bench import bench_rows, measure, parameter_count
+from prunelab.model.bench import (
+    bench_rows,
+    measure,
+    module_parameter_counts,
+    parameter_count,
+    parameter_counts,
+)
 from prunelab.model.loading import LoadedModel, load_model, source_fingerprint
 from prunelab.prune.api import prune
 from prunelab.prune.masks import MaskSet
@@ -31,6 +37,7 @@ from prunelab.prune.recovery import check_disjoint, heal
 from prunelab.readers import atomic_write, read_json
 from prunelab.registry import default_registry
 from prunelab.report import artifacts
+from prunelab.report.sizes import variant_size
 from prunelab.report.stats import DENSE
 from prunelab.runner.chunks import chunk_ranges, chunk_task, item_rows
 from prunelab.runner.executors import Executor, LocalExecutor
@@ -160,7 +167,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             "model_hash": config["model_hash"], "model_revision": executor.model_revision(state),
             "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
-            "variants": prune_reports(work.events()),
+            "variants": prune_reports(work.events()), "sizes": recorded_sizes(work.events()),
             "metrics": declared_metrics(tasks), "decoding": decoding_settings(study), "machine": artifacts.machine(),
         }
         run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))
@@ -197,8 +204,20 @@ class Session:
         size = self.study.settings["evaluation"]["chunk_items"]
         plan = Plan(expand_variants(self.study, dense.adapter.num_layers),
                     {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()})
+        self.record_unpruned_sizes(plan, dense)
         self.work.save_plan(plan)
         return plan
+
+    def record_unpruned_sizes(self, plan: Plan, dense: LoadedModel) -> None:
+        """Log the size of dense and of every one-layer variant (a layer sweep never builds those:
+        each is dense without that layer, so its counts are dense's less the layer's)."""
+        counts = parameter_counts(dense.adapter)
+        self.work.log(event="size", variant=DENSE, size=variant_size(None, {}, removed_layers=(), counts=counts).to_json())
+        for variant in plan.variants:
+            if (layer := removed_layer(variant)) is not None:
+                size = variant_size(default_registry().strategy(variant.strategy), variant.params, removed_layers=[layer],
+                                    counts=counts.without(module_parameter_counts(dense.adapter.layers[layer])))
+                self.work.log(event="size", variant=variant.name, size=size.to_json())
 
     def evaluate(self, plan: Plan) -> None:
         pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.finished_chunk(self.work.chunk(v, t, i))]
@@ -275,14 +294,18 @@ class Session:
         loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
         report = prune(loaded, variant.pruned_by, seed=self.study.prune_seed, calibration=self.study.calibration,
                        **variant.params)
+        loaded = dataclasses.replace(loaded, adapter=adapt(model))  # a structural strategy may replace modules
         compact = compact_report(report)
         if variant.recovery:
             self.reporter.message(f"healing: {variant.name}")
             healed = heal(loaded, variant.recovery, masks=report.masks or MaskSet(), seed=self.study.prune_seed,
                           **self.study.recovery["options"])
             compact["recovery"] = compact_report(healed)
+        size = variant_size(default_registry().strategy(variant.pruned_by), report["options"],
+                            removed_layers=report["removed_layers"], healed=bool(variant.recovery),
+                            counts=parameter_counts(loaded.adapter))
         self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
-                      report=compact)
+                      report=compact, size=size.to_json())
         return loaded
 
     def run_chunk(self, engine: Engine, variant: Variant, task: str, index: int, start: int, stop: int,
@@ -344,6 +367,12 @@ def compact_report(report: dict[str, Any]) -> dict[str, Any]:
 
 def prune_reports(events: list[dict[str, Any]]) -> dict[str, Any]:
     return {e["variant"]: e["report"] for e in events if e.get("event") == "prune"}
+
+
+def recorded_sizes(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each variant's size record (``report.sizes.VariantSize``), the latest logged: a variant pruned
+    (no layer sweep) replaces what the plan recorded for it."""
+    return {e["variant"]: e["size"] for e in events if e.get("event") in ("size", "prune") and e.get("size")}
 
 
 def timings(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:
