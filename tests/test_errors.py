@@ -13,7 +13,7 @@ import pytest
 from prunelab import cli, runner
 from prunelab.errors import PrunelabError
 from prunelab.model import loading as modeling
-from prunelab.runner import run as run_module
+from prunelab.runner import session as session_module
 
 from .conftest import MODELS
 from .model.test_fuzz_models import GGUF
@@ -151,7 +151,7 @@ def test_debug_shows_the_whole_traceback(how, monkeypatch, tmp_path):
 
 
 def test_study_file_values_name_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     study = tmp_path / "s.yaml"
     study.write_text("model: Qwen/Qwen3-0.6B\ndevice: null\n")
     with pytest.raises(PrunelabError, match=rf"{study}.*device must be str, got None"):
@@ -166,7 +166,7 @@ def test_read_model_config_keeps_valid_configs(tiny_qwen3):
 
 
 def test_damaged_calibration_file_fails_with_the_study_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "calib.txt").write_bytes(b"text \xff\xfe more")
     study = tmp_path / "s.toml"
     study.write_text('model = "Qwen/Qwen3-0.6B"\n[calibration]\nsource = "calib.txt"\n'

@@ -19,8 +19,8 @@ from typing import Any
 import altair as alt
 import polars as pl
 
+from prunelab.records import DENSE
 from prunelab.report.sizes import VariantSize, slug, summary_sizes
-from prunelab.report.stats import DENSE
 
 PANEL_WIDTH = 360
 PANEL_HEIGHT = 240

@@ -18,10 +18,11 @@ from typing import Any
 
 import polars as pl
 
+from prunelab.records import DENSE
 from prunelab.report.charts import effective_parameters, method_labels
 from prunelab.report.findings import harm
 from prunelab.report.sizes import VariantSize
-from prunelab.report.stats import ALPHA, DENSE, harmful, holm_adjust, paired_test
+from prunelab.report.stats import ALPHA, harmful, holm_adjust, paired_test
 
 BIN_POINTS = 5.0  # width of a size bin, in percentage points of dense's parameter count
 BEST = "best (Holm p<0.05)"

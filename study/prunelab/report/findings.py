@@ -15,12 +15,12 @@ from typing import Any
 
 import polars as pl
 
+from prunelab.records import DENSE
 from prunelab.report.charts import series_label, varying_settings
 from prunelab.report.sizes import VariantSize, summary_sizes
 from prunelab.report.stats import (
     ALPHA,
     BETTER,
-    DENSE,
     UNDERPOWERED,
     WORSE,
     format_p,

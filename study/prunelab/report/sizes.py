@@ -20,7 +20,7 @@ from typing import Any
 
 from prunelab.errors import PrunelabError
 from prunelab.plugin import SizeAxis, Strategy
-from prunelab.report.stats import DENSE
+from prunelab.records import DENSE
 
 RECOVERY_SEPARATOR = "+"  # a healed twin's strategy is ``<strategy>+<method>`` (``prune.recovery.healed_name``)
 

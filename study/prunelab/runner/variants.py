@@ -10,7 +10,7 @@ from typing import Any
 from prunelab.errors import PrunelabError
 from prunelab.model.surgery import parse_layer_indices
 from prunelab.prune.recovery import healed_name
-from prunelab.report.stats import DENSE
+from prunelab.records import DENSE
 from prunelab.runner.studyfile import EACH_LAYER, Study, grid_points
 
 
