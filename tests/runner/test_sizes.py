@@ -116,7 +116,20 @@ cut = [0.25, 0.5]
 [[strategies]]
 name = "magnitude"
 sparsity = [50]
+
+[[strategies]]
+name = "width"
+mlp = [0.5]
+importance = "magnitude"
+
+[[strategies]]
+name = "width"
+mlp = [0.5]
+heads = [0.5]
+importance = "magnitude"
 """
+WIDTH_MLP = "width[mlp=0.5,importance=magnitude]"
+WIDTH_COMBINED = "width[mlp=0.5,heads=0.5,importance=magnitude]"
 
 
 def hand_count(config) -> dict[str, int]:
@@ -172,6 +185,13 @@ def test_recorded_sizes_equal_the_hand_count_and_what_each_variant_did(run, tiny
     assert zeroed["parameters"] == count["total"]  # zeros are stored
     assert zeroed["zero_parameters"] - dense["zero_parameters"] == 4 * (count["layer"] - 2 * 64 - 2 * 32) // 2
     assert sizes["magnitude[sparsity=50]"]["axes"][0]["amount"] == 0.5
+    # the built-in width strategy: half the MLP channels; with heads = 0.5 also one query head of each
+    # of the 2 KV groups (q rows and o columns of head_dim each)
+    mlp_gone = 4 * (config.intermediate_size // 2) * count["mlp_channel"]
+    heads_gone = 4 * 2 * config.head_dim * 2 * config.hidden_size
+    assert sizes[WIDTH_MLP]["parameters"] == count["total"] - mlp_gone
+    assert sizes[WIDTH_COMBINED]["parameters"] == count["total"] - mlp_gone - heads_gone
+    assert [a["amount"] for a in sizes[WIDTH_COMBINED]["axes"]] == [0.5, 0.5, 0.0]
 
 
 def test_charts_follow_the_declarations_and_what_was_done(run):
@@ -181,11 +201,18 @@ def test_charts_follow_the_declarations_and_what_was_done(run):
     sparsity = {(r["series"], r["sparsity"]) for r in chart_values(run, "sparsity_sweep") if r.get("strategy") not in (None, "dense")}
     assert sparsity == {("fraction-zero", 50.0), ("magnitude", 50.0)}  # a fraction not named `sparsity` is charted
     width = {(r["variant"], r["width"]) for r in chart_values(run, "width_sweep_mlp_channels") if r.get("strategy") not in (None, "dense")}
-    assert width == {("mlp-shrink[cut=0.25]", 25.0), ("mlp-shrink[cut=0.5]", 50.0)}
+    assert width == {("mlp-shrink[cut=0.25]", 25.0), ("mlp-shrink[cut=0.5]", 50.0), (WIDTH_MLP, 50.0)}  # not combined
     layers = {r["layer"] for r in chart_values(run, "layer_sweep") if r.get("strategy") not in (None, "dense")}
     assert layers == {0, 1, 2, 3}  # only the one-layer sweep: not odd-k[k=0], which also removes one layer
-    kept = {r["variant"]: r["kept"] for r in chart_values(run, "size_comparison") if r.get("strategy") not in (None, "dense")}
+    comparison = [r for r in chart_values(run, "size_comparison") if r.get("strategy") not in (None, "dense")]
+    kept = {r["variant"]: r["kept"] for r in comparison}
     assert "drop-layers[layers=1]" not in kept and kept["fraction-zero[share=0.5]"] < 100
+    assert {r["method"] for r in comparison} == {"odd-k", "mlp-shrink", "width mlp", "width mlp+heads",
+                                                 "fraction-zero (non-zero weights, reference)",
+                                                 "magnitude (non-zero weights, reference)"}
+    table = pl.read_parquet(run / "equal_size.parquet")  # every variant keeps > 95 %: one bin per metric
+    assert set(table["kept_low"]) == {95.0} and (table["methods"] == 6).all()
+    assert "At equal size" in (run / "report.html").read_text()
 
 
 def test_report_of_an_archived_run_needs_no_plugin(run, test_strategies):

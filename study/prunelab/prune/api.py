@@ -65,6 +65,7 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
         calibration=calibration,
         source=getattr(model_or_loaded, "source", None),
     )
+    strategy.check_for_model(adapter, validated)  # before any calibration or change
     params_before = sum(p.numel() for p in adapter.model.parameters())
     original = {id(layer): index for index, layer in enumerate(adapter.layers)}
     result = strategy.prune(adapter.model, validated, context) or {}
