@@ -11,7 +11,7 @@ import torch
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter, adapt, as_adapter
 from prunelab.model.surgery import check_config_shapes
-from prunelab.prune.masks import MaskSet, validate_options
+from prunelab.prune.masks import MaskSet, check_achieved_sparsity, validate_options
 
 
 @dataclass
@@ -72,6 +72,7 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
     check_config_shapes(context.adapter.model, f"strategy '{strategy.name}'")  # before anyone saves or scores it
     removed = removed_layers(original, adapt(context.adapter.model))
     check_declared_layers(strategy, validated, removed)
+    check_achieved_sparsity(strategy, validated, context.masks)  # the variant's name must be what was done
     report = PruneReport(
         strategy=strategy.name,
         options=validated,

@@ -7,7 +7,7 @@ count (100-95 %, 95-90 %, ...). Within a bin each method (a strategy with its va
 width strategy per set of axes) is represented by its smallest variant there, so no method is
 favoured by being larger inside the bin. Methods are ranked by their change vs dense on each task
 and metric; the best is then tested against the runner-up on the items both were scored on, with
-the test a variant gets against dense (exact McNemar for accuracy, the sign-flip permutation test
+the test a variant gets against dense (exact McNemar for accuracy, the exact sign test
 for perplexity and means), and Holm adjusts over the bins of one task and metric.
 """
 
