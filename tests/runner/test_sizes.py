@@ -22,7 +22,7 @@ from prunelab.errors import PrunelabError
 from prunelab.model import drop_layers, load_model
 from prunelab.plugin import Option, SizeAxis, Strategy
 from prunelab.prune import prune
-from prunelab.registry import PluginInfo, default_registry
+from prunelab.registry import KindRegistry, PluginInfo, default_registry
 from prunelab.report import artifacts
 from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import load_study
@@ -92,8 +92,8 @@ def test_strategies():
 
 def installed(patch: pytest.MonkeyPatch) -> None:
     registry = default_registry()
-    for strategy in TEST_STRATEGIES:
-        patch.setitem(registry.strategies, strategy.name, (strategy, PluginInfo(strategy.name, "tests", "tests", "0")))
+    added = {s.name: (s, PluginInfo(s.name, "tests", "tests", "0")) for s in TEST_STRATEGIES}
+    patch.setattr(registry, "strategies", KindRegistry("strategy", {**registry.strategies, **added}))
 
 
 STRATEGIES = """
