@@ -236,7 +236,67 @@ def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hid
         _check_count(adapter, option, values[option], gone, total, what)
         kept[option] = total - gone
     query, kv = _head_targets(adapter, sizes, heads, heads_mode)
-    return WidthTargets(sizes, kept["mlp"], query, kv, kept["hidden"], heads_mode)
+    targets = WidthTargets(sizes, kept["mlp"], query, kv, kept["hidden"], heads_mode)
+    _check_config(adapter, targets, values)
+    return targets
+
+
+def _config_problem(config, values: Mapping[str, int]) -> str | None:
+    """transformers' own validation of the config with these sizes: its message, or None when it passes.
+
+    Llama's and Gemma3's configs, for one, refuse ``hidden_size % num_attention_heads != 0`` even
+    with an explicit ``head_dim``: a folder saved with such sizes would not load.
+    """
+    for key, value in values.items():
+        setattr(config, key, value)
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as exc:  # transformers/huggingface_hub raise their own validation error types
+        cause = exc.__cause__ or exc
+        return " ".join(str(cause).split()).rstrip(".") or type(cause).__name__
+    return None
+
+
+def _new_config_values(targets: WidthTargets, axes: Sequence[str]) -> dict[str, int]:
+    values = {"head_dim": targets.sizes.head_dim}
+    if "heads" in axes:
+        values |= {"num_attention_heads": targets.heads, "num_key_value_heads": targets.kv_heads}
+    if "mlp" in axes:
+        values["intermediate_size"] = targets.mlp
+    if "hidden" in axes:
+        values["hidden_size"] = targets.hidden
+    return values
+
+
+def _check_config(adapter: Adapter, targets: WidthTargets, fractions: Mapping[str, float]) -> None:
+    """Refuse sizes the architecture's config rejects (naming the option), before anything changes."""
+    import copy
+
+    done: list[str] = []
+    for axis in ("heads", "mlp", "hidden"):
+        done.append(axis)
+        config = copy.deepcopy(adapter.text_config)
+        problem = _config_problem(config, _new_config_values(targets, done))
+        if problem is None:
+            continue
+        hint = _valid_hidden_fractions(config, targets) if axis == "hidden" else ""
+        raise _fraction_error(axis, fractions[axis], adapter, f"{type(config).__name__} refuses the result: "
+                              f"{problem}{hint}")
+
+
+def _valid_hidden_fractions(config, targets: WidthTargets) -> str:
+    """The nearest ``hidden`` fractions whose size the config accepts (scanning kept counts around the target)."""
+    total, found = targets.sizes.hidden, []
+    for step in (-1, 1):
+        keep = targets.hidden + step
+        while 0 < keep < total and _config_problem(config, {"hidden_size": keep}) is not None:
+            keep += step
+        if 0 < keep < total:
+            found.append((total - keep) / total)
+    return f"; nearest fractions it accepts: {' or '.join(f'{f:.6g}' for f in sorted(found))}" if found else ""
 
 
 def check_fraction(value: float) -> str | None:
@@ -598,14 +658,12 @@ def parameter_shapes(adapter: Adapter) -> dict[str, list[int]]:
     return shapes
 
 
-def width_summary(sizes: WidthSizes, targets: WidthTargets) -> dict[str, dict[str, float | int]]:
-    """Per axis: the size before and after and the fraction actually removed (after rounding)."""
+def width_summary(before: WidthSizes, after: WidthSizes) -> dict[str, dict[str, float | int]]:
+    """Per axis: the size before and after (read from the modules) and the fraction removed."""
     rows = {}
-    for axis, before in (("mlp", sizes.intermediate), ("heads", sizes.heads), ("hidden", sizes.hidden)):
-        after = getattr(targets, axis)
-        rows[axis] = {"before": before, "after": after, "removed_fraction": round(1 - after / before, 6)}
-    rows["kv_heads"] = {"before": sizes.kv_heads, "after": targets.kv_heads,
-                        "removed_fraction": round(1 - targets.kv_heads / sizes.kv_heads, 6)}
+    for axis, attr in (("mlp", "intermediate"), ("heads", "heads"), ("kv_heads", "kv_heads"), ("hidden", "hidden")):
+        old, new = getattr(before, attr), getattr(after, attr)
+        rows[axis] = {"before": old, "after": new, "removed_fraction": round(1 - new / old, 6)}
     return rows
 
 
@@ -617,4 +675,9 @@ def prune_width(model_or_adapter, targets: WidthTargets, scores: WidthScores) ->
     adapter = as_adapter(model_or_adapter)
     plan = plan_width(targets, scores)
     record = apply_width(adapter, plan)
-    return {"width": {"axes": width_summary(targets.sizes, targets), "heads_mode": targets.heads_mode, **record}}
+    after = width_sizes(adapter)  # measured: the variant's name must be what was done
+    wanted = (targets.mlp, targets.heads, targets.kv_heads, targets.hidden)
+    if (after.intermediate, after.heads, after.kv_heads, after.hidden) != wanted:
+        raise PrunelabError(f"width: asked for (mlp, heads, kv_heads, hidden) = {wanted}, the model has "
+                            f"{(after.intermediate, after.heads, after.kv_heads, after.hidden)}")
+    return {"width": {"axes": width_summary(targets.sizes, after), "heads_mode": targets.heads_mode, **record}}
