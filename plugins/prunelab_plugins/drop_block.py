@@ -14,6 +14,7 @@ from prunelab.prune import (
     PruneContext,
     best_block,
     check_removal_count,
+    layer_count_axis,
     layer_count_option,
     representation_stats,
     samples_for_context,
@@ -37,4 +38,5 @@ def prunelab_strategies() -> list[Strategy]:
         prune=prune,
         options=(layer_count_option(),),
         needs_calibration=True,
+        size=(layer_count_axis(),),
     )]

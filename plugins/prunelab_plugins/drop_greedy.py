@@ -20,6 +20,7 @@ from prunelab.plugin import Option, Strategy, hookimpl
 from prunelab.prune import (
     PruneContext,
     check_removal_count,
+    layer_count_axis,
     layer_count_option,
     plan_greedy,
     plan_greedy_by_task,
@@ -69,4 +70,5 @@ def prunelab_strategies() -> list[Strategy]:
             Option("data_dir", str, None, "local data folder for the guide task (default $PRUNELAB_DATA, else the Hub)"),
         ),
         needs_calibration=_uses_calibration,
+        size=(layer_count_axis(),),
     )]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prunelab.model import check_layer_spec, drop_layers, parse_layer_indices
-from prunelab.plugin import Option, Strategy, hookimpl
+from prunelab.plugin import Option, SizeAxis, Strategy, hookimpl
 from prunelab.prune import PruneContext
 
 
@@ -24,4 +24,5 @@ def prunelab_strategies() -> list[Strategy]:
                         check=check_layer_spec, required=True),),
         removes_layers=lambda options: parse_layer_indices(options["layers"]),
         each_layer=("layers",),  # a study's layers = "each": one variant per decoder layer
+        size=(SizeAxis("layers", option="layers", label="layers removed"),),
     )]

@@ -15,6 +15,7 @@ from prunelab.prune import (
     METRICS,
     PruneContext,
     check_removal_count,
+    layer_count_axis,
     layer_count_option,
     samples_for_context,
     score_layers,
@@ -40,4 +41,5 @@ def prunelab_strategies() -> list[Strategy]:
                         "(distance across one layer) or ppl (calibration perplexity without the layer)",
                         choices=METRICS)),
         needs_calibration=True,
+        size=(layer_count_axis(),),
     )]

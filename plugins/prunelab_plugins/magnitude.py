@@ -22,6 +22,7 @@ from prunelab.prune import (
     target_fractions,
     targets_from_options,
     weight_pruning_options,
+    weights_axis,
 )
 
 
@@ -68,4 +69,5 @@ def prunelab_strategies() -> list[Strategy]:
             *allocation_options(),
         ),
         needs_calibration=lambda options: options.get("allocation") == "owl",  # OWL ranks outliers on calibration text
+        size=(weights_axis(),),
     )]

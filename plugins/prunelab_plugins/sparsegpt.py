@@ -26,6 +26,7 @@ from prunelab.prune import (
     nm_mask,
     pattern_option,
     sparsity_option,
+    weights_axis,
 )
 
 DEFAULT_BLOCKSIZE = 128
@@ -139,4 +140,5 @@ def prunelab_strategies() -> list[Strategy]:
                    check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
         ),
         needs_calibration=True,
+        size=(weights_axis(),),
     )]

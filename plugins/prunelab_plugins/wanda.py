@@ -23,6 +23,7 @@ from prunelab.prune import (
     pattern_option,
     sparsity_option,
     wanda_scores,
+    weights_axis,
 )
 
 
@@ -51,4 +52,5 @@ def prunelab_strategies() -> list[Strategy]:
         prune=prune,
         options=(sparsity_option(), pattern_option(), *allocation_options()),
         needs_calibration=True,
+        size=(weights_axis(),),
     )]

@@ -33,6 +33,7 @@ from prunelab.model import (
     layer_parts,
     prune_width,
     stream_norms,
+    width_axes,
     width_options,
     width_targets_from_options,
 )
@@ -147,4 +148,5 @@ def prunelab_strategies() -> list[Strategy]:
         ),
         needs_calibration=lambda options: options.get("importance", "activation") == "activation",
         check_model=width_targets_from_options,  # a study checks every grid point once the model is loaded
+        size=width_axes(),  # a width chart per axis; the size comparison places it by its parameters
     )]

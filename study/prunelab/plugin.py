@@ -26,7 +26,7 @@ from prunelab.options import Option, OptionSet
 
 __all__ = [
     "DataSource", "DenseReference", "Evaluator", "GenerationRequest", "Item", "LoglikelihoodRequest", "MetricSpec",
-    "Option", "OptionSet", "Progress", "Recovery", "RecoveryContext", "ReferenceStore", "Scorer", "Strategy",
+    "Option", "OptionSet", "Progress", "Recovery", "RecoveryContext", "ReferenceStore", "Scorer", "SizeAxis", "Strategy",
     "Subset", "TaskResult", "WindowScores", "hookimpl", "hookspec", "mean_and_stderr",
 ]
 
@@ -37,6 +37,52 @@ Progress = Callable[[int], None]
 
 hookspec = pluggy.HookspecMarker("prunelab")
 hookimpl = pluggy.HookimplMarker("prunelab")
+
+
+SizeKind = Literal["layers", "weights", "width", "parameters"]
+SIZE_KINDS: tuple[str, ...] = ("layers", "weights", "width", "parameters")
+
+
+@dataclass(frozen=True)
+class SizeAxis:
+    """What a strategy's variants differ by in size, so the report draws the chart that fits them.
+
+    ``kind`` says what is removed, and where the amount comes from:
+
+    * ``"layers"`` -- whole decoder layers; the amount is the number of layers the variant actually
+      removed, read from the pruned model at run time (never from an option: ``k = 5`` that removes
+      6 layers is drawn at 6);
+    * ``"weights"`` -- a fraction of the targeted weights set to zero (the tensors keep their shapes);
+    * ``"width"`` -- a fraction of one width axis removed (``label`` names it: "MLP channels",
+      "attention heads"); the tensors and the config shrink;
+    * ``"parameters"`` -- the variant's parameter count itself (a strategy that targets a size).
+
+    For ``weights`` and ``width`` the amount is ``amount(options)`` (the strategy reads its own
+    validated options, e.g. an N:M pattern fixing the sparsity), by default the value of ``option``
+    as a fraction in [0, 1]. ``option`` names the option that sets the amount: the report keeps it
+    out of a line's label (it is the x axis, not a setting). A strategy with several width axes
+    declares one ``SizeAxis`` each; a variant that removes along more than one is "combined".
+    """
+
+    kind: SizeKind
+    option: str | None = None
+    label: str = ""
+    amount: Callable[[Mapping[str, Any]], float | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in SIZE_KINDS:
+            raise PrunelabError(f"size axis kind {self.kind!r} is not one of {', '.join(SIZE_KINDS)}")
+
+    def fraction(self, options: Mapping[str, Any]) -> float | None:
+        """The fraction of this axis a variant with these (validated) options removes; None for the
+        kinds measured on the model (layers, parameters) or an option that is not a number."""
+        if self.kind in ("layers", "parameters"):
+            return None
+        try:
+            value = self.amount(options) if self.amount is not None else options.get(self.option or "")
+            return None if value is None or isinstance(value, bool) else float(value)
+        except (KeyError, TypeError, ValueError, PrunelabError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -66,6 +112,10 @@ class Strategy:
     #: Options whose study-file value ``"each"`` expands to one grid point per decoder layer
     #: (``layers = "each"``), known once the model is loaded.
     each_layer: tuple[str, ...] = ()
+    #: What its variants differ by in size (``SizeAxis``): the report draws each axis's chart and
+    #: sets every variant beside the others at equal parameter count. Empty: no sweep chart (the
+    #: variant still appears in the size comparison by its recorded parameter count).
+    size: tuple[SizeAxis, ...] = ()
     #: Checks the options against the loaded model before any work (a fraction a model's heads
     #: cannot realise, an unknown layout): ``check_model(adapter, options)`` raises a one-line
     #: ``PrunelabError``. ``prune()`` calls it before the strategy runs, and a study calls it for

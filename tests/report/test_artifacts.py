@@ -205,13 +205,18 @@ def test_charts_derive_from_the_stored_summary_alone(runs):
     assert embedded == {f"chart-{name}": spec for name, spec in specs.items()}
 
 
-def test_chart_parameters_from_params():
-    assert charts.removed_layer("magnitude", {"layers": 3}) is None  # only a depth strategy says what it removes
-    assert [charts.removed_layer("drop-layers", p) for p in ({"layers": 3}, {"layers": [4]}, {"layers": "5"},
-                                              {"layers": [1, 2]}, {"layers": "1,2"}, {})] == [3, 4, 5, None, None, None]
-    assert [charts.sparsity_percent(p) for p in ({"sparsity": 50}, {"sparsity": 0.3}, {"pattern": "2:4"},
-                                                 {"pattern": "4:8"}, {"layers": 1})] == [50, 30, 50, 50, None]
-    assert charts.series_label("magnitude", {"sparsity": 50, "order": "largest"}) == "magnitude order=largest"
+def test_a_summary_alone_reads_sizes_from_the_declarations():
+    """Without recorded sizes (a run made before them) the installed strategies' declarations apply."""
+    from prunelab.report.sizes import legacy_size
+
+    assert legacy_size("magnitude", {"layers": 3}, {}).sweep_layer is None  # only a depth strategy says what it removes
+    assert [legacy_size("drop-layers", p, {}).sweep_layer for p in ({"layers": 3}, {"layers": [4]}, {"layers": "5"},
+            {"layers": [1, 2]}, {"layers": "1,2"})] == [3, 4, 5, None, None]
+    assert [legacy_size("magnitude", p, {}).axis("weights").percent for p in (
+        {"sparsity": 50}, {"sparsity": 0.3}, {"pattern": "2:4"}, {"pattern": "4:8"})] == [50, 30, 50, 50]
+    assert legacy_size("drop-layers+lora", {"layers": 3}, {}).sweep_layer is None  # a healed twin is not the sweep's
+    assert legacy_size("drop-block", {"k": 2}, {"dropped_layers": [4, 5]}).layers_removed == 2  # what drop_layers said
+    assert charts.series_label("magnitude", {"sparsity": 50, "order": "largest"}, {"order"}) == "magnitude order=largest"
 
 
 def test_series_labels_name_only_the_settings_that_vary():
@@ -316,23 +321,28 @@ def test_answer_letters_chart_renders_without_a_vega_warning(tmp_path):
 
 
 def test_removal_plans_chart_has_one_line_per_plan_over_k():
+    from prunelab.report.sizes import AxisAmount, VariantSize
+
     def rows(variant, strategy, params, correct):
         return [{"variant": variant, "strategy": strategy, "params": json.dumps(params), "task": "mmlu",
                  "metric": "acc", "item_id": f"q{i}", "correct": i < correct, "nll_sum": None, "tokens": None}
                 for i in range(10)]
     plans = [("drop-least-important", {"metric": m}) for m in ("bi", "angular")] + [("drop-block", {})]
+    names = [(f"{strategy}{extra}[k={k}]", strategy, extra, k) for strategy, extra in plans for k in (1, 2, 3)]
     items = pl.DataFrame(rows("dense", "dense", {}, 8) + [
-        row for strategy, extra in plans for k in (1, 2, 3)
-        for row in rows(f"{strategy}{extra}[k={k}]", strategy, {**extra, "k": k}, 8 - k)
+        row for name, strategy, extra, k in names for row in rows(name, strategy, {**extra, "k": k}, 8 - k)
     ], infer_schema_length=None)
     summary = summarize(items)
-    spec = charts.build_charts(summary)["removal_plans"].to_dict()
+    # as the runner records them: the layers each plan actually removed
+    sizes = {name: VariantSize(removed_layers=tuple(range(k)), axes=(AxisAmount("layers", "k", "layers removed", k),))
+             for name, _, _, k in names}
+    spec = charts.build_charts(summary, sizes=sizes)["removal_plans"].to_dict()
     points = [r for r in inline_values(spec) if r["strategy"] != "dense"]
     assert sorted((p["series"], p["layers_removed"], p["value"]) for p in points) == sorted(
         (label, k, (8 - k) / 10) for label in ("drop-least-important metric=bi", "drop-least-important metric=angular",
                                                "drop-block") for k in (1, 2, 3))
     assert {r["value"] for r in inline_values(spec) if r["strategy"] == "dense"} == {0.8}
-    assert "layer_sweep" not in charts.build_charts(summary)  # K-layer plans are not a single-layer sweep
+    assert "layer_sweep" not in charts.build_charts(summary, sizes=sizes)  # K-layer plans are not a single-layer sweep
 
 
 def test_a_third_party_mean_metric_flows_from_records_to_the_report(tmp_path):

@@ -15,7 +15,7 @@ import torch
 
 from prunelab.errors import PrunelabError
 from prunelab.model import drop_layers
-from prunelab.plugin import Option, Strategy, hookimpl
+from prunelab.plugin import Option, SizeAxis, Strategy, hookimpl
 from prunelab.prune import PruneContext
 
 
@@ -51,4 +51,5 @@ def prunelab_strategies() -> list[Strategy]:
                  Option("count", int, 1, "how many consecutive layers", check=_positive)),
         removes_layers=removed,
         each_layer=("start",),
+        size=(SizeAxis("layers", option="count", label="layers removed"),),  # counted on the model, not read from count
     )]

@@ -21,6 +21,7 @@ from prunelab.prune import (
     sparsity_report,
     targets_from_options,
     weight_pruning_options,
+    weights_axis,
 )
 
 
@@ -45,4 +46,5 @@ def prunelab_strategies() -> list[Strategy]:
         description="seeded random pruning of the decoder Linear weights (a baseline)",
         prune=prune,
         options=weight_pruning_options(),
+        size=(weights_axis(),),  # the sparsity chart and the size comparison place it by its sparsity
     )]

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from prunelab.model import WidthScores, prune_width, width_options, width_targets_from_options
+from prunelab.model import WidthScores, prune_width, width_axes, width_options, width_targets_from_options
 from prunelab.plugin import Strategy, hookimpl
 
 
@@ -34,4 +34,5 @@ def prunelab_strategies() -> list[Strategy]:
         prune=prune,
         options=width_options(),  # mlp, heads, hidden, heads_mode: the same as the built-in width's
         check_model=width_targets_from_options,  # checked against the model before any variant is pruned
+        size=width_axes(),  # a width chart per axis; the size comparison places it by its parameters
     )]

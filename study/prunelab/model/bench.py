@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,39 @@ SEMI_STRUCTURED_NEEDS_CUDA = (
 def parameter_count(model: nn.Module) -> int:
     """Distinct parameters (a tied head is the embedding, counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """A model's size as a study compares it: every distinct parameter, those outside the token
+    embedding and an untied output head (the "non-embedding" count of the scaling-law papers), and
+    how many of them are exactly zero (unstructured pruning stores its zeros: the count stays)."""
+
+    total: int
+    non_embedding: int
+    zeros: int
+
+    def without(self, other: ParameterCounts) -> ParameterCounts:
+        """These counts less a part of the model (one decoder layer's, for a layer-sweep variant)."""
+        return ParameterCounts(self.total - other.total, self.non_embedding - other.non_embedding,
+                               self.zeros - other.zeros)
+
+
+def parameter_counts(adapter: Adapter) -> ParameterCounts:
+    """Count the parameters of a (pruned) model; a tied head is the embedding, counted once."""
+    params = list(adapter.model.parameters())  # distinct tensors: a tied weight appears once
+    embedding = {id(p) for module in (adapter.embedding, adapter.head) for p in module.parameters()}
+    return ParameterCounts(
+        total=sum(p.numel() for p in params),
+        non_embedding=sum(p.numel() for p in params if id(p) not in embedding),
+        zeros=sum(int((p == 0).sum()) for p in params))
+
+
+def module_parameter_counts(module: nn.Module) -> ParameterCounts:
+    """The counts of one part of a model (a decoder layer holds no embedding)."""
+    params = list(module.parameters())
+    total = sum(p.numel() for p in params)
+    return ParameterCounts(total, total, sum(int((p == 0).sum()) for p in params))
 
 
 def parameter_bytes(model: nn.Module) -> int:

@@ -68,6 +68,9 @@ def save_pruned(loaded, out_dir: str | os.PathLike, report: Mapping[str, Any], *
     ``extra_files(folder)`` writes more files (a healing adapter) into the folder before it is renamed
     into place, so they are part of the same all-or-nothing write.
     """
+    from prunelab.model.surgery import check_config_shapes
+
+    check_config_shapes(loaded.model, f"model for {out_dir}")  # never write a folder that cannot load
     target = Path(out_dir).expanduser().resolve()
     if target.exists() and not target.is_dir():
         raise PrunelabError(f"output {target} exists and is not a folder")

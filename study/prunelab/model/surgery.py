@@ -152,3 +152,37 @@ def _update_config(config, old_count: int, keep: list[int]) -> list[str]:
             changed.append(key)
     config.num_hidden_layers = len(keep)
     return changed
+
+
+def check_config_shapes(model: nn.Module, who: str = "the model") -> None:
+    """Refuse a model whose weights do not fit the config it will be saved with, naming the tensor.
+
+    A structural strategy that shrinks a tensor (an MLP's channels, a head) must update the config
+    too, or the saved folder will not load (transformers refuses mismatched sizes with a traceback).
+    The model class is built from the config on the meta device (no memory, no weights) and every
+    state-dict entry's shape is compared with it.
+    """
+    import copy
+
+    import torch
+
+    state = model.state_dict()
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+    except Exception as exc:  # any failure to build the class from this config is the same refusal
+        raise PrunelabError(f"{who}: the config it would be saved with does not build a "
+                            f"{type(model).__name__} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+    expected = {name: tuple(t.shape) for name, t in fresh.state_dict().items()}
+    for name, tensor in state.items():
+        want = expected.get(name)
+        if want is None:
+            raise PrunelabError(f"{who}: tensor {name} {tuple(tensor.shape)} has no place in the model its config "
+                                "describes; update model.config with the structure")
+        if tuple(tensor.shape) != want:
+            raise PrunelabError(f"{who}: tensor {name} has shape {tuple(tensor.shape)} but the config it would be saved "
+                                f"with gives {want}; update model.config with the new sizes")
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise PrunelabError(f"{who}: tensor {missing[0]} that its config describes is missing from the model "
+                            f"({len(missing)} missing); update model.config with the structure")

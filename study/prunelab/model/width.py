@@ -41,6 +41,7 @@ from torch import nn
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter, as_adapter
 from prunelab.options import Option
+from prunelab.plugin import SizeAxis
 
 AXES = ("mlp", "heads", "hidden")
 #: How ``heads`` removes heads under GQA: whole KV groups (their query heads go with them), or the
@@ -316,6 +317,15 @@ def width_options() -> tuple[Option, ...]:
                "GQA: 'query' removes the same number of query heads from every KV group (KV heads stay), "
                "'groups' removes whole KV groups with their query heads", choices=HEAD_MODES),
     )
+
+
+AXIS_LABELS = {"mlp": "MLP channels", "heads": "attention heads", "hidden": "hidden channels"}
+
+
+def width_axes() -> tuple[SizeAxis, ...]:
+    """The size axes of the options of ``width_options()`` (``Strategy.size``): one width chart each,
+    and a variant removing along several at once is "combined width" in the size comparison."""
+    return tuple(SizeAxis("width", option=axis, label=AXIS_LABELS[axis]) for axis in AXES)
 
 
 def width_targets_from_options(model_or_adapter, options: Mapping[str, Any]) -> WidthTargets:

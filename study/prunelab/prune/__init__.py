@@ -11,6 +11,7 @@ from prunelab.prune.layer_scores import (
     METRICS,
     best_block,
     check_removal_count,
+    layer_count_axis,
     layer_count_option,
     plan_greedy,
     plan_greedy_by_task,
@@ -34,6 +35,7 @@ from prunelab.prune.masks import (
     sparsity_report,
     targets_from_options,
     weight_pruning_options,
+    weights_axis,
 )
 from prunelab.prune.owl import allocation_options, layer_sparsities, target_fractions, wanda_scores
 from prunelab.prune.recovery import RecoveryContext
@@ -41,9 +43,9 @@ from prunelab.prune.recovery import RecoveryContext
 __all__ = [
     "METRICS", "ORDERS", "SCOPES", "CalibrationSpec", "InputNorms", "LayerStep", "MaskSet", "PruneContext",
     "PruneReport", "RecoveryContext", "Statistic", "allocation_options", "apply_mask", "best_block",
-    "calibrated_prune", "calibration_samples", "check_removal_count", "count_to_prune", "layer_count_option",
+    "calibrated_prune", "calibration_samples", "check_removal_count", "count_to_prune", "layer_count_axis", "layer_count_option",
     "layer_sparsities", "magnitude_scores", "mask_from_scores", "nm_mask", "pattern_option", "plan_greedy",
     "plan_greedy_by_task", "prune", "representation_stats", "resolve_sparsity", "run_layerwise",
     "samples_for_context", "score_layers", "sparsity_option", "sparsity_report", "target_fractions",
-    "targets_from_options", "wanda_scores", "weight_pruning_options",
+    "targets_from_options", "wanda_scores", "weight_pruning_options", "weights_axis",
 ]

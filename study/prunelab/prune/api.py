@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-from prunelab.model.adapter import Adapter, as_adapter
+from prunelab.errors import PrunelabError
+from prunelab.model.adapter import Adapter, adapt, as_adapter
+from prunelab.model.surgery import check_config_shapes
 from prunelab.prune.masks import MaskSet, check_achieved_sparsity, validate_options
 
 
@@ -34,7 +36,11 @@ class PruneContext:
 
 
 class PruneReport(dict):
-    """The JSON-able report of a prune (a dict), with the strategy's masks attached as ``.masks``."""
+    """The JSON-able report of a prune (a dict), with the strategy's masks attached as ``.masks``.
+
+    ``removed_layers`` (also in the dict): the decoder layers that are no longer in the model,
+    read from the model after the strategy ran, whatever the strategy says about itself.
+    """
 
     masks: MaskSet | None = None
 
@@ -61,7 +67,11 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
     )
     strategy.check_for_model(adapter, validated)  # before any calibration or change
     params_before = sum(p.numel() for p in adapter.model.parameters())
+    original = {id(layer): index for index, layer in enumerate(adapter.layers)}
     result = strategy.prune(adapter.model, validated, context) or {}
+    check_config_shapes(context.adapter.model, f"strategy '{strategy.name}'")  # before anyone saves or scores it
+    removed = removed_layers(original, adapt(context.adapter.model))
+    check_declared_layers(strategy, validated, removed)
     check_achieved_sparsity(strategy, validated, context.masks)  # the variant's name must be what was done
     report = PruneReport(
         strategy=strategy.name,
@@ -71,5 +81,24 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
         parameters={"before": params_before, "after": sum(p.numel() for p in context.adapter.model.parameters())},
         **result,
     )
+    report["removed_layers"] = removed
     report.masks = context.masks
     return report
+
+
+def removed_layers(original: dict[int, int], after: Adapter) -> list[int]:
+    """The original indices of the decoder layers no longer in the model (by module identity).
+
+    ``original``: id of each decoder layer module before pruning -> its index then.
+    """
+    kept = {original[id(layer)] for layer in after.layers if id(layer) in original}
+    return sorted(set(original.values()) - kept)
+
+
+def check_declared_layers(strategy, options: dict[str, Any], removed: list[int]) -> None:
+    """A strategy that declares its layers (``removes_layers``) must have removed exactly those:
+    the layer sweep and the layer chart trust the declaration without building the model."""
+    declared = strategy.removed_layers(options)
+    if declared is not None and sorted(declared) != removed:
+        raise PrunelabError(f"strategy '{strategy.name}' declares it removes layers {sorted(declared)} "
+                            f"but removed {removed}")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter, layer_input, layer_output
 from prunelab.options import Option
+from prunelab.plugin import SizeAxis
 from prunelab.prune.calibration import CalibrationSpec, model_samples
 
 METRICS = ("bi", "angular", "ppl")
@@ -252,6 +253,11 @@ def layer_count_option() -> Option:
     """The plans' ``k``: how many layers to remove (checked against the model's depth when pruning)."""
     return Option("k", int, None, "number of decoder layers to remove (at least 1, fewer than the model has)",
                   check=lambda k: None if k >= 1 else "must be at least 1", required=True)
+
+
+def layer_count_axis() -> SizeAxis:
+    """The plans' size axis: how many decoder layers went (read from the pruned model, not from ``k``)."""
+    return SizeAxis("layers", option="k", label="layers removed")
 
 
 def check_removal_count(k: int, num_layers: int, what: str = "layers to remove") -> None:

@@ -35,6 +35,7 @@ from torch import nn
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter, as_adapter
 from prunelab.options import Option
+from prunelab.plugin import SizeAxis
 
 SCOPES = ("global", "layer", "row")
 ORDERS = ("smallest", "largest")
@@ -146,6 +147,12 @@ def target_options() -> tuple[Option, ...]:
 def weight_pruning_options(default_sparsity: float | None = None) -> tuple[Option, ...]:
     """sparsity + pattern + target flags: the options every weight-pruning strategy shares."""
     return (sparsity_option(default_sparsity), pattern_option(), *target_options())
+
+
+def weights_axis() -> SizeAxis:
+    """The size axis of every weight-pruning strategy: the fraction of target weights zeroed, as
+    ``resolve_sparsity`` reads the options (an N:M pattern fixes it; unset means 50 %)."""
+    return SizeAxis("weights", option="sparsity", label="sparsity", amount=lambda options: resolve_sparsity(options)[0])
 
 
 def check_sparsity_pattern(options: Mapping[str, Any], owner: str = "options") -> None:

@@ -28,8 +28,10 @@ from prunelab.readers import LINK_REFUSED, atomic_write, refuse_links, staging_f
 from prunelab.records import json_digest
 from prunelab.report import fidelity, pages
 from prunelab.report.charts import baseline_history_chart, build_charts
+from prunelab.report.equalsize import equal_size_table
 from prunelab.report.findings import findings, headline
 from prunelab.report.healstats import healing_table
+from prunelab.report.sizes import VariantSize, run_sizes
 from prunelab.report.stats import harm_order, statistics_manifest, summarize
 from prunelab.versions import code_version, git_commit
 
@@ -141,9 +143,13 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     healing = healing_table(items, summary)  # healed variants (``[recovery]``) vs their unhealed selves
     if healing.height:
         files += write_tables(folder, None, None, extra={"healing": healing})
+    sizes = run_sizes(manifest, list(summary.select("variant", "strategy", "params").unique(maintain_order=True).iter_rows()))
+    equal_size = equal_size_table(items, summary, sizes, bench)
+    if equal_size.height:
+        files += write_tables(folder, None, None, extra={"equal_size": equal_size})
     extras = fidelity.summary_records(items)
-    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
-    charts.update(extra_charts(extras))
+    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items), sizes=sizes)
+    charts.update(extra_charts(extras, sizes))
     specs = {name: chart.to_dict() for name, chart in charts.items()}
     files += write_charts(folder / "charts", specs)
     full_manifest = {
@@ -154,8 +160,9 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     }
     _write_text(folder / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
     report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
-                               bench.to_dicts() if bench is not None else None, findings=findings(summary),
+                               bench.to_dicts() if bench is not None else None, findings=findings(summary, sizes),
                                extra_sections=pages.sensitive_sections(extras),
+                               equal_size=equal_size.to_dicts(),
                                healing_rows=healing.to_dicts() if healing.height else None)
     _write_text(folder / "report.html", report)
     return full_manifest
@@ -245,12 +252,12 @@ def declared_tolerances(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def extra_charts(extras: Mapping[str, list[dict[str, Any]]], sizes: Mapping[str, VariantSize]) -> dict[str, Any]:
     """Charts of the metrics that see harm at chance (``fidelity.summary_records``)."""
     from prunelab.report.charts import answer_letters_chart, fidelity_chart, fidelity_layer_chart
 
     charts = {"fidelity": fidelity_chart(extras.get("fidelity", [])),
-              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", [])),
+              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", []), dict(sizes)),
               "answer_letters": answer_letters_chart(extras.get("answer_letters", []))}
     return {name: chart for name, chart in charts.items() if chart is not None}
 

@@ -2,14 +2,16 @@
 
 Every chart shows the uncertainty next to the number: a 95% CI band or error bar, the dense model as
 a reference rule, and the paired test's verdict (triangles mark significant drops vs dense), so a
-reader can tell a real effect from subset noise. A variant's settings come from its ``params`` JSON:
-``layers`` (one removed layer: ``3``, ``[3]`` or ``"3"``) for the layer sweep, ``sparsity`` (percent,
-or a fraction below 1) or an N:M ``pattern`` for the sparsity sweep.
+reader can tell a real effect from subset noise. Where a variant sits on a sweep comes from its size
+record (``report.sizes.VariantSize``: the layers it removed and its parameter counts, recorded at run
+time, and its strategy's declared ``SizeAxis`` amounts), never from an option's name: the layer sweep
+draws one-layer removals by index, "remove K layers" draws the layers a plan actually removed, the
+sparsity chart a ``weights`` axis, one chart per ``width`` axis, and the size comparison every variant
+at its parameter count.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from typing import Any
@@ -17,12 +19,9 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from prunelab.errors import PrunelabError
-from prunelab.prune.masks import Percentage, parse_pattern
 from prunelab.records import DENSE
-from prunelab.registry import default_registry
+from prunelab.report.sizes import VariantSize, slug, summary_sizes
 
-SWEPT = {"sparsity", "k"}  # the x axis of a sweep, never part of a series' label
 PANEL_WIDTH = 360
 PANEL_HEIGHT = 240
 SIGNIFICANT = "worse (Holm p<0.05)"
@@ -39,35 +38,44 @@ VERDICT_COLOURS = alt.Scale(domain=VERDICT_DOMAIN, range=["#c0392b", "#27ae60", 
 OUTLIER_IQRS = 3.0  # a layer further than this many interquartile ranges out is clipped and labelled
 
 
-def build_charts(summary: pl.DataFrame, bench: pl.DataFrame | None = None, chance: dict[str, float] | None = None) -> dict[str, alt.TopLevelMixin]:
+def build_charts(summary: pl.DataFrame, bench: pl.DataFrame | None = None, chance: dict[str, float] | None = None,
+                 sizes: dict[str, VariantSize] | None = None) -> dict[str, alt.TopLevelMixin]:
     """Every chart the summary (and the bench table, when measured) has data for, by file-name-safe name.
 
     ``chance``: a task's chance accuracy (``fidelity.chance_levels``), drawn as a dotted line.
+    ``sizes``: each variant's size record (``sizes.run_sizes``); without them, today's declarations
+    on the stored options (``sizes.summary_sizes``: no parameter counts, no plan's layers).
     """
-    rows = with_chance(chart_rows(summary), summary, chance or {})
+    sizes = sizes if sizes is not None else summary_sizes(summary)
+    rows = with_chance(chart_rows(summary, sizes), summary, chance or {})
     charts = {
         "layer_sweep": layer_sweep_chart(rows),
         "sparsity_sweep": sparsity_chart(rows),
         "removal_plans": removal_plans_chart(rows),
+        **width_charts(rows, sizes),
+        "size_comparison": size_comparison_chart(rows, sizes, method_labels(summary, sizes)),
         "dense_vs_pruned": dense_vs_pruned_chart(rows),
-        "quality_vs_speed": quality_vs_speed_chart(rows, bench),
+        "quality_vs_speed": quality_vs_speed_chart(rows, bench, method_labels(summary, sizes)),
     }
     return {name: chart for name, chart in charts.items() if chart is not None}
 
 
-def chart_rows(summary: pl.DataFrame) -> list[dict[str, Any]]:
+def chart_rows(summary: pl.DataFrame, sizes: dict[str, VariantSize] | None = None) -> list[dict[str, Any]]:
     """Summary rows reduced to what the charts plot and show in tooltips (the spec embeds them)."""
+    sizes = sizes if sizes is not None else summary_sizes(summary)
     records = [(row, json.loads(row["params"] or "{}")) for row in summary.iter_rows(named=True)]
     varying = varying_settings([(row["strategy"], params) for row, params in records])
     rows = []
     for row, params in records:
         value = row["value"] if "value" in row else row["accuracy"] if row["kind"] == "accuracy" else row["perplexity"]
+        size = sizes.get(row["variant"], VariantSize())
+        weights = size.axis("weights")
         rows.append({
             **{k: _finite(row[k]) for k in CHART_FIELDS}, "value": _finite(value),
-            "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(row["strategy"], params),
-            "sparsity": sparsity_percent(params), "layers_removed": layers_removed(params),
+            "panel": f"{row['task']} · {row['metric']}", "layer": size.sweep_layer,
+            "sparsity": weights.percent if weights else None, "layers_removed": size.layers_removed,
             "verdict": verdict(row),
-            "series": series_label(row["strategy"], params, varying.get(row["strategy"], set())),
+            "series": series_label(row["strategy"], params, varying.get(row["strategy"], set()) - size.swept_options),
         })
     return rows
 
@@ -86,43 +94,13 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def removed_layer(strategy: str, params: dict[str, Any]) -> int | None:
-    """The one removed layer of a single-layer removal, as its strategy declares; else None.
+def series_label(strategy: str, params: dict[str, Any], keys: set[str]) -> str:
+    """One line per strategy and setting, e.g. ``magnitude order=largest``.
 
-    Multi-layer removals are not a sweep; which options name the layers is the strategy's business
-    (``Strategy.removes_layers``), so a third-party depth strategy is on the layer chart too.
+    ``keys``: the settings to name -- those that vary in the study, less the options that set a
+    size axis (the sweep's x, declared by the strategy).
     """
-    return default_registry().removed_layer(strategy, params)
-
-
-def layers_removed(params: dict[str, Any]) -> int | None:
-    """K of a removal plan (``drop-least-important``, ``drop-block``, ``drop-greedy``: option ``k``)."""
-    k = params.get("k")
-    return k if isinstance(k, int) and not isinstance(k, bool) else None
-
-
-def sparsity_percent(params: dict[str, Any]) -> float | None:
-    """Sparsity in percent, read as the strategies read it (``prune.masks``): ``sparsity`` (a fraction
-    below 1 is scaled, ``"0.5%"`` is half a percent) or 1 - N/M of an N:M pattern; None for neither."""
-    sparsity = params.get("sparsity")
-    if sparsity is not None:
-        with contextlib.suppress(TypeError, ValueError):
-            return float(Percentage(sparsity))
-    pattern = params.get("pattern")
-    if isinstance(pattern, str):
-        with contextlib.suppress(PrunelabError):
-            if (nm := parse_pattern(pattern)) is not None:
-                return 100 * (1 - nm[0] / nm[1])
-    return None
-
-
-def series_label(strategy: str, params: dict[str, Any], keys: set[str] | None = None) -> str:
-    """One line per strategy and setting other than the swept one, e.g. ``magnitude order=largest``.
-
-    ``keys`` limits the label to those settings (the ones that vary in the study).
-    """
-    settings = [f"{k}={v}" for k, v in sorted(params.items())
-                if k not in SWEPT and (keys is None or k in keys)]
+    settings = [f"{k}={v}" for k, v in sorted(params.items()) if k in keys]
     return " ".join([strategy, *settings])
 
 
@@ -255,8 +233,100 @@ def _series_sweep(rows: list[dict[str, Any]], field: str, x: alt.X, title: str) 
     return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(title=title)
 
 
-def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | None) -> alt.TopLevelMixin | None:
-    """Each task's value against the variant's measured decode speedup over dense (x = 1 is dense).
+def width_charts(rows: list[dict[str, Any]], sizes: dict[str, VariantSize]) -> dict[str, alt.TopLevelMixin | None]:
+    """One sweep chart per declared width axis (by its label): the variants that remove along that
+    axis alone, against the fraction removed. A variant shrinking several axes at once (combined
+    width) is on none of these: the size comparison sets it beside the others."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        size = sizes.get(row["variant"], VariantSize())
+        if len(axes := size.width_axes) == 1:
+            by_label.setdefault(axes[0].label or axes[0].option or "width", []).append({**row, "width": axes[0].percent})
+    charts = {}
+    for label, points in by_label.items():
+        x = alt.X("width:Q", title=f"{label} removed (%)", scale=alt.Scale(domain=[0, 100]))
+        with_dense = [*points, *({**r, "width": None} for r in rows if r["strategy"] == DENSE)]
+        charts[f"width_sweep_{slug(label)}"] = _series_sweep(
+            with_dense, "width", x, f"Prune width ({label}): effect on each task (95% CI bands, dashed = dense)")
+    return charts
+
+
+def size_points(rows: list[dict[str, Any]], sizes: dict[str, VariantSize], methods: dict[str, str]) -> list[dict[str, Any]]:
+    """Chart rows placed at their size: ``kept`` = parameters as a percentage of dense's, ``method`` a line.
+
+    A variant that only zeroes weights keeps dense's tensors: it is placed at its non-zero count
+    (parameters less the zeros it added), for reference, and its line says so. One-layer-sweep
+    variants are a diagnosis (which layer matters), not a method: the depth methods are the plans.
+    """
+    dense = sizes.get(DENSE)
+    if dense is None or not dense.parameters:
+        return []
+    points = []
+    for row in rows:
+        size = sizes.get(row["variant"])
+        if size is None or size.parameters is None or size.sweep_layer is not None:
+            continue
+        placed = effective_parameters(size, dense)
+        points.append({**row, "parameters": placed, "kept": round(100 * placed / dense.parameters, 6),
+                       "method": methods.get(row["variant"], row["variant"])})
+    return points
+
+
+def method_labels(summary: pl.DataFrame, sizes: dict[str, VariantSize]) -> dict[str, str]:
+    """Each variant's line in the size comparison (``method_label``), dense as ``dense``."""
+    records = [(row, json.loads(row["params"] or "{}")) for row in
+               summary.select("variant", "strategy", "params").unique(maintain_order=True).iter_rows(named=True)]
+    varying = varying_settings([(row["strategy"], params) for row, params in records])
+    labels = {}
+    for row, params in records:
+        size = sizes.get(row["variant"], VariantSize())
+        keys = varying.get(row["strategy"], set()) - size.axis_options
+        labels[row["variant"]] = DENSE if row["strategy"] == DENSE else method_label(
+            series_label(row["strategy"], params, keys), size)
+    return labels
+
+
+def effective_parameters(size: VariantSize, dense: VariantSize) -> int:
+    """Where a variant stands in size: its parameter count, less the zeros it added for weight pruning."""
+    if size.axis("weights") is None or size.zero_parameters is None or dense.zero_parameters is None:
+        return int(size.parameters)
+    return int(size.parameters - max(0, size.zero_parameters - dense.zero_parameters))
+
+
+def method_label(series: str, size: VariantSize) -> str:
+    """A line of the size comparison: the series (strategy and varying settings), the width axes a
+    multi-axis strategy removed along (``width mlp+heads``), and "non-zero" for weight pruning."""
+    declared = [a for a in size.axes if a.kind == "width"]
+    if len(declared) > 1:
+        series = f"{series} {'+'.join(a.option or a.label for a in size.width_axes) or 'none'}"
+    if size.axis("weights") is not None:
+        series = f"{series} (non-zero weights, reference)"
+    return series
+
+
+def size_comparison_chart(rows: list[dict[str, Any]], sizes: dict[str, VariantSize],
+                          methods: dict[str, str]) -> alt.TopLevelMixin | None:
+    """Each task against the parameters kept (% of dense): one line per method, so methods are
+    compared at equal size (the report's table pairs the best against the runner-up)."""
+    points = [p for p in size_points(rows, sizes, methods) if p["strategy"] != DENSE]
+    if not points:
+        return None
+    dense = [r for r in rows if r["strategy"] == DENSE]
+    x = alt.X("kept:Q", title="parameters kept (% of dense)", scale=alt.Scale(zero=False, reverse=True))
+    panels = []
+    for panel in dict.fromkeys(p["panel"] for p in points):
+        data = sorted((p for p in points if p["panel"] == panel), key=lambda p: -p["kept"])
+        kind = data[0]["kind"]
+        title = f"{panel} (log scale)" if kind == "perplexity" else panel
+        panels.append(_sweep_panel(data, [r for r in dense if r["panel"] == panel], x, "method", kind, title))
+    return alt.concat(*panels, columns=2).resolve_scale(color="shared").properties(
+        title="At equal size: each method's quality against the parameters it keeps (95% CI bands, dashed = dense)")
+
+
+def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | None,
+                           methods: dict[str, str] | None = None) -> alt.TopLevelMixin | None:
+    """Each task's value against the variant's measured decode speedup over dense (x = 1 is dense),
+    one line per method.
 
     What a deployer weighs: a variant up and to the right is both faster and as good. Unstructured
     sparsity sits at x ~ 1 (zeros in dense matrices cost the same); layer removal moves right.
@@ -265,7 +335,9 @@ def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | Non
         return None
     speed = {r["variant"]: r for r in bench.select("variant", "decode_speedup", "prefill_speedup", "parameters")
              .iter_rows(named=True)}
-    points = [{**r, **speed[r["variant"]]} for r in rows if r["variant"] in speed]
+    methods = methods or {}
+    points = [{**r, **speed[r["variant"]], "method": methods.get(r["variant"], r["series"])}
+              for r in rows if r["variant"] in speed]
     if not points:
         return None
     x = alt.X("decode_speedup:Q", title="decode speedup vs dense (batch 1)", scale=alt.Scale(zero=False))
@@ -273,15 +345,19 @@ def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | Non
                alt.Tooltip("parameters:Q", format=",")]
     panels = []
     for panel in dict.fromkeys(r["panel"] for r in points):
-        data = [r for r in points if r["panel"] == panel]
+        data = sorted((r for r in points if r["panel"] == panel), key=lambda r: r["decode_speedup"] or 0.0)
         kind = data[0]["kind"]
         title = f"{panel} (log scale)" if kind == "perplexity" else panel
-        panels.append(alt.Chart(alt.Data(values=data)).mark_point(filled=True, size=60).encode(
-            x=x, y=_y(kind, title), color=alt.Color("strategy:N", legend=alt.Legend(orient="bottom")),
-            shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
-            tooltip=tooltip).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT))
+        color = alt.Color("method:N", legend=alt.Legend(orient="bottom", columns=1))
+        base = alt.Chart()
+        panels.append(alt.layer(
+            base.mark_line(opacity=0.6).encode(x=x, y=_y(kind, title), color=color),
+            base.mark_point(filled=True, size=60).encode(
+                x=x, y=_y(kind, title), color=color,
+                shape=alt.Shape("verdict:N", title="vs dense", scale=VERDICTS, legend=alt.Legend(orient="bottom")),
+                tooltip=tooltip), data=alt.Data(values=data)).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT))
     return alt.concat(*panels, columns=2).properties(
-        title="Quality against measured speed: every variant (shape = paired test vs dense)")
+        title="Quality against measured speed: one line per method (shape = paired test vs dense)")
 
 
 def dense_vs_pruned_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
@@ -444,9 +520,9 @@ def fidelity_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
         title="Fidelity to the dense model on the same WikiText windows (median window, 95% intervals over windows)")
 
 
-def fidelity_layer_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+def fidelity_layer_chart(fidelity: list[dict[str, Any]], sizes: dict[str, VariantSize]) -> alt.TopLevelMixin | None:
     """Mean KL to dense (log scale) and top-1 agreement vs the removed layer, with 95% bands over windows."""
-    points = [{**r, "layer": removed_layer(r["strategy"], json.loads(r.get("params") or "{}"))} for r in fidelity]
+    points = [{**r, "layer": sizes.get(r["variant"], VariantSize()).sweep_layer} for r in fidelity]
     points = [p for p in points if p["layer"] is not None and p.get("kl_median") is not None and p["kl_median"] > 0]
     if not points:
         return None

@@ -16,7 +16,8 @@ from typing import Any
 import polars as pl
 
 from prunelab.records import DENSE
-from prunelab.report.charts import removed_layer, series_label, sparsity_percent, varying_settings
+from prunelab.report.charts import series_label, varying_settings
+from prunelab.report.sizes import VariantSize, summary_sizes
 from prunelab.report.stats import (
     ALPHA,
     BETTER,
@@ -160,41 +161,52 @@ def headline_sentence(h: dict[str, Any]) -> str:
     return text
 
 
-def findings(summary: pl.DataFrame) -> list[dict[str, Any]]:
-    """Per task and metric: the headline, the ranking, safe layers, sparsity cliffs, best methods."""
+def findings(summary: pl.DataFrame, sizes: dict[str, VariantSize] | None = None) -> list[dict[str, Any]]:
+    """Per task and metric: the headline, the ranking, safe layers, sparsity cliffs, best methods.
+
+    ``sizes``: each variant's size record (``sizes.run_sizes``): which variants are one-layer
+    removals and which prune weights, and how much.
+    """
+    sizes = sizes if sizes is not None else summary_sizes(summary)
     blocks = []
     heads = {(h["task"], h["metric"]): h for h in headline(summary)}
     for (task, metric), group in summary.group_by(["task", "metric"], maintain_order=True):
         ranked = harm_order(group.filter((pl.col("strategy") != DENSE) & pl.col("p_value").is_not_null())).to_dicts()
         blocks.append({
             "task": task, "metric": metric, "headline": heads[(task, metric)], "ranked": ranked,
-            "safe_layers": safe_layers(ranked), "layers_tested": sum(_layer(r) is not None for r in ranked),
-            "cliffs": sparsity_cliffs(ranked), "best_by_sparsity": best_by_sparsity(ranked),
+            "safe_layers": safe_layers(ranked, sizes), "layers_tested": sum(_layer(r, sizes) is not None for r in ranked),
+            "cliffs": sparsity_cliffs(ranked, sizes), "best_by_sparsity": best_by_sparsity(ranked, sizes),
         })
     return blocks
 
 
-def _layer(row: dict[str, Any]) -> int | None:
-    return removed_layer(row["strategy"], json.loads(row["params"] or "{}"))
+def _layer(row: dict[str, Any], sizes: dict[str, VariantSize]) -> int | None:
+    return sizes.get(row["variant"], VariantSize()).sweep_layer
 
 
-def safe_layers(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def safe_layers(ranked: list[dict[str, Any]], sizes: dict[str, VariantSize]) -> list[dict[str, Any]]:
     """Single-layer removals not detectably harmful after Holm (not underpowered), least harmful first."""
-    return [r for r in ranked if _layer(r) is not None and r["verdict"] not in (WORSE, BEYOND, UNDERPOWERED)][::-1]
+    return [r for r in ranked if _layer(r, sizes) is not None and r["verdict"] not in (WORSE, BEYOND, UNDERPOWERED)][::-1]
 
 
-def _sparsity_rows(ranked: list[dict[str, Any]]) -> list[tuple[str, float, dict[str, Any]]]:
-    """(series label, sparsity %, row) of every weight-pruning variant."""
+def _sparsity_rows(ranked: list[dict[str, Any]], sizes: dict[str, VariantSize]) -> list[tuple[str, float, dict[str, Any]]]:
+    """(series label, sparsity %, row) of every weight-pruning variant (a declared ``weights`` axis)."""
     params = [(r, json.loads(r["params"] or "{}")) for r in ranked]
     varying = varying_settings([(r["strategy"], p) for r, p in params])
-    return [(series_label(r["strategy"], p, varying.get(r["strategy"], set())), s, r)
-            for r, p in params if (s := sparsity_percent(p)) is not None]
+    rows = []
+    for r, p in params:
+        size = sizes.get(r["variant"], VariantSize())
+        weights = size.axis("weights")
+        if weights is not None and weights.percent is not None:
+            keys = varying.get(r["strategy"], set()) - size.swept_options
+            rows.append((series_label(r["strategy"], p, keys), weights.percent, r))
+    return rows
 
 
-def sparsity_cliffs(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sparsity_cliffs(ranked: list[dict[str, Any]], sizes: dict[str, VariantSize]) -> list[dict[str, Any]]:
     """For each method: the lowest sparsity with a significant loss (None: none up to the highest tried)."""
     series: dict[str, list[tuple[float, dict[str, Any]]]] = {}
-    for label, sparsity, row in _sparsity_rows(ranked):
+    for label, sparsity, row in _sparsity_rows(ranked, sizes):
         series.setdefault(label, []).append((sparsity, row))
     cliffs = []
     for label, points in series.items():
@@ -206,22 +218,23 @@ def sparsity_cliffs(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return cliffs
 
 
-def best_by_sparsity(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def best_by_sparsity(ranked: list[dict[str, Any]], sizes: dict[str, VariantSize]) -> list[dict[str, Any]]:
     """At each sparsity tried by more than one method: the least harmful one."""
     by_level: dict[float, list[tuple[str, dict[str, Any]]]] = {}
-    for label, sparsity, row in _sparsity_rows(ranked):
+    for label, sparsity, row in _sparsity_rows(ranked, sizes):
         by_level.setdefault(sparsity, []).append((label, row))
     best = []
     for sparsity in sorted(by_level):
         candidates = by_level[sparsity]
         if len(candidates) < 2:
             continue
-        label, row = min(candidates, key=lambda c: _harm(c[1]))
+        label, row = min(candidates, key=lambda c: harm(c[1]))
         best.append({"sparsity": sparsity, "method": label, "row": row, "of": len(candidates)})
     return best
 
 
-def _harm(row: dict[str, Any]) -> float:
+def harm(row: dict[str, Any]) -> float:
+    """How bad a change vs dense is, on a scale where larger is worse (any metric, either direction)."""
     change = row["rel_change"] if row["rel_change"] is not None else row["diff_vs_dense"]
     if change is None or not math.isfinite(change):
         return math.inf

@@ -57,14 +57,14 @@ def sweep_harm(summary: pl.DataFrame, num_layers: int) -> dict[tuple[str, str, s
     Harm is the accuracy drop vs dense (dense - variant, on the same items) or the perplexity
     increase (variant - dense), so for every task a larger value means the layer mattered more.
     """
-    from prunelab.report.charts import removed_layer
+    from prunelab.report.sizes import legacy_size
 
     missing = [c for c in SWEEP_COLUMNS if c not in summary.columns]
     if missing:
         raise PrunelabError(f"the sweep table lacks columns {missing}: pass a study's summary.parquet")
     harm: dict[tuple[str, str, str], dict[int, float]] = {}
     for row in summary.iter_rows(named=True):
-        layer = removed_layer(row["strategy"], _params(row["params"]))
+        layer = legacy_size(row["strategy"], _params(row["params"]), {}).sweep_layer  # a summary alone: declarations
         if layer is None or row["diff_vs_dense"] is None or not math.isfinite(row["diff_vs_dense"]):
             continue
         if layer >= num_layers:

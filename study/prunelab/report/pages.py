@@ -164,7 +164,8 @@ METHODS_NOTE = (
 def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], chart_specs: dict[str, dict[str, Any]],
                 files: list[str], bench_rows: list[dict[str, Any]] | None = None,
                 findings: list[dict[str, Any]] | None = None, extra_sections: str = "",
-                healing_rows: list[dict[str, Any]] | None = None) -> str:
+                healing_rows: list[dict[str, Any]] | None = None,
+                equal_size: list[dict[str, Any]] | None = None) -> str:
     """The page of one run: what ran, what it found, the charts, the summary by harm, the files."""
     title = f"{manifest['study']} — {manifest['version']}"
     charts_html = "\n".join(
@@ -180,6 +181,7 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         _run_facts(manifest),
         "<h2>Headline</h2>", headline_list(manifest.get("headline", [])),
         *(["<h2>Findings</h2>", findings_html(findings)] if findings else []),
+        *(["<h2>At equal size</h2>", equal_size_html(equal_size)] if equal_size else []),
         "<h2>Charts</h2>", charts_html or '<p class="muted">no chart has data in this run</p>',
         "<h2>Summary (most harmful first)</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
         *(["<h2>Healing</h2>", f'<p class="muted">{HEALING_NOTE}</p>', healing_table(healing_rows)]
@@ -191,6 +193,48 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         f"<pre>{html.escape(study_file)}</pre>" if study_file else '<p class="muted">not recorded</p>',
     ])
     return page(title, body, {f"chart-{name}": spec for name, spec in chart_specs.items()})
+
+
+def equal_size_html(rows: list[dict[str, Any]]) -> str:
+    """Per task and metric, per size bin: the best method, the runner-up and their paired test."""
+    from prunelab.report.equalsize import BIN_POINTS
+    from prunelab.report.findings import change_text
+
+    note = (f"Same size = the same bin of {BIN_POINTS:g} percentage points of dense's parameter count. Each variant "
+            "sits at the parameters it keeps; weight pruning (zeros stored in dense tensors, dense's size and speed) "
+            "at its non-zero count, for reference only. A method is represented in a bin by its smallest variant there. "
+            "Methods are ranked by their change vs dense; the best is tested against the runner-up on the items both "
+            "were scored on (the test each variant gets against dense), Holm over the bins of the task and metric.")
+    speed = any(r.get("best_decode_speedup") is not None for r in rows)
+    header = ["task · metric", "parameters kept", "best", "runner-up", "best − runner-up", "test", "p", "p (Holm)",
+              "verdict", "other methods"]
+    body, classes = [], []
+    for r in rows:
+        cells = [_size_member(r, prefix, speed) for prefix in ("best", "runner")]
+        diff = "—" if r["diff"] is None else (f"{r['diff'] * 100:+.3g} points" if r["kind"] == "accuracy"
+                                               else f"{r['diff']:+.4g}")
+        if r["diff_ci_low"] is not None and r["kind"] != "perplexity":
+            scale = 100 if r["kind"] == "accuracy" else 1
+            diff += f" [{r['diff_ci_low'] * scale:+.3g}, {r['diff_ci_high'] * scale:+.3g}]"
+        if r["kind"] == "perplexity" and r["rel_diff"] is not None:
+            diff += f" ({change_text(r['rel_diff'], None, r['kind'])})"
+        body.append([f"{html.escape(r['task'])} · {html.escape(r['label'] or r['metric'])}",
+                     f"{r['kept_low']:g}–{r['kept_high']:g}%", *cells, diff, fmt(r["test"]),
+                     format_p(r["p_value"]), format_p(r["p_holm"]), html.escape(r["verdict"]),
+                     html.escape(r["others"]) or "—"])
+        classes.append("gain" if r["verdict"].startswith("best") else "")
+    return f'<p class="muted">{note}</p>' + table(header, body, classes, numeric={4, 6, 7})
+
+
+def _size_member(row: dict[str, Any], prefix: str, speed: bool) -> str:
+    """One method of an equal-size bin: its line, variant, size, value and change vs dense."""
+    from prunelab.report.findings import change_text
+
+    change = change_text(row[f"{prefix}_rel_change"], None, row["kind"])
+    faster = row.get(f"{prefix}_decode_speedup")
+    speed_text = f", decode ×{faster:.3g}" if speed and faster is not None else ""
+    return (f"{html.escape(row[f'{prefix}_method'])}<br><span class=\"muted\">{html.escape(row[f'{prefix}_variant'])}: "
+            f"{row[f'{prefix}_kept']:.1f}% kept, {fmt(row[f'{prefix}_value'])} ({change} vs dense){speed_text}</span>")
 
 
 RANKED_SHOWN = 8  # per task and metric, the most and least harmful variants; the rest behind "show all"

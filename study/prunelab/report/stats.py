@@ -496,6 +496,17 @@ def _exp(x: float | None) -> float | None:
     return None if x is None else math.exp(x)
 
 
+def paired_test(base: pl.DataFrame, other: pl.DataFrame, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``other`` against ``base`` (two variants' per-item rows of one task and metric) on the items
+    both have, with the test and interval a variant gets against dense (``summarize``): exact
+    McNemar for accuracy, the exact sign test for perplexity and means (never a tolerance: that is a
+    claim about dense). ``diff_vs_dense`` is other - base. No Holm: the caller adjusts over its family.
+    """
+    row = _summary_row(other, base, {"kind": spec["kind"], "higher_is_better": spec["higher_is_better"],
+                                     "label": spec.get("label") or ""})
+    return {key: value for key, value in row.items() if not key.startswith("_")}
+
+
 def harmful(diff: float | None, higher_is_better: bool) -> bool:
     """Whether a difference vs dense is in the bad direction."""
     return diff is not None and (diff < 0 if higher_is_better else diff > 0)

@@ -92,7 +92,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             "model_hash": config["model_hash"], "model_revision": executor.model_revision(state),
             "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
-            "variants": prune_reports(work.events()),
+            "variants": prune_reports(work.events()), "sizes": recorded_sizes(work.events()),
             "metrics": declared_metrics(tasks, study.tolerances), "decoding": decoding_settings(study), "machine": artifacts.machine(),
         }
         run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))
@@ -123,6 +123,12 @@ def collect_items(work: WorkFolder, plan: Plan) -> pl.DataFrame:
 
 def prune_reports(events: list[dict[str, Any]]) -> dict[str, Any]:
     return {e["variant"]: e["report"] for e in events if e.get("event") == "prune"}
+
+
+def recorded_sizes(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each variant's size record (``report.sizes.VariantSize``), the latest logged: a variant pruned
+    (no layer sweep) replaces what the plan recorded for it."""
+    return {e["variant"]: e["size"] for e in events if e.get("event") in ("size", "prune") and e.get("size")}
 
 
 def timings(events: list[dict[str, Any]], wall: float) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from prunelab.evaluate.layersweep import LayerSweep
 from prunelab.evaluate.reference import ReferenceStore
 from prunelab.evaluate.run import PreparedTask, prepare_tasks, run_task
 from prunelab.model.adapter import adapt
-from prunelab.model.bench import measure, parameter_count
+from prunelab.model.bench import measure, module_parameter_counts, parameter_count, parameter_counts
 from prunelab.model.export import RECIPE_FILE, read_recipe, save_pruned
 from prunelab.model.loading import LoadedModel, load_model
 from prunelab.plugin import Scorer
@@ -32,6 +32,7 @@ from prunelab.prune.recovery import heal, kept_layers, masks_of
 from prunelab.readers import atomic_write
 from prunelab.records import DENSE
 from prunelab.registry import default_registry
+from prunelab.report.sizes import variant_size
 from prunelab.runner.chunks import Chunk, chunk_ranges, chunk_task, item_rows
 from prunelab.runner.studyfile import Study
 from prunelab.runner.variants import Variant, expand_variants
@@ -86,8 +87,20 @@ class Session:
         variants = expand_variants(self.study, dense.adapter.num_layers)
         check_variants(variants, dense)
         plan = Plan(variants, {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()})
+        self.record_unpruned_sizes(plan, dense)
         self.work.save_plan(plan)
         return plan
+
+    def record_unpruned_sizes(self, plan: Plan, dense: LoadedModel) -> None:
+        """Log the size of dense and of every one-layer variant (a layer sweep never builds those:
+        each is dense without that layer, so its counts are dense's less the layer's)."""
+        counts = parameter_counts(dense.adapter)
+        self.work.log(event="size", variant=DENSE, size=variant_size(None, {}, removed_layers=(), counts=counts).to_json())
+        for variant in plan.variants:
+            if (layer := removed_layer(variant)) is not None:
+                size = variant_size(default_registry().strategy(variant.strategy), variant.params, removed_layers=[layer],
+                                    counts=counts.without(module_parameter_counts(dense.adapter.layers[layer])))
+                self.work.log(event="size", variant=variant.name, size=size.to_json())
 
     def pending(self, plan: Plan) -> list[Chunk]:
         """The plan's chunks without a trusted file (a damaged one is moved aside and counted as pending);
@@ -182,8 +195,11 @@ class Session:
                           layer_map=layer_map if len(layer_map) == loaded.adapter.num_layers else None,
                           **self.study.recovery["options"])
             compact["recovery"] = compact_report(healed)
+        pruned_by = None if variant.pruned_by == DENSE else default_registry().strategy(variant.pruned_by)
+        size = variant_size(pruned_by, report.get("options", {}), removed_layers=report.get("removed_layers", ()),
+                            healed=bool(variant.recovery), counts=parameter_counts(loaded.adapter))
         self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
-                      report=compact)
+                      report=compact, size=size.to_json())
         return loaded
 
     def pruned(self, variant: Variant) -> tuple[LoadedModel, PruneReport]:
@@ -212,6 +228,7 @@ class Session:
         loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
         report = prune(loaded, base.strategy, seed=self.study.prune_seed, calibration=self.study.calibration,
                        **base.params)
+        loaded = dataclasses.replace(loaded, adapter=adapt(model))  # a structural strategy may replace modules
         if self.study.recovery and base.strategy in self.study.recovery["strategies"]:  # it has a healed twin
             save_pruned(loaded, folder, report, overwrite=True)
         return loaded, report
