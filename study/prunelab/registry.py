@@ -55,15 +55,17 @@ class Registry:
             raise PrunelabError(f"unknown task '{name}' (available: {known})")
         return self.evaluators[name][0]
 
-    def removed_layer(self, strategy: str, params: Mapping[str, Any]) -> int | None:
-        """The one decoder layer a variant removes, as its strategy declares (``Strategy.removes_layers``).
+    def removed_layer(self, strategy: str, params: Mapping[str, Any], num_layers: int | None = None) -> int | None:
+        """The one decoder layer a variant removes, as its strategy declares (``Strategy.removes_layers``)
+        for a model of ``num_layers`` decoder layers (None: unknown; a model-dependent declaration then
+        tells nothing).
 
         None for any other variant: dense, a healed twin, a strategy that declares nothing or is
         not installed, or a variant that removes several layers. The runner shares a layer sweep
         between these variants and the report draws them on the layer chart.
         """
         found = self.strategies.get(strategy)
-        layers = found[0].removed_layers(params) if found else None
+        layers = found[0].removed_layers(params, num_layers) if found else None
         return layers[0] if layers is not None and len(layers) == 1 else None
 
     def calibrates(self, strategy: str, params: Mapping[str, Any]) -> bool:

@@ -166,8 +166,10 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
                write_items: bool = False) -> dict[str, Any]:
     """Everything derived from a run's items: summary, charts, manifest (headline, tests), report.
 
-    ``manifest`` holds the run's identity; its ``metrics`` (the evaluators' declarations) tell the
-    statistics each metric's kind and direction. Returns the manifest written.
+    ``manifest`` holds the run's identity; its ``metrics`` and ``answers`` (the evaluators'
+    declarations) tell the statistics each metric's kind and direction and the multiple-choice
+    tables which record fields hold what; ``model_layers`` is what model-dependent layer declarations
+    are handed. Returns the manifest written.
     """
     metric_specs = {(m["task"], m["name"]): m for m in manifest.get("metrics") or []}
     summary = summary if summary is not None else summarize(items, metrics=metric_specs)
@@ -177,9 +179,10 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
         healing.write_parquet(folder / "healing.parquet")
         healing.write_csv(folder / "healing.csv")
         files += ["healing.parquet", "healing.csv"]
-    extras = fidelity.summary_records(items)
-    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
-    charts.update(extra_charts(extras))
+    num_layers = manifest.get("model_layers")
+    extras = fidelity.summary_records(items, metric_specs, manifest.get("answers") or {})
+    charts = build_charts(summary, bench=bench, chance=extras.get("chance"), num_layers=num_layers)
+    charts.update(extra_charts(extras, num_layers))
     specs = {name: chart.to_dict() for name, chart in charts.items()}
     files += write_charts(folder / "charts", specs)
     full_manifest = {
@@ -190,7 +193,7 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     }
     _write_text(folder / "manifest.json", json.dumps(full_manifest, indent=2, default=str) + "\n")
     report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
-                               bench.to_dicts() if bench is not None else None, findings=findings(summary),
+                               bench.to_dicts() if bench is not None else None, findings=findings(summary, num_layers),
                                extra_sections=pages.sensitive_sections(extras),
                                healing_rows=healing.to_dicts() if healing.height else None)
     _write_text(folder / "report.html", report)
@@ -227,12 +230,12 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
     return folder
 
 
-def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
+def extra_charts(extras: Mapping[str, Any], num_layers: int | None = None) -> dict[str, Any]:
     """Charts of the metrics that see harm at chance (``fidelity.summary_records``)."""
     from prunelab.report.charts import answer_letters_chart, fidelity_chart, fidelity_layer_chart
 
     charts = {"fidelity": fidelity_chart(extras.get("fidelity", [])),
-              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", [])),
+              "fidelity_layer_sweep": fidelity_layer_chart(extras.get("fidelity", []), num_layers),
               "answer_letters": answer_letters_chart(extras.get("answer_letters", []))}
     return {name: chart for name, chart in charts.items() if chart is not None}
 

@@ -39,12 +39,14 @@ VERDICT_COLOURS = alt.Scale(domain=VERDICT_DOMAIN, range=["#c0392b", "#27ae60", 
 OUTLIER_IQRS = 3.0  # a layer further than this many interquartile ranges out is clipped and labelled
 
 
-def build_charts(summary: pl.DataFrame, bench: pl.DataFrame | None = None, chance: dict[str, float] | None = None) -> dict[str, alt.TopLevelMixin]:
+def build_charts(summary: pl.DataFrame, bench: pl.DataFrame | None = None, chance: dict[str, float] | None = None,
+                 num_layers: int | None = None) -> dict[str, alt.TopLevelMixin]:
     """Every chart the summary (and the bench table, when measured) has data for, by file-name-safe name.
 
     ``chance``: a task's chance accuracy (``fidelity.chance_levels``), drawn as a dotted line.
+    ``num_layers``: the study model's decoder layers, for strategies whose removed layers depend on it.
     """
-    rows = with_chance(chart_rows(summary), summary, chance or {})
+    rows = with_chance(chart_rows(summary, num_layers), summary, chance or {})
     charts = {
         "layer_sweep": layer_sweep_chart(rows),
         "sparsity_sweep": sparsity_chart(rows),
@@ -55,7 +57,7 @@ def build_charts(summary: pl.DataFrame, bench: pl.DataFrame | None = None, chanc
     return {name: chart for name, chart in charts.items() if chart is not None}
 
 
-def chart_rows(summary: pl.DataFrame) -> list[dict[str, Any]]:
+def chart_rows(summary: pl.DataFrame, num_layers: int | None = None) -> list[dict[str, Any]]:
     """Summary rows reduced to what the charts plot and show in tooltips (the spec embeds them)."""
     records = [(row, json.loads(row["params"] or "{}")) for row in summary.iter_rows(named=True)]
     varying = varying_settings([(row["strategy"], params) for row, params in records])
@@ -64,7 +66,7 @@ def chart_rows(summary: pl.DataFrame) -> list[dict[str, Any]]:
         value = row["value"] if "value" in row else row["accuracy"] if row["kind"] == "accuracy" else row["perplexity"]
         rows.append({
             **{k: _finite(row[k]) for k in CHART_FIELDS}, "value": _finite(value),
-            "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(row["strategy"], params),
+            "panel": f"{row['task']} · {row['metric']}", "layer": removed_layer(row["strategy"], params, num_layers),
             "sparsity": sparsity_percent(params), "layers_removed": layers_removed(params),
             "verdict": verdict(row),
             "series": series_label(row["strategy"], params, varying.get(row["strategy"], set())),
@@ -86,13 +88,14 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def removed_layer(strategy: str, params: dict[str, Any]) -> int | None:
-    """The one removed layer of a single-layer removal, as its strategy declares; else None.
+def removed_layer(strategy: str, params: dict[str, Any], num_layers: int | None = None) -> int | None:
+    """The one removed layer of a single-layer removal, as its strategy declares for a model of
+    ``num_layers`` decoder layers (the manifest's ``model_layers``); else None.
 
     Multi-layer removals are not a sweep; which options name the layers is the strategy's business
     (``Strategy.removes_layers``), so a third-party depth strategy is on the layer chart too.
     """
-    return default_registry().removed_layer(strategy, params)
+    return default_registry().removed_layer(strategy, params, num_layers)
 
 
 def layers_removed(params: dict[str, Any]) -> int | None:
@@ -400,7 +403,8 @@ def answer_letters_chart(letters: list[dict[str, Any]]) -> alt.TopLevelMixin | N
     if not letters:
         return None
     fixed = {"task", "metric", "variant", "n"}
-    values = [{"task": r["task"], "variant": r["variant"], "letter": letter, "count": r[letter],
+    values = [{"task": r["task"], "metric": r["metric"], "panel": f"{r['task']} · {r['metric']}",
+               "variant": r["variant"], "letter": letter, "count": r[letter],
                "share": r[letter] / r["n"] if r["n"] else 0.0}
               for r in letters for letter in r if letter not in fixed and r[letter] is not None]
     order = list(dict.fromkeys(r["variant"] for r in letters))
@@ -409,9 +413,9 @@ def answer_letters_chart(letters: list[dict[str, Any]]) -> alt.TopLevelMixin | N
         x=alt.X("share:Q", stack="normalize", title="share of questions", axis=alt.Axis(format="%")),
         color=alt.Color("letter:N", title="answer", legend=alt.Legend(orient="bottom")),
         order=alt.Order("letter:O"),  # ordinal: Vega-Lite warns on a nominal order channel
-        tooltip=["task:N", "variant:N", "letter:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
+        tooltip=["task:N", "metric:N", "variant:N", "letter:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
     ).properties(width=PANEL_WIDTH, height=max(PANEL_HEIGHT // 2, 14 * len(order)))
-    return bars.facet(column=alt.Column("task:N", title=None)).properties(
+    return bars.facet(column=alt.Column("panel:N", title=None)).properties(
         title="Answer letters per variant (first row: the gold answers)")
 
 
@@ -443,9 +447,10 @@ def fidelity_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
         title="Fidelity to the dense model on the same WikiText windows (95% intervals over windows)")
 
 
-def fidelity_layer_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
+def fidelity_layer_chart(fidelity: list[dict[str, Any]], num_layers: int | None = None) -> alt.TopLevelMixin | None:
     """Mean KL to dense (log scale) and top-1 agreement vs the removed layer, with 95% bands over windows."""
-    points = [{**r, "layer": removed_layer(r["strategy"], json.loads(r.get("params") or "{}"))} for r in fidelity]
+    points = [{**r, "layer": removed_layer(r["strategy"], json.loads(r.get("params") or "{}"), num_layers)}
+              for r in fidelity]
     points = [p for p in points if p["layer"] is not None and p["kl_mean"] is not None and p["kl_mean"] > 0]
     if not points:
         return None

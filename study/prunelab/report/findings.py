@@ -128,27 +128,31 @@ def headline_sentence(h: dict[str, Any]) -> str:
     return text
 
 
-def findings(summary: pl.DataFrame) -> list[dict[str, Any]]:
-    """Per task and metric: the headline, the ranking, safe layers, sparsity cliffs, best methods."""
+def findings(summary: pl.DataFrame, num_layers: int | None = None) -> list[dict[str, Any]]:
+    """Per task and metric: the headline, the ranking, safe layers, sparsity cliffs, best methods.
+
+    ``num_layers``: the model's decoder layers, for strategies whose removed layers depend on it.
+    """
     blocks = []
     heads = {(h["task"], h["metric"]): h for h in headline(summary)}
     for (task, metric), group in summary.group_by(["task", "metric"], maintain_order=True):
         ranked = harm_order(group.filter((pl.col("strategy") != DENSE) & pl.col("p_value").is_not_null())).to_dicts()
         blocks.append({
             "task": task, "metric": metric, "headline": heads[(task, metric)], "ranked": ranked,
-            "safe_layers": safe_layers(ranked), "layers_tested": sum(_layer(r) is not None for r in ranked),
+            "safe_layers": safe_layers(ranked, num_layers),
+            "layers_tested": sum(_layer(r, num_layers) is not None for r in ranked),
             "cliffs": sparsity_cliffs(ranked), "best_by_sparsity": best_by_sparsity(ranked),
         })
     return blocks
 
 
-def _layer(row: dict[str, Any]) -> int | None:
-    return removed_layer(row["strategy"], json.loads(row["params"] or "{}"))
+def _layer(row: dict[str, Any], num_layers: int | None = None) -> int | None:
+    return removed_layer(row["strategy"], json.loads(row["params"] or "{}"), num_layers)
 
 
-def safe_layers(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def safe_layers(ranked: list[dict[str, Any]], num_layers: int | None = None) -> list[dict[str, Any]]:
     """Single-layer removals not detectably harmful after Holm (not underpowered), least harmful first."""
-    return [r for r in ranked if _layer(r) is not None and r["verdict"] not in (WORSE, UNDERPOWERED)][::-1]
+    return [r for r in ranked if _layer(r, num_layers) is not None and r["verdict"] not in (WORSE, UNDERPOWERED)][::-1]
 
 
 def _sparsity_rows(ranked: list[dict[str, Any]]) -> list[tuple[str, float, dict[str, Any]]]:

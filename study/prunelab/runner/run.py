@@ -112,6 +112,13 @@ def decoding_settings(study: Study) -> dict[str, Any]:
 def declared_metrics(tasks: list[PreparedTask]) -> list[dict[str, Any]]:
     """Each task's declared metrics as the manifest stores them (the report reads them back)."""
     return [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
+
+
+def declared_answers(tasks: list[PreparedTask]) -> dict[str, dict[str, Any]]:
+    """Each multiple-choice task's answer fields (``Evaluator.answers``) as the manifest stores them."""
+    return {t.evaluator.name: dataclasses.asdict(t.evaluator.answers) for t in tasks if t.evaluator.answers}
+
+
 def prepare_study_tasks(study: Study) -> list[PreparedTask]:
     """Each task's items as the study selects them (the driver and every Ray worker prepare the same)."""
     data = DataSource.resolve(study.data_dir)
@@ -158,10 +165,11 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             "config_hash": digest, "config": config, "study_file": study.text, "model": model_label(study.model),
             "model_path": study.model,
             "model_hash": config["model_hash"], "model_revision": executor.model_revision(state),
+            "model_layers": plan.num_layers,
             "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
             "variants": prune_reports(work.events()),
-            "metrics": declared_metrics(tasks), "decoding": decoding_settings(study), "machine": artifacts.machine(),
+            "metrics": declared_metrics(tasks), "answers": declared_answers(tasks), "decoding": decoding_settings(study), "machine": artifacts.machine(),
         }
         run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))
     shutil.rmtree(work.root, ignore_errors=True)
@@ -196,7 +204,8 @@ class Session:
         engine = self.engine(dense)
         size = self.study.settings["evaluation"]["chunk_items"]
         plan = Plan(expand_variants(self.study, dense.adapter.num_layers),
-                    {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()})
+                    {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()},
+                    dense.adapter.num_layers)
         self.work.save_plan(plan)
         return plan
 
@@ -298,9 +307,12 @@ class Session:
 
 
 def removed_layer(variant: Variant) -> int | None:
-    """The one layer a variant removes, as its strategy declares it; None for any other variant."""
+    """The one layer a variant removes, as its strategy declares it (for this model, when the plan
+    recorded it: ``Variant.layers``); None for any other variant."""
     if variant.recovery:  # a healed twin is trained after the removal: not the sweep's model
         return None
+    if variant.layers is not None:
+        return variant.layers[0] if len(variant.layers) == 1 else None
     return default_registry().removed_layer(variant.strategy, variant.params)
 
 

@@ -151,14 +151,18 @@ class WorkFolder:
             return None
         try:
             doc = read_json(path)
-            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"])) for v in doc["variants"]],
-                        {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()})
+            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"]), v.get("recovery"),
+                                 None if v.get("layers") is None else tuple(int(i) for i in v["layers"]))
+                         for v in doc["variants"]],
+                        {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()},
+                        None if doc.get("num_layers") is None else int(doc["num_layers"]))
         except (PrunelabError, LookupError, TypeError, ValueError, AttributeError):
             return None
         return plan if plan.variants else None
 
     def save_plan(self, plan: Plan) -> None:
-        doc = {"variants": [dataclasses.asdict(v) for v in plan.variants], "chunks": plan.chunks}
+        doc = {"variants": [dataclasses.asdict(v) for v in plan.variants], "chunks": plan.chunks,
+               "num_layers": plan.num_layers}
         atomic_write(self.root / "plan.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
 
     def log(self, **event: Any) -> None:
@@ -200,6 +204,7 @@ class Plan:
 
     variants: list[Variant]
     chunks: dict[str, list[tuple[int, int]]]
+    num_layers: int | None = None  # the dense model's decoder layers (what model-dependent declarations saw)
 
     def pairs(self) -> Iterator[tuple[Variant, str, int, tuple[int, int]]]:
         for variant in self.variants:
