@@ -283,7 +283,8 @@ def declarations(plugin: Strategy | Evaluator | Recovery) -> dict[str, str]:
             takes = "(options, num_layers)" if accepts_positional(value, 2) else "(options)"
             shown[item.name] = f"declared: a function {takes}" if item.name != "count_units" else "declared"
         elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
-            shown[item.name] = "; ".join(_describe(v) for v in value)
+            for index, entry in enumerate(value):  # one line each: metrics acc, metrics acc_norm
+                shown[f"{item.name} {getattr(entry, 'name', index)}"] = _describe(entry)
         else:
             shown[item.name] = _describe(value)
     return shown

@@ -7,10 +7,13 @@ never takes the tool down.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata as md
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -31,6 +34,13 @@ class PluginInfo:
     package: str
     version: str
     error: str | None = None
+    #: SHA-256 of the module's source (the file the entry point names, or its package's folder):
+    #: an editable or source install changes it with every edit, whatever the version says.
+    source_hash: str | None = None
+
+    def identity(self) -> dict[str, str | None]:
+        """What a run records of the plugin (``prunelab.json``, the manifest, the reuse key)."""
+        return {"package": self.package, "version": self.version, "source_hash": self.source_hash}
 
 
 @dataclass
@@ -74,6 +84,13 @@ class Registry:
         found = self.strategies.get(strategy)
         return bool(found and found[0].uses_calibration(params))
 
+    def identity(self, kind: str, name: str) -> dict[str, str | None] | None:
+        """The identity of the plugin that provides strategy, task or recovery ``name`` (``kind``:
+        ``"strategy"``, ``"task"``, ``"recovery"``); None for one that is not installed (dense)."""
+        table = {"strategy": self.strategies, "task": self.evaluators, "recovery": self.recoveries}[kind]
+        found = table.get(name)
+        return found[1].identity() if found else None
+
     def recovery(self, name: str) -> Recovery:
         if name not in self.recoveries:
             known = ", ".join(sorted(self.recoveries)) or "none"
@@ -102,7 +119,7 @@ def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
         except Exception as exc:  # a broken plugin must not break the others
             infos.append(PluginInfo(ep.name, ep.value, package, version, f"{type(exc).__name__}: {exc}"))
             continue
-        info = PluginInfo(ep.name, ep.value, package, version)
+        info = PluginInfo(ep.name, ep.value, package, version, source_hash=source_hash(module))
         infos.append(info)
         for strategy in found_s:
             strategies[strategy.name] = (strategy, info)
@@ -125,6 +142,24 @@ def _collect(manager: pluggy.PluginManager, module: object, hook_name: str) -> l
     for result in caller():
         found.extend(result or [])
     return found
+
+
+def source_hash(module: object) -> str | None:
+    """SHA-256 over a plugin module's source files: the module's file, or every ``.py`` file of its
+    package's folder when the entry point names a package (names and bytes, in sorted order)."""
+    file = getattr(module, "__file__", None) or getattr(sys.modules.get(getattr(module, "__name__", "")), "__file__", None)
+    if not file:
+        return None
+    path = Path(file)
+    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    digest = hashlib.sha256()
+    for source in files:
+        try:
+            data = source.read_bytes()
+        except OSError:
+            continue
+        digest.update(str(source.relative_to(path.parent)).encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()
 
 
 def _distribution_of(ep: md.EntryPoint) -> tuple[str, str]:

@@ -49,7 +49,8 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
     """
     from prunelab.registry import default_registry
 
-    strategy = (registry or default_registry()).strategy(strategy_name)
+    registry = registry or default_registry()
+    strategy = registry.strategy(strategy_name)
     validated = validate_options(strategy, options)
     adapter = as_adapter(model_or_loaded)
     context = PruneContext(
@@ -63,6 +64,7 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
     result = strategy.prune(adapter.model, validated, context) or {}
     report = PruneReport(
         strategy=strategy.name,
+        plugin=registry.identity("strategy", strategy.name),  # package, version, source hash
         options=validated,
         seed=seed,
         calibration=context.calibration,
