@@ -7,18 +7,18 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from prunelab import cli, runner
 from prunelab.errors import PrunelabError
 from prunelab.model import loading as modeling
-from prunelab.runner import run as run_module
+from prunelab.runner import session as session_module
 
+from .conftest import MODELS
 from .model.test_fuzz_models import GGUF
 
-REAL_GGUF = next(iter(sorted((Path.home() / ".cache" / "prunelab-test-models").glob("*/*.gguf"))), None)
+REAL_GGUF = next(iter(sorted(MODELS.glob("*/*.gguf"))), None)
 
 
 def one_line_error(capsys, *args: str) -> str:
@@ -64,7 +64,7 @@ def test_broken_gguf_is_one_line(content, data, tmp_path, capsys, no_model):
     assert str(model) in line and "not a valid GGUF file" in line
 
 
-@pytest.mark.skipif(REAL_GGUF is None, reason="no real GGUF fetched (../shared/bin/fetch-test-models)")
+@pytest.mark.needs("models")
 def test_truncated_real_gguf_is_one_line(data, tmp_path, capsys, no_model):
     model = tmp_path / "cut.gguf"
     with open(REAL_GGUF, "rb") as source:
@@ -151,7 +151,7 @@ def test_debug_shows_the_whole_traceback(how, monkeypatch, tmp_path):
 
 
 def test_study_file_values_name_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     study = tmp_path / "s.yaml"
     study.write_text("model: Qwen/Qwen3-0.6B\ndevice: null\n")
     with pytest.raises(PrunelabError, match=rf"{study}.*device must be str, got None"):
@@ -166,7 +166,7 @@ def test_read_model_config_keeps_valid_configs(tiny_qwen3):
 
 
 def test_damaged_calibration_file_fails_with_the_study_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "calib.txt").write_bytes(b"text \xff\xfe more")
     study = tmp_path / "s.toml"
     study.write_text('model = "Qwen/Qwen3-0.6B"\n[calibration]\nsource = "calib.txt"\n'

@@ -15,6 +15,7 @@ import pytest
 
 from prunelab.errors import PrunelabError
 from prunelab.model.bench import bench_rows
+from prunelab.records import json_digest
 from prunelab.report import artifacts, charts
 from prunelab.report.stats import summarize
 
@@ -78,11 +79,11 @@ def runs(tmp_path_factory):
 
 def test_version_names_time_commit_and_config_hash(runs):
     root, first, second, _ = runs
-    digest = artifacts.config_hash(MANIFEST["config"])
+    digest = json_digest(MANIFEST["config"])
     assert first.name == f"20261128T143000Z-abc1234-{digest[:8]}"
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-z]{5,7}-[0-9a-f]{8}", second.name)
     assert artifacts.version_id("f" * 64, None, NOW) == "20261128T143000Z-nogit-ffffffff"
-    assert artifacts.config_hash({"b": 1, "a": [1, 2]}) == artifacts.config_hash({"a": [1, 2], "b": 1})
+    assert json_digest({"b": 1, "a": [1, 2]}) == json_digest({"a": [1, 2], "b": 1})
     assert not list(first.parent.glob(".*")), "no staging folder left behind"
 
 
@@ -111,7 +112,7 @@ def test_manifest_records_the_run(runs):
     manifest = json.loads((first / "manifest.json").read_text())
     for key in ("study_file", "model", "model_hash", "device", "timings"):
         assert manifest[key] == MANIFEST[key]
-    assert manifest["config_hash"] == artifacts.config_hash(MANIFEST["config"])
+    assert manifest["config_hash"] == json_digest(MANIFEST["config"])
     assert (manifest["study"], manifest["version"], manifest["created"]) == \
         ("synthetic", first.name, "2026-11-28T14:30:00Z")
     assert manifest["git_commit"] == "abc1234def"
@@ -285,7 +286,7 @@ def render(page: Path, profile: Path) -> tuple[str, list[str]]:
     return done.stdout, console
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.needs("chromium")
 def test_pages_render_their_charts_in_headless_chromium(runs, tmp_path):
     root, first, _, _ = runs
     for page in html_pages(root, first)[:3]:  # report, index, one chart page
@@ -298,7 +299,7 @@ def test_pages_render_their_charts_in_headless_chromium(runs, tmp_path):
         assert console == [], f"{page.name} logged to the console: {console}"
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.needs("chromium")
 def test_answer_letters_chart_renders_without_a_vega_warning(tmp_path):
     """The MMLU letter chart (absent from the synthetic runs): Vega-Lite logs a warning for a
     nominal ``order`` channel, which the container smoke test's report showed."""

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prunelab.registry import default_registry
-from prunelab.runner import run as run_module
+from prunelab.runner import session as session_module
 from prunelab.runner.studyfile import BENCH_DEFAULTS, EVALUATION_KEYS, load_study
 
 from ..conftest import ROOT
@@ -76,7 +76,7 @@ def read_study(path: Path):
 
 @pytest.fixture(autouse=True)
 def no_model(monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 @given(documents, st.sampled_from(["yaml", "toml"]), st.booleans())

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from prunelab.errors import FileProblem
 from prunelab.plugin import MetricSpec, TaskResult
-from prunelab.runner.chunks import item_rows
+from prunelab.runner.chunks import Chunk, item_rows
 from prunelab.runner.run import prune_reports, timings
 from prunelab.runner.variants import Variant
 from prunelab.runner.workfolder import WorkFolder, checksum_path
@@ -46,7 +46,7 @@ with scratch() as _folder:
 def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum, checksum):
     with scratch() as root:
         work = WorkFolder(root)
-        path = work.chunk(VARIANT, "mmlu", 0)
+        path = work.chunk(Chunk(VARIANT, "mmlu", 0, 0, 2))
         work.write_chunk(path, FRAME)
         path.write_bytes(data)
         if checksum is not None and with_checksum:  # a damaged checksum file: the chunk is not trusted
@@ -68,7 +68,7 @@ def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum, checksum):
 def test_a_flipped_byte_is_caught_by_the_checksum():
     with scratch() as root:
         work = WorkFolder(root)
-        path = work.chunk(VARIANT, "mmlu", 0)
+        path = work.chunk(Chunk(VARIANT, "mmlu", 0, 0, 2))
         work.write_chunk(path, FRAME)
         assert work.chunk_problem(path) is None and work.read_chunk(path).equals(FRAME)
         data = bytearray(path.read_bytes())
@@ -97,7 +97,7 @@ def test_fuzz_plan(data):
         if plan is not None:
             assert all(isinstance(v, Variant) and isinstance(v.params, dict) for v in plan.variants)
             assert all(isinstance(a, int) and isinstance(b, int) for ranges in plan.chunks.values() for a, b in ranges)
-            list(plan.pairs())
+            assert all(chunk.size == chunk.stop - chunk.start for chunk in plan.every_chunk())
 
 
 EVENTS = [{"event": "chunk", "variant": "dense", "task": "mmlu", "chunk": 0, "items": 2, "seconds": 0.5, "session": "a"},

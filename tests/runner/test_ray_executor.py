@@ -20,9 +20,12 @@ import polars as pl
 import pytest
 
 from prunelab.errors import PrunelabError
-from prunelab.runner.executors import ExecutorSettings, make_executor
-from prunelab.runner.run import Reporter, prepare_study_tasks, run_study, study_config
-from prunelab.runner.studyfile import WORK, load_study
+from prunelab.runner.chunks import Chunk
+from prunelab.runner.executors import make_executor
+from prunelab.runner.identity import identify
+from prunelab.runner.run import run_study
+from prunelab.runner.session import Reporter, prepare_study_tasks
+from prunelab.runner.studyfile import WORK, ExecutorSettings, load_study
 
 from ..conftest import chunk_files, sorted_items, study_text
 
@@ -204,8 +207,8 @@ def test_the_study_file_chooses_the_executor_and_the_command_line_overrides_it(t
     assert (settings.kind, settings.address, settings.wait_s) == ("ray", "auto", 5.0)
     assert settings.replace("command line", kind="local", workers=3).kind == "local"
     plain = load_study(tiny_study)
-    assert study_config(plain, prepare_study_tasks(plain)) == study_config(
-        load_study(study), prepare_study_tasks(plain)), "the executor is not in the config hash"
+    assert identify(plain, prepare_study_tasks(plain)).digest == identify(
+        load_study(study), prepare_study_tasks(plain)).digest, "the executor is not in the config hash"
 
 
 def test_a_workers_error_is_reported_by_its_message(local_ray):
@@ -235,7 +238,7 @@ def test_only_chunks_compared_with_dense_wait_and_only_for_denses_same_chunk():
     tasks = {"wikitext": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=True)),
              "mmlu": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=False))}
     session = SimpleNamespace(tasks=tasks, sweepable=lambda variant, task: variant is not magnitude)
-    pending = [(v, task, index, (index, index + 1)) for v in (DENSE_VARIANT, drop, magnitude)
+    pending = [Chunk(v, task, index, index, index + 1) for v in (DENSE_VARIANT, drop, magnitude)
                for task in tasks for index in (0, 1) if not (v is DENSE_VARIANT and (task, index) == ("wikitext", 1))]
     waits = {u.describe(): set(u.waits_for) for u in units(session, pending, sweep=False)}
     assert waits["magnitude-50 wikitext chunk 0"] == {("wikitext", 0)}
@@ -262,7 +265,7 @@ def test_a_free_worker_shares_a_held_variant_only_when_pruning_it_costs_less_tha
     pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
     pool.holds = {"busy": wanda.name, "free": "dense"}
     pool.prune_s, pool.unit_s, pool.task_s = {}, {}, {}
-    chunk = (wanda, "gsm8k", 0, (0, 2))
+    chunk = Chunk(wanda, "gsm8k", 0, 0, 2)
 
     def choice(chunks: int, *, may_wait: bool = True) -> int | None:
         queue = [Unit("chunk", (chunk,), wanda)] * chunks
@@ -287,7 +290,7 @@ def test_variants_slow_to_prepare_are_queued_and_taken_first():
     healed = Variant("magnitude-50+lora", "magnitude+lora", {"sparsity": 0.5}, recovery="lora")
     wanda = Variant("wanda-50", "wanda", {"sparsity": 0.5})
     session = SimpleNamespace(tasks={"gsm8k": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=False))})
-    pending = [(v, "gsm8k", index, (index, index + 1)) for v in (DENSE_VARIANT, magnitude, healed, wanda)
+    pending = [Chunk(v, "gsm8k", index, index, index + 1) for v in (DENSE_VARIANT, magnitude, healed, wanda)
                for index in (0, 1)]
     queue = units(session, pending, sweep=False)
     assert [u.describe() for u in queue] == [f"{v.name} gsm8k chunk {i}" for v in (healed, wanda, DENSE_VARIANT, magnitude)
@@ -309,7 +312,7 @@ def test_a_worker_takes_its_variants_longest_chunk_first_as_measured_per_task():
 
     magnitude = Variant("magnitude-50", "magnitude", {"sparsity": 0.5})
     other = Variant("magnitude-60", "magnitude", {"sparsity": 0.6})
-    queue = [Unit("chunk", ((variant, task, 0, (0, 8)),), variant)
+    queue = [Unit("chunk", (Chunk(variant, task, 0, 0, 8),), variant)
              for variant, task in ((magnitude, "wikitext"), (other, "gsm8k"), (magnitude, "mmlu"), (magnitude, "gsm8k"))]
     pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
     pool.holds, pool.prune_s, pool.unit_s = {"w": magnitude.name}, {}, {}
@@ -319,7 +322,7 @@ def test_a_worker_takes_its_variants_longest_chunk_first_as_measured_per_task():
         ready = list(range(len(queue))) if ready is None else ready
         unit = queue[pool.choose(queue, ready, "w", may_wait=True)]
         assert unit.variant is magnitude  # the held variant still comes first, whatever its chunks cost
-        return unit.pairs[0][1]
+        return unit.chunks[0].task
 
     assert chosen({}) == "wikitext"  # nothing measured: queue order
     assert chosen({"wikitext": [3.0], "gsm8k": [12.0, 14.0], "mmlu": [9.0]}) == "gsm8k"

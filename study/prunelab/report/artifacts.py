@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,45 +26,21 @@ import vl_convert as vlc
 from prunelab import versions
 from prunelab.errors import PrunelabError
 from prunelab.readers import atomic_write
+from prunelab.records import json_digest
 from prunelab.report import fidelity, pages
 from prunelab.report.charts import baseline_history_chart, build_charts
 from prunelab.report.findings import findings, headline
 from prunelab.report.healstats import healing_table
 from prunelab.report.stats import harm_order, statistics_manifest, summarize
+from prunelab.versions import code_version, git_commit
 
 CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
-# Set in the image at build time (Dockerfile), read when there is no git checkout to ask.
-GIT_COMMIT_ENV = "PRUNELAB_GIT_COMMIT"
 # Manifest field <- environment variable, for runs inside the prunelab image: the image's tag, the
 # base image's reference and its ID (the digest of what the image was built on).
 CONTAINER_FIELDS = {"image_tag": "PRUNELAB_IMAGE_TAG", "base_image": "PRUNELAB_BASE_IMAGE",
                     "base_image_id": "PRUNELAB_BASE_IMAGE_ID"}
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 PNG_SCALE = 1
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """SHA-256 of the study configuration as canonical JSON (key order and spacing do not matter)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def git_commit(repo: str | os.PathLike | None = None) -> str | None:
-    """The short commit of the prunelab checkout, with ``+dirty`` for local edits.
-
-    An installed copy without a checkout (the container image: no git, no .git) answers with the
-    commit baked in at build time, ``$PRUNELAB_GIT_COMMIT``; None when neither is known.
-    """
-    repo = Path(repo) if repo else Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"],
-                              capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        baked = os.environ.get(GIT_COMMIT_ENV, "").strip()
-        return baked if baked and baked != "unknown" else None
-    return f"{head}+dirty" if dirty else head
 
 
 def container_provenance() -> dict[str, str]:
@@ -82,13 +57,6 @@ def version_id(config_digest: str, commit: str | None, now: datetime) -> str:
     head, _, dirty = (commit or "nogit").partition("+")
     short = head[:7] + ("+dirty" if dirty else "")
     return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{short}-{config_digest[:8]}"
-
-
-def code_version(commit: str | None = None) -> dict[str, str | None]:
-    """What the configuration hash records of the code: prunelab's version and git commit."""
-    from prunelab import __version__
-
-    return {"prunelab": __version__, "commit": commit if commit is not None else git_commit()}
 
 
 def machine() -> dict[str, Any]:
@@ -126,7 +94,8 @@ def write_run(
 ) -> Path:
     """Write one run's folder from its per-item table, then regenerate the index; returns the folder.
 
-    ``manifest`` comes from the runner: ``config_hash`` (or ``config`` to hash), and whatever it knows
+    ``manifest`` comes from the runner: ``config_hash`` (the run's identity, ``prunelab.runner.identity``;
+    a caller without one passes ``config``, named by its ``json_digest``), and whatever it knows
     — ``study_file`` (the file's text), ``model``, ``model_hash``, ``device``, ``timings``,
     ``packages``, ``container_image``. Identity fields (study, version, created, git commit) and the
     headline numbers are added here; the container image falls back to ``$PRUNELAB_CONTAINER_IMAGE``.
@@ -135,7 +104,7 @@ def write_run(
     """
     if not STUDY_NAME.match(study):
         raise PrunelabError(f"study name {study!r} is not a plain folder name (letters, digits, . _ -)")
-    digest = manifest.get("config_hash") or (config_hash(manifest["config"]) if "config" in manifest else None)
+    digest = manifest.get("config_hash") or (json_digest(manifest["config"]) if "config" in manifest else None)
     if not digest:
         raise PrunelabError("the run manifest needs a config_hash (or the config to hash)")
     now = now or datetime.now(UTC)

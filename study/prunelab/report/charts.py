@@ -19,8 +19,8 @@ import polars as pl
 
 from prunelab.errors import PrunelabError
 from prunelab.prune.masks import Percentage, parse_pattern
+from prunelab.records import DENSE
 from prunelab.registry import default_registry
-from prunelab.report.stats import DENSE
 
 SWEPT = {"sparsity", "k"}  # the x axis of a sweep, never part of a series' label
 PANEL_WIDTH = 360

@@ -29,7 +29,7 @@ import numpy as np
 import polars as pl
 from scipy import stats as scipy_stats
 
-from prunelab.report.stats import DENSE
+from prunelab.records import DENSE
 
 BOOTSTRAP_SAMPLES = 2000
 QUANTILE = 0.99

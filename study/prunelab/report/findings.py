@@ -15,11 +15,11 @@ from typing import Any
 
 import polars as pl
 
+from prunelab.records import DENSE
 from prunelab.report.charts import removed_layer, series_label, sparsity_percent, varying_settings
 from prunelab.report.stats import (
     ALPHA,
     BETTER,
-    DENSE,
     UNDERPOWERED,
     WORSE,
     format_p,

@@ -162,11 +162,13 @@ def _importance_manifest(facts: Mapping[str, Any] | None) -> dict[str, Any]:
     """When and with which code the scores were made: the artifacts index lists it by this version."""
     from datetime import UTC, datetime
 
-    from prunelab.report.artifacts import code_version, config_hash, version_id
+    from prunelab.records import json_digest
+    from prunelab.report.artifacts import version_id
+    from prunelab.versions import code_version
 
     now = datetime.now(UTC)
     code = code_version()
-    return {"version": version_id(config_hash(dict(facts or {})), code["commit"], now),
+    return {"version": version_id(json_digest(dict(facts or {})), code["commit"], now),
             "created": f"{now:%Y-%m-%dT%H:%M:%SZ}", **code}
 
 

@@ -30,8 +30,8 @@ import polars as pl
 from scipy import stats as sps
 
 from prunelab.errors import PrunelabError
+from prunelab.records import DENSE, ITEM_COLUMNS, PERPLEXITY_COLUMNS
 
-DENSE = "dense"
 ALPHA = 0.05
 CONFIDENCE = 0.95
 EXACT_MAX_N = 20  # enumerate all 2^n sign patterns up to here (about a million)
@@ -39,9 +39,6 @@ PERMUTATION_RESAMPLES = 9999  # Monte-Carlo sign patterns above EXACT_MAX_N
 PERMUTATION_SEED = 0
 POWER = 0.8  # the minimum detectable difference is the one detected with this probability
 P_PRINT_FLOOR = 0.001  # p-values below this print as "< 0.001"
-
-ITEM_COLUMNS = ("variant", "strategy", "params", "task", "metric", "item_id", "correct")
-PERPLEXITY_COLUMNS = ("nll_sum", "tokens")
 
 ACCURACY_TEST = "exact McNemar"
 SIGN_FLIP_EXACT = "exact sign-flip permutation"

@@ -41,23 +41,23 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from prunelab.errors import PrunelabError
+from prunelab.evaluate.engine import Engine
 from prunelab.evaluate.layersweep import LayerSweep
-from prunelab.runner.executors import ExecutorSettings
+from prunelab.model.loading import choose_device
+from prunelab.records import DENSE
+from prunelab.registry import default_registry
+from prunelab.runner.chunks import Chunk
+from prunelab.runner.session import Reporter, Session, model_revision, prepare_study_tasks, removed_layer
+from prunelab.runner.studyfile import ExecutorSettings, Study
+from prunelab.runner.variants import Variant
+from prunelab.runner.workfolder import Plan, WorkFolder
 
-if TYPE_CHECKING:
-    from prunelab.evaluate.engine import Engine
-    from prunelab.runner.run import Session
-    from prunelab.runner.studyfile import Study
-    from prunelab.runner.variants import Variant
-    from prunelab.runner.workfolder import Plan
-
-Pair = tuple["Variant", str, int, tuple[int, int]]
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -66,30 +66,28 @@ class Unit:
     """What one worker call evaluates; ``variant`` is the model it needs (None: the dense model)."""
 
     kind: str  # "chunk", "sweep", "bench" or "prune"
-    pairs: tuple[Pair, ...]
+    chunks: tuple[Chunk, ...]
     variant: Variant | None
     #: (task, chunk index) of the dense chunks whose reference this unit reads: it runs after them
     waits_for: frozenset[tuple[str, int]] = frozenset()
 
     @property
     def items(self) -> int:
-        return sum(stop - start for *_, (start, stop) in self.pairs)
+        return sum(chunk.size for chunk in self.chunks)
 
     @property
     def provides(self) -> set[tuple[str, int]]:
         """The dense chunks this unit evaluates (and so the references it writes)."""
-        from prunelab.report.stats import DENSE
-
-        return {(task, index) for variant, task, index, _ in self.pairs if variant.strategy == DENSE}
+        return {(chunk.task, chunk.index) for chunk in self.chunks if chunk.variant.strategy == DENSE}
 
     def describe(self) -> str:
         if self.kind == "sweep":
-            _, task, index, _ = self.pairs[0]
-            return f"layer sweep of {task} chunk {index} ({len(self.pairs)} variants)"
+            first = self.chunks[0]
+            return f"layer sweep of {first.task} chunk {first.index} ({len(self.chunks)} variants)"
         if self.kind in ("bench", "prune"):
             return f"{self.kind} of {self.variant.name}"
-        variant, task, index, _ = self.pairs[0]
-        return f"{variant.name} {task} chunk {index}"
+        first = self.chunks[0]
+        return f"{first.variant.name} {first.task} chunk {first.index}"
 
 
 @dataclass(frozen=True)
@@ -107,10 +105,6 @@ class StudyWorker:
 
     def __init__(self, study: Study, work_root: str, layer_sweep: bool, threads: int | None) -> None:
         import torch
-
-        from prunelab.model.loading import choose_device
-        from prunelab.runner.run import Reporter, Session, prepare_study_tasks
-        from prunelab.runner.workfolder import WorkFolder
 
         if threads:
             torch.set_num_threads(threads)
@@ -130,14 +124,12 @@ class StudyWorker:
         return self.session.plan()
 
     def describe(self) -> dict[str, Any]:
-        from prunelab.runner.run import model_revision
-
         loaded = self.session.load()
         return {"sweep": LayerSweep.supports(loaded.adapter), "revision": model_revision(loaded)}
 
     def run(self, unit: Unit) -> Done:
         """Evaluate the unit's chunks that have no file yet (another attempt may have written them)."""
-        todo = [p for p in unit.pairs if not self.work.chunk(p[0], p[1], p[2]).is_file()]
+        todo = [chunk for chunk in unit.chunks if not self.work.chunk(chunk).is_file()]
         if unit.kind == "sweep":
             began = time.perf_counter()
             if todo:
@@ -145,8 +137,8 @@ class StudyWorker:
             return Done(unit.items, 0.0, time.perf_counter() - began)
         prune_s = self.hold(unit.variant)
         began = time.perf_counter()
-        for variant, task, index, (start, stop) in todo:
-            self.session.run_chunk(self.held[1], variant, task, index, start, stop)
+        for chunk in todo:
+            self.session.run_chunk(self.held[1], chunk)
         return Done(unit.items, prune_s, time.perf_counter() - began)
 
     def hold(self, variant: Variant) -> float:
@@ -227,9 +219,7 @@ class RayExecutor:
 
     def evaluate(self, session: Session, plan: Plan) -> None:
         self.connect()
-        pending = [p for p in plan.pairs() if not session.work.finished_chunk(session.work.chunk(p[0], p[1], p[2]))]
-        total = sum(b[1] - b[0] for *_, b in plan.pairs())
-        session.reporter.start(total, total - sum(b[1] - b[0] for *_, b in pending))
+        pending = session.pending(plan)
         pool = self.pool(session)
         try:
             if pending:
@@ -258,31 +248,27 @@ class RayExecutor:
             self._pool = None
 
 
-def units(session: Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
+def units(session: Session, pending: list[Chunk], *, sweep: bool) -> list[Unit]:
     """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks,
     the slowest variants to prepare first (``preparation_rank``).
 
     A chunk unit of a task that ``compares_with_dense`` waits for dense's pending chunk of the same
     task and index (a finished one has left its reference already).
     """
-    from prunelab.report.stats import DENSE
-    from prunelab.runner.run import removed_layer
+    swept: dict[tuple[str, int], list[Chunk]] = {}
+    if sweep and any(removed_layer(chunk.variant) is not None for chunk in pending):
+        for chunk in pending:
+            if session.sweepable(chunk.variant, chunk.task):
+                swept.setdefault((chunk.task, chunk.index), []).append(chunk)
+    taken = {id(chunk) for group in swept.values() for chunk in group}
+    dense_pending = {(c.task, c.index) for c in pending if c.variant.strategy == DENSE}  # in a sweep unit or not
 
-    swept: dict[tuple[str, int], list[Pair]] = {}
-    if sweep and any(removed_layer(p[0]) is not None for p in pending):
-        for pair in pending:
-            if session.sweepable(pair[0], pair[1]):
-                swept.setdefault((pair[1], pair[2]), []).append(pair)
-    taken = {id(p) for group in swept.values() for p in group}
-    dense_pending = {(p[1], p[2]) for p in pending if p[0].strategy == DENSE}  # in a sweep unit or not
+    def waits_for(chunk: Chunk) -> frozenset[tuple[str, int]]:
+        compares = session.tasks[chunk.task].evaluator.compares_with_dense
+        needed = compares and chunk.variant.strategy != DENSE and (chunk.task, chunk.index) in dense_pending
+        return frozenset({(chunk.task, chunk.index)}) if needed else frozenset()
 
-    def waits_for(pair: Pair) -> frozenset[tuple[str, int]]:
-        variant, task, index, _ = pair
-        compares = session.tasks[task].evaluator.compares_with_dense
-        needed = compares and variant.strategy != DENSE and (task, index) in dense_pending
-        return frozenset({(task, index)}) if needed else frozenset()
-
-    chunks = [Unit("chunk", (p,), p[0], waits_for(p)) for p in pending if id(p) not in taken]
+    chunks = [Unit("chunk", (c,), c.variant, waits_for(c)) for c in pending if id(c) not in taken]
     chunks.sort(key=lambda u: -preparation_rank(u.variant))  # stable: plan order within a rank
     return [Unit("sweep", tuple(group), None) for group in swept.values()] + chunks
 
@@ -296,8 +282,6 @@ def preparation_rank(variant: Variant) -> int:
     variants that any worker can prepare in a moment and so share (longest-processing-time first).
     Measured on the quick smoke study: Wanda's prune, queued last, left one worker idle at the end.
     """
-    from prunelab.registry import default_registry
-
     if variant.recovery:
         return 2
     return int(default_registry().calibrates(variant.pruned_by, variant.params))
@@ -397,7 +381,7 @@ class WorkerPool:
             self.prune_s[unit.variant.name] = result.prune_s
         if unit.kind == "chunk":
             self.unit_s.setdefault(unit.variant.name, []).append(result.eval_s)
-            self.task_s.setdefault(unit.pairs[0][1], []).append(result.eval_s)
+            self.task_s.setdefault(unit.chunks[0].task, []).append(result.eval_s)
 
     def choose(self, queue: list[Unit], ready: list[int], worker: Any, *, may_wait: bool) -> int | None:
         """The queue position (one of ``ready``) for ``worker``: its held variant, else a sweep, else
@@ -426,7 +410,7 @@ class WorkerPool:
         same = [p for p in ready if queue[p].kind == "chunk" and queue[p].variant == unit.variant]
 
         def expected_s(position: int) -> float:
-            seconds = self.task_s.get(queue[position].pairs[0][1])
+            seconds = self.task_s.get(queue[position].chunks[0].task)
             return sum(seconds) / len(seconds) if seconds else math.inf
 
         return max(same, key=expected_s)

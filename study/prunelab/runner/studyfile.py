@@ -23,6 +23,7 @@ study file's folder; ``${VAR}`` and ``${VAR:-default}`` are expanded, then ``~``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import re
@@ -31,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import yaml
 
 from prunelab.errors import PrunelabError
@@ -42,21 +42,74 @@ from prunelab.prune.recovery import study_recovery
 from prunelab.readers import read_utf8, reading
 from prunelab.registry import Registry, default_registry
 from prunelab.report import artifacts
-from prunelab.runner.executors import ExecutorSettings
 
 EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
 CHUNK_ITEMS = 32
 WORK = ".work"
+KINDS = ("local", "ray")  # [executor] kind
 TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
             "strategies", "bench", "recovery", "executor"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
 EVALUATION_KEYS = SUBSET_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
                                                     "data_dir", "chunk_items"}
-CORE_COLUMNS = {"variant": pl.String, "strategy": pl.String, "params": pl.String, "task": pl.String,
-                "metric": pl.String, "item_id": pl.String, "correct": pl.Boolean, "value": pl.Float64,
-                "nll_sum": pl.Float64, "tokens": pl.Int64}
 
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """``[executor]`` of a study file, overridden by ``prunelab study run --executor/--address/--workers``.
+
+    ``address``: None starts a Ray instance on this machine (or joins ``$RAY_ADDRESS``), ``auto``
+    joins the cluster this machine is a node of, ``ray://HOST:PORT`` a remote one through Ray Client.
+    ``workers``: Ray actors (default: as many as the cluster has GPUs, or CPUs / ``cpus_per_worker``).
+    ``gpus_per_worker``: default 1 when the study runs on CUDA, else 0 (then ``cpus_per_worker``
+    torch threads). ``wait_s``: how long to wait for a worker to be placed before failing.
+    ``max_restarts``: how often Ray restarts a lost worker (on any node with the resources).
+    """
+
+    kind: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: int = 1
+    gpus_per_worker: float | None = None
+    wait_s: float = 600.0
+    max_restarts: int = 3
+
+    @classmethod
+    def from_table(cls, table: Any, where: str) -> ExecutorSettings:
+        if table is None:
+            return cls()
+        if not isinstance(table, dict):
+            raise PrunelabError(f"{where}: expected a table (e.g. kind = \"ray\")")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - set(fields))
+        if unknown:
+            raise PrunelabError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
+        return cls().replace(where, **table)
+
+    def replace(self, where: str, **changes: Any) -> ExecutorSettings:
+        """These settings with ``changes`` (None: keep), each checked; a bad value is a one-line error."""
+        kinds = {"kind": str, "address": str, "workers": int, "cpus_per_worker": int,
+                 "gpus_per_worker": float, "wait_s": float, "max_restarts": int}
+        checked = {}
+        for key, value in changes.items():
+            if value is None:
+                continue
+            kind = kinds[key]
+            allowed = (int, float) if kind is float else (kind,)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                raise PrunelabError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+            checked[key] = kind(value)
+        settings = dataclasses.replace(self, **checked)
+        if settings.kind not in KINDS:
+            raise PrunelabError(f"{where}: kind must be one of {', '.join(KINDS)}, got {settings.kind!r}")
+        for key in ("workers", "cpus_per_worker"):
+            if getattr(settings, key) is not None and getattr(settings, key) < 1:
+                raise PrunelabError(f"{where}: {key} must be at least 1, got {getattr(settings, key)!r}")
+        for key in ("gpus_per_worker", "wait_s", "max_restarts"):
+            if getattr(settings, key) is not None and getattr(settings, key) < 0:
+                raise PrunelabError(f"{where}: {key} must not be negative, got {getattr(settings, key)!r}")
+        return settings
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from typing import Any
 
 from prunelab.errors import PrunelabError
 from prunelab.prune.recovery import healed_name
+from prunelab.records import DENSE
 from prunelab.registry import default_registry
-from prunelab.report.stats import DENSE
 from prunelab.runner.studyfile import EACH_LAYER, Study, grid_points
 
 

@@ -19,8 +19,9 @@ import polars as pl
 
 from prunelab.errors import FileProblem, PrunelabError
 from prunelab.readers import atomic_write, describe, read_json, read_parquet
-from prunelab.report import artifacts
-from prunelab.runner.studyfile import CORE_COLUMNS
+from prunelab.records import ITEM_SCHEMA
+from prunelab.runner.chunks import Chunk
+from prunelab.runner.identity import same_settings
 from prunelab.runner.variants import Variant
 
 
@@ -53,7 +54,7 @@ class WorkFolder:
                 stored = json.loads((self.root / "config.json").read_text(encoding="utf-8")).get("config") or {}
                 what = ("the same settings computed by other code or with another calibration text "
                         f"(code then: {stored.get('code')}, now: {config.get('code')})"
-                        if artifacts.config_hash(config_without_code(stored)) == artifacts.config_hash(config_without_code(config))
+                        if same_settings(stored, config)
                         else "a different configuration")
                 raise PrunelabError(
                     f"{self.root} holds unfinished results of {what} of study "
@@ -82,8 +83,9 @@ class WorkFolder:
         slug = re.sub(r"[^\w.=,-]+", "_", variant.name)[:80]
         return self.root / f"{slug}-{hashlib.sha1(variant.name.encode()).hexdigest()[:8]}"
 
-    def chunk(self, variant: Variant, task: str, index: int) -> Path:
-        return self.variant_folder(variant) / f"{task}-{index:04d}.parquet"
+    def chunk(self, chunk: Chunk) -> Path:
+        """The file of a chunk's rows (its bounds are in the plan, not in the name)."""
+        return self.variant_folder(chunk.variant) / f"{chunk.task}-{chunk.index:04d}.parquet"
 
     def bench(self, variant: Variant) -> Path:
         return self.variant_folder(variant) / "bench.json"
@@ -123,7 +125,7 @@ class WorkFolder:
             return f"unreadable checksum ({describe(exc)})"
         except FileProblem as exc:  # the parquet file
             return f"unreadable ({exc.problem})"
-        wrong = [name for name, kind in CORE_COLUMNS.items() if schema.get(name) not in (kind, pl.Null)]
+        wrong = [name for name, kind in ITEM_SCHEMA.items() if schema.get(name) not in (kind, pl.Null)]
         return f"wrong columns {', '.join(wrong)}" if wrong else None
 
     def finished_chunk(self, path: Path) -> bool:
@@ -206,11 +208,12 @@ class Plan:
     chunks: dict[str, list[tuple[int, int]]]
     num_layers: int | None = None  # the dense model's decoder layers (what model-dependent declarations saw)
 
-    def pairs(self) -> Iterator[tuple[Variant, str, int, tuple[int, int]]]:
+    def every_chunk(self) -> Iterator[Chunk]:
+        """Each variant's chunks of each task, in plan order (variant, then task, then index)."""
         for variant in self.variants:
             for task, ranges in self.chunks.items():
-                for index, bounds in enumerate(ranges):
-                    yield variant, task, index, bounds
+                for index, (start, stop) in enumerate(ranges):
+                    yield Chunk(variant, task, index, start, stop)
 
 
 
@@ -221,6 +224,3 @@ def checksum_path(chunk: Path) -> Path:
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def config_without_code(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in {"code", "calibration_text"}}
