@@ -126,7 +126,9 @@ def evaluate(
     run_config = {
         "model": loaded.source, "model_kind": loaded.kind, "device": str(loaded.device),
         "dtype": loaded.dtype_name, "chat_template": engine.chat_template,
-        "task_options": {t.evaluator.name: t.options for t in tasks}, **(config or {}),
+        "task_options": {t.evaluator.name: t.options for t in tasks},
+        "plugins": {t.evaluator.name: default_registry().identity("task", t.evaluator.name) for t in tasks},
+        **(config or {}),
     }
     return EvalRun(results, run_config, timings)
 
