@@ -89,7 +89,7 @@ class Registry:
         ``"strategy"``, ``"task"``, ``"recovery"``); None for one that is not installed (dense)."""
         table = {"strategy": self.strategies, "task": self.evaluators, "recovery": self.recoveries}[kind]
         found = table.get(name)
-        return found[1].identity() if found else None
+        return found[1].identity() if found and found[1] is not None else None  # a hand-made registry has no info
 
     def recovery(self, name: str) -> Recovery:
         if name not in self.recoveries:
