@@ -101,6 +101,11 @@ class MetricSpec:
     field: str | None = None  # the record key holding the per-item value (None for perplexity)
     higher_is_better: bool = True
     label: str = ""  # human-readable name for reports
+    #: A change vs dense this small is practically none (in the metric's units, harmful direction):
+    #: the report then tests each variant against it -- within / beyond / undecided -- instead of
+    #: against "identical to dense", which a fidelity metric (dense's own KL is 0) fails by
+    #: construction. None: test against no change. A study file can set it per metric (``[tolerance]``).
+    tolerance: float | None = None
     #: For an accuracy metric of a multiple-choice task (one that declares ``Evaluator.answers``): the
     #: record key holding the answer this metric scored (e.g. ``"prediction"``; ``acc_norm``'s own
     #: argmax under another key). The report counts each metric's answers from its own field.

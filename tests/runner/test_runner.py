@@ -231,6 +231,12 @@ def test_yaml_study_reads_like_the_same_toml_study(tmp_path):
     ('model = "x"\nname = "../up"\n', "not a plain folder name"),
     ('model = "x\n', "invalid TOML"),
     ('model = "${PRUNELAB_SURELY_UNSET_VARIABLE}/m.gguf"\n', "PRUNELAB_SURELY_UNSET_VARIABLE is not set"),
+    ('model = "x"\n[evaluation]\ntasks = ["wikitext"]\n[tolerance.wikitext]\nperplexity = 0.1\n',
+     "metric 'perplexity' takes no tolerance (those that do: kl_mean, top1_agree)"),
+    ('model = "x"\n[evaluation]\ntasks = ["wikitext"]\n[tolerance.mmlu]\nacc = 0.1\n', "task 'mmlu' is not in"),
+    ('model = "x"\n[evaluation]\ntasks = ["wikitext"]\n[tolerance.wikitext]\nkl_mean = -1\n',
+     "must be a non-negative number"),
+    ('model = "x"\n[tolerance]\nkl_mean = 0.1\n', "expected [tolerance.<task>] tables"),
 ])
 def test_bad_study_settings(tmp_path, text, fragment):
     if fragment == "cuda":
@@ -238,6 +244,18 @@ def test_bad_study_settings(tmp_path, text, fragment):
     with pytest.raises(PrunelabError) as error:
         load_study(write_study(tmp_path, text))
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_study_sets_its_own_tolerance_and_the_manifest_records_it(tmp_path):
+    from prunelab.registry import default_registry
+    from prunelab.runner.run import declared_metrics
+
+    study = load_study(write_study(tmp_path, 'model = "x"\n[evaluation]\ntasks = ["wikitext"]\n'
+                                             '[tolerance.wikitext]\nkl_mean = 0.002\n'))
+    assert study.tolerances == {("wikitext", "kl_mean"): 0.002}
+    task = type("Prepared", (), {"evaluator": default_registry().evaluator("wikitext")})()
+    declared = {m["name"]: m["tolerance"] for m in declared_metrics([task], study.tolerances)}
+    assert declared == {"perplexity": None, "kl_mean": 0.002, "top1_agree": 0.01}  # the rest as the evaluator declares
 
 
 def test_bad_study_through_the_cli_is_one_line(tmp_path):

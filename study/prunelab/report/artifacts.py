@@ -190,6 +190,8 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
     for name in stale:
         (folder / name).unlink(missing_ok=True)
     manifest["report_rebuilt"] = {"created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", **code_version()}
+    manifest["metrics"] = declared_tolerances(manifest.get("metrics") or [])
+    manifest["answers"] = declared_answers(manifest)
     files = dict(manifest.get("files") or {})
     written = render_run(folder, items, manifest, bench=bench)
     kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
@@ -197,6 +199,44 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
     _write_text(manifest_path, json.dumps(manifest_out, indent=2, default=str) + "\n")
     build_index(folder.parent.parent)
     return folder
+
+
+#: Metric declarations added after some runs were made: a rebuilt report of such a run asks the installed evaluator.
+LATER_METRIC_FIELDS = ("tolerance", "prediction")
+
+
+def declared_tolerances(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stored run's metric declarations, with the installed evaluator's tolerance (and an accuracy
+    metric's prediction field) where the run predates them (no such key): the rebuilt report then
+    tests fidelity against the tolerance and counts each metric's answers. A run that recorded one
+    (None included) keeps it; an evaluator not installed changes nothing."""
+    from prunelab.registry import default_registry
+
+    registry = default_registry()
+    out = []
+    for metric in metrics:
+        missing = [key for key in LATER_METRIC_FIELDS if key not in metric]
+        if missing and metric.get("task") in registry.evaluators:
+            declared = {m.name: m for m in registry.evaluator(metric["task"]).metrics}
+            spec = declared.get(metric.get("name"))
+            metric = {**metric, **{key: getattr(spec, key) if spec else None for key in missing}}
+        out.append(metric)
+    return out
+
+
+def declared_answers(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run's answer fields (``Evaluator.answers``), or, for a run that predates them (no
+    ``answers`` key), the installed evaluators' declarations for the run's tasks."""
+    if "answers" in manifest:
+        return dict(manifest["answers"] or {})
+    from dataclasses import asdict
+
+    from prunelab.registry import default_registry
+
+    registry = default_registry()
+    tasks = {m.get("task") for m in manifest.get("metrics") or []}
+    return {task: asdict(registry.evaluator(task).answers) for task in sorted(t for t in tasks if t)
+            if task in registry.evaluators and registry.evaluator(task).answers is not None}
 
 
 def extra_charts(extras: Mapping[str, Any], num_layers: int | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +50,13 @@ def decoding_settings(study: Study) -> dict[str, Any]:
                       for t, options in evaluation["tasks"].items()}}
 
 
-def declared_metrics(tasks: list[PreparedTask]) -> list[dict[str, Any]]:
-    """Each task's declared metrics as the manifest stores them (the report reads them back)."""
-    return [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
+def declared_metrics(tasks: list[PreparedTask], tolerances: Mapping[tuple[str, str], float] | None = None
+                     ) -> list[dict[str, Any]]:
+    """Each task's declared metrics as the manifest stores them (the report reads them back), with
+    the study's own tolerances (``[tolerance]``) in place of the declared ones."""
+    tolerances = tolerances or {}
+    declared = [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
+    return [{**m, "tolerance": tolerances.get((m["task"], m["name"]), m["tolerance"])} for m in declared]
 
 
 def declared_answers(tasks: list[PreparedTask]) -> dict[str, dict[str, Any]]:
@@ -115,7 +120,7 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             "variants": {**reused.prune_reports, **prune_reports(work.events())},
             "plugins": config["plugins"],
             **({"reused": {"run": str(source), "pairs": sorted(map(list, reused.pairs))}} if reused.pairs else {}),
-            "metrics": declared_metrics(tasks), "answers": declared_answers(tasks),
+            "metrics": declared_metrics(tasks, study.tolerances), "answers": declared_answers(tasks),
             "decoding": decoding_settings(study), "machine": artifacts.machine(),
         }
         run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))

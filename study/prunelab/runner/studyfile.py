@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -48,7 +49,7 @@ CHUNK_ITEMS = 32
 WORK = ".work"
 KINDS = ("local", "ray")  # [executor] kind
 TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
-            "strategies", "bench", "recovery", "executor"}
+            "strategies", "bench", "recovery", "executor", "tolerance"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
 EVALUATION_KEYS = SUBSET_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
@@ -142,6 +143,8 @@ class Study:
     settings: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] | None = None  # ``[bench]``: measure each variant's speed (prunelab.model.bench)
     recovery: dict[str, Any] | None = None  # ``[recovery]``: heal variants (prunelab.prune.recovery.study_recovery)
+    #: ``[tolerance.<task>] <metric> = x``: the study's own tolerance for a metric that declares one
+    tolerances: dict[tuple[str, str], float] = field(default_factory=dict)
     # ``[executor]``: where the pairs run (local, ray); not in the configuration hash -- every executor
     # writes the same chunk files, so a Ray run resumes a local one and the other way round
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -186,6 +189,7 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     calibration = _calibration(raw.get("calibration"), strategies, registry, where, path)
     bench = _bench_settings(raw.get("bench"), path)
     recovery = study_recovery(raw.get("recovery"), [s.name for s in strategies], registry, where, path)
+    tolerances = _tolerances(raw.get("tolerance"), tasks, registry, path)
     chosen_data = Path(data_dir).expanduser() if data_dir else (
         _resolve_path(evaluation["data_dir"], where) if "data_dir" in evaluation else None)
     device = _typed(raw, "device", str, "auto", f"{path}")
@@ -205,15 +209,38 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
         "strategies": [{"name": s.name, **s.grid} for s in strategies],
         **({"bench": bench} if bench else {}),
         **({"recovery": raw["recovery"]} if recovery else {}),
+        **({"tolerance": raw["tolerance"]} if tolerances else {}),
     }
     return Study(
         name=name, path=path, text=text, model=_model_path(str(raw["model"]), where),
         device=device, dtype=dtype, trust_remote_code=settings["trust_remote_code"],
         prune_seed=settings["prune_seed"], tasks=tasks, subsets={t: s for t, (s, _) in per_task.items()},
         task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
-        strategies=strategies, settings=settings, bench=bench, recovery=recovery,
+        strategies=strategies, settings=settings, bench=bench, recovery=recovery, tolerances=tolerances,
         executor=ExecutorSettings.from_table(raw.get("executor"), f"{path} [executor]"),
     )
+
+
+def _tolerances(value: Any, tasks: list[str], registry: Registry, path: Path) -> dict[tuple[str, str], float]:
+    """``[tolerance.<task>] <metric> = x``: only for metrics whose evaluator declares a tolerance."""
+    if value is None:
+        return {}
+    where = f"{path} [tolerance]"
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise PrunelabError(f"{where}: expected [tolerance.<task>] tables of <metric> = number")
+    found = {}
+    for task, metrics in value.items():
+        if task not in tasks:
+            raise PrunelabError(f"{where}: task {task!r} is not in the study's tasks ({', '.join(tasks)})")
+        declared = {m.name for m in registry.evaluator(task).metrics if m.tolerance is not None}
+        for metric, number in metrics.items():
+            if metric not in declared:
+                raise PrunelabError(f"{where}: {task} metric {metric!r} takes no tolerance "
+                                    f"(those that do: {', '.join(sorted(declared)) or 'none'})")
+            if isinstance(number, bool) or not isinstance(number, int | float) or not 0 <= number < math.inf:
+                raise PrunelabError(f"{where}: {task}.{metric} must be a non-negative number, got {number!r}")
+            found[(task, metric)] = float(number)
+    return found
 
 
 def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
