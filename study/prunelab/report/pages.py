@@ -13,11 +13,14 @@ from __future__ import annotations
 import html
 import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import altair as alt
 import vl_convert as vlc
 
+from prunelab.records import DENSE, STRATEGY
 from prunelab.report.stats import format_p
 
 LIBRARIES_ID = "prunelab-vega-libraries"
@@ -78,9 +81,32 @@ def chart_div(chart_id: str) -> str:
     return f'<div class="chart" id="{html.escape(chart_id)}"></div>'
 
 
+GENERATOR = '<meta name="generator" content="prunelab">'
+LEGACY_INDEX_TITLE = "<title>prunelab artifacts</title>"  # indexes written before the generator tag
+
+
+def written_by_prunelab(path: Path) -> bool:
+    """Whether an HTML file is one of prunelab's pages (its ``generator`` meta tag, in the head)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return GENERATOR in head or LEGACY_INDEX_TITLE in head
+
+
+def href(*segments: str) -> str:
+    """A relative link from escaped path segments: ``./javascript%3Aalert%281%29/v/report.html``.
+
+    Every segment is percent-encoded whole (``/``, ``:``, ``?``, ``#`` included) and the link starts
+    with ``./``, so no folder name can become a scheme, a query or a path outside the page's folder.
+    """
+    return "./" + "/".join(quote(segment, safe="") for segment in segments)
+
+
 def page(title: str, body: str, charts: dict[str, dict[str, Any]] | None = None) -> str:
     """A complete HTML document; ``charts`` maps the id of a ``chart_div`` in ``body`` to its spec."""
-    head = f'<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n'
+    head = f'<meta charset="utf-8">\n{GENERATOR}\n<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n'
     scripts = ""
     if charts:
         head += f'<script id="{LIBRARIES_ID}">\n{vega_libraries()}\n</script>\n'
@@ -365,7 +391,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         cells.append([
             html.escape(r["task"]), html.escape(r["metric"]), html.escape(r["variant"]), fmt(r["n"]),
             f"{fmt(value)} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["dense_value"]),
-            html.escape(interval_text(r)) if r.get("p_value") is not None and r["strategy"] != "dense" else "—",
+            html.escape(interval_text(r)) if r.get("p_value") is not None and r[STRATEGY] != DENSE else "—",
             discordant, html.escape(test), format_p(r["p_value"], _at_floor(r)),
             format_p(r["p_holm"], _at_floor(r)) if r["p_holm"] is not None else "—", html.escape(verdict),
         ])
@@ -440,4 +466,4 @@ def _run_facts(manifest: dict[str, Any]) -> str:
 
 
 def _links(paths: list[str]) -> str:
-    return " · ".join(f'<a href="{html.escape(p)}">{html.escape(p)}</a>' for p in paths)
+    return " · ".join(f'<a href="{html.escape(href(*p.split("/")))}">{html.escape(p)}</a>' for p in paths)

@@ -27,8 +27,12 @@ chunks (as measured): then both finish sooner; otherwise it waits for other work
 BENCHMARKS.md "Studies on Ray" for the measured costs behind this choice.
 
 Faults: the driver, not Ray, retries units. A lost worker (its process or its node) fails its one
-unit in flight; the unit goes back to the queue for any other worker, and Ray restarts the actor
-(``max_restarts``) wherever the resources are. Finished chunks are files in the shared work folder,
+unit in flight; the unit goes back to the front of the queue for the first free worker, and Ray
+restarts the actor (``max_restarts``) wherever the resources are. While Ray restarts it, the driver
+asks it again every ``REPROBE_S`` (Ray answers "temporarily unavailable" until it is back) for up
+to ``wait_s``; only an actor Ray reports dead for good leaves the pool. A unit that was lost with
+its worker ``UNIT_LOSS_LIMIT`` times stops the run with one line naming it: it kills its workers,
+and evaluating it again would only kill more. Finished chunks are files in the shared work folder,
 so a killed driver resumes from them when started again (its actors die with it).
 """
 
@@ -44,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from prunelab.errors import PrunelabError
 from prunelab.evaluate.engine import Engine
@@ -59,6 +63,11 @@ from prunelab.runner.variants import Variant
 from prunelab.runner.workfolder import Plan, WorkFolder
 
 CONNECT_TIMEOUT_S = 5.0
+#: a unit whose worker process dies this many times stops the run, naming it (it kills workers: out of
+#: memory, a crash); any other lost unit is evaluated again by a restarted or another worker
+UNIT_LOSS_LIMIT = 3
+#: how long the driver waits before asking a worker Ray is restarting again whether it is up
+REPROBE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -303,6 +312,8 @@ class WorkerPool:
         self.workers = [remote.remote(session.study, str(session.work.root), session.layer_sweep, threads)
                         for _ in range(count)]
         self.starting = {w.ready.remote(): w for w in self.workers}  # not yet known to be up
+        self.lost_at: dict[Any, float] = {}  # worker -> when it was lost (while Ray restarts it)
+        self.unit_losses: dict[str, int] = {}  # unit -> how often a worker died running it
         self.free: list[Any] = []
         self.holds: dict[Any, str | None] = {}  # worker -> the variant it holds
         self.prune_s: dict[str, float] = {}  # variant -> seconds one worker took to prune it
@@ -323,8 +334,8 @@ class WorkerPool:
         """Wait for a worker to come up or a unit to finish; fail when nothing can run for ``wait_s``."""
         refs = [*inflight, *self.starting]
         if not refs:
-            raise PrunelabError("every Ray worker was lost (finished chunks are kept: run the study again "
-                                "to resume)")
+            raise PrunelabError(f"every Ray worker was lost, each after {self.settings.max_restarts} restart(s) "
+                                "([executor] max_restarts; finished chunks are kept: run the study again to resume)")
         done, _ = ray.wait(refs, num_returns=1, timeout=None if inflight else self.settings.wait_s)
         if not done:
             raise PrunelabError(
@@ -335,14 +346,27 @@ class WorkerPool:
                 worker = self.starting.pop(ref)
                 try:
                     ray.get(ref)
-                except RayActorError as exc:  # restarts used up, or it cannot be placed any more
+                except RayActorError as exc:
                     if exc.actor_init_failed:  # the same on every node: say why, now
                         raise PrunelabError(f"a Ray worker could not start: {cause_line(exc)}") from None
-                    self.workers.remove(worker)
+                    self.not_up(worker, exc)
                     continue
+                self.lost_at.pop(worker, None)
                 self.free.append(worker)
                 self.holds.setdefault(worker, None)
         return [ref for ref in done if ref in inflight]
+
+    def not_up(self, worker: Any, exc: RayActorError) -> None:
+        """A worker that did not answer: ask again while Ray restarts it (``ActorUnavailableError``, for
+        up to ``wait_s``); one that Ray reports dead for good (restarts used up, no node) leaves the pool."""
+        lost_at = self.lost_at.setdefault(worker, time.monotonic())
+        if isinstance(exc, ActorUnavailableError) and time.monotonic() - lost_at < self.settings.wait_s:
+            time.sleep(REPROBE_S)
+            self.starting[worker.ready.remote()] = worker
+            return
+        self.workers.remove(worker)
+        self.holds.pop(worker, None)
+        self.session.work.log(event="worker_gone", error=" ".join(str(exc).split())[:200])
 
     def drain(self, queue: list[Unit]) -> None:
         """Evaluate every unit, each once the dense chunks it waits for are done; a unit whose worker
@@ -436,12 +460,20 @@ class WorkerPool:
 
     def lost(self, worker: Any, unit: Unit, queue: list[Unit], exc: Exception) -> None:
         """Re-queue the unit (a prune unit is only a head start); the worker counts again once Ray has
-        restarted it (if it can)."""
+        restarted it (if it can). The ``UNIT_LOSS_LIMIT``-th loss of the same unit stops the run."""
+        what = unit.describe()
+        losses = self.unit_losses[what] = self.unit_losses.get(what, 0) + 1
+        self.holds[worker] = None
+        self.lost_at[worker] = time.monotonic()
+        self.session.work.log(event="lost", unit=what, losses=losses, error=" ".join(str(exc).split())[:200])
+        if losses >= UNIT_LOSS_LIMIT:
+            raise PrunelabError(
+                f"{what}: its Ray worker process died {losses} times while running it (out of memory? a crash?); "
+                f"stopped instead of losing more workers (the finished chunks are kept in {self.session.work.root}: "
+                "run the study again to resume)")
         if unit.kind != "prune":
             queue.insert(0, unit)
-        self.holds[worker] = None
-        self.session.work.log(event="lost", unit=unit.describe(), error=" ".join(str(exc).split())[:200])
-        self.session.reporter.message(f"a Ray worker was lost during {unit.describe()}: evaluating it again")
+        self.session.reporter.message(f"a Ray worker was lost during {what}: evaluating it again")
         self.starting[worker.ready.remote()] = worker
 
     def close(self) -> None:

@@ -65,7 +65,8 @@ class Session:
             self.reporter.message(f"loading {self.study.model}")
             start = time.perf_counter()
             self.dense = load_model(self.study.model, device=self.study.device, dtype=self.study.dtype,
-                                    trust_remote_code=self.study.trust_remote_code)
+                                    trust_remote_code=self.study.trust_remote_code,
+                                    allow_pickle=self.study.allow_pickle)
             self.work.log(event="load", seconds=round(time.perf_counter() - start, 3))
         return self.dense
 

@@ -46,10 +46,15 @@ from prunelab.report import artifacts
 
 EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
 CHUNK_ITEMS = 32
+# Bounds checked before anything is expanded or allocated (docs/errors.md, "bounds"): a real study
+# has tens to a few hundred variants and a study file a few kilobytes.
+MAX_VARIANTS = 10_000
+MAX_STUDY_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # after expanding aliases
 WORK = ".work"
 KINDS = ("local", "ray")  # [executor] kind
-TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
-            "strategies", "bench", "recovery", "executor", "tolerance"}
+TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "allow_pickle", "prune_seed", "evaluation",
+            "calibration", "strategies", "bench", "recovery", "executor", "tolerance"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
 EVALUATION_KEYS = SUBSET_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
@@ -148,6 +153,9 @@ class Study:
     # ``[executor]``: where the pairs run (local, ray); not in the configuration hash -- every executor
     # writes the same chunk files, so a Ray run resumes a local one and the other way round
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    # ``allow_pickle = true``: read pickle weights (unsafe); not in the hash -- it changes no result
+    allow_pickle: bool = False
+    notes: tuple[str, ...] = ()  # what was chosen for the user (a study name made from the file name)
 
 
 def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
@@ -173,9 +181,7 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     if strays:
         raise PrunelabError(f"{path}: [evaluation.{strays[0]}] is given but {strays[0]} is not in tasks")
     where = path.resolve().parent
-    name = _typed(raw, "name", str, path.stem, f"{path}")
-    if not artifacts.STUDY_NAME.match(name):
-        raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
+    name, notes = _study_name(raw, path)
     if "model" not in raw:
         raise PrunelabError(f"{path}: no model (e.g. model = \"Qwen/Qwen3-0.6B\")")
     if not isinstance(raw["model"], str) or not raw["model"].strip():
@@ -185,7 +191,9 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     chunk = _typed(evaluation, "chunk_items", int, CHUNK_ITEMS, f"{path} [evaluation]")
     if chunk < 1:
         raise PrunelabError(f"{path} [evaluation] chunk_items must be a positive integer, got {chunk!r}")
-    strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(_blocks(raw, path))]
+    blocks = _blocks(raw, path)
+    check_variant_count(sum(grid_size(block) for block in blocks), f"{path}", "its [[strategies]] grids")
+    strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(blocks)]
     calibration = _calibration(raw.get("calibration"), strategies, registry, where, path)
     bench = _bench_settings(raw.get("bench"), path)
     recovery = study_recovery(raw.get("recovery"), [s.name for s in strategies], registry, where, path)
@@ -218,7 +226,35 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
         task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
         strategies=strategies, settings=settings, bench=bench, recovery=recovery, tolerances=tolerances,
         executor=ExecutorSettings.from_table(raw.get("executor"), f"{path} [executor]"),
+        allow_pickle=_typed(raw, "allow_pickle", bool, False, f"{path}"), notes=tuple(notes),
     )
+
+
+def _study_name(raw: dict[str, Any], path: Path) -> tuple[str, list[str]]:
+    """The study's folder name: ``name``, else the file's name -- made plain (and said so) when it is not one.
+
+    A ``name`` written in the file must be a plain folder name (letters, digits, . _ -); the file's
+    own name is the user's filesystem's business, so ``mon étude.toml`` becomes ``mon-etude``.
+    """
+    if "name" in raw:
+        name = _typed(raw, "name", str, "", f"{path}")
+        if not artifacts.STUDY_NAME.match(name):
+            raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
+        return name, []
+    if artifacts.STUDY_NAME.match(path.stem):
+        return path.stem, []
+    name = slugify(path.stem)
+    return name, [f"study name: {name} (the file name {path.stem!r} is not a plain folder name; set name = ... "
+                  "to choose another)"]
+
+
+def slugify(text: str, default: str = "study") -> str:
+    """A plain folder name from any text: accents dropped, every other run of characters one '-'."""
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_text).strip("-._")[:80].strip("-._")
+    return slug if artifacts.STUDY_NAME.match(slug) else default
 
 
 def _tolerances(value: Any, tasks: list[str], registry: Registry, path: Path) -> dict[tuple[str, str], float]:
@@ -245,15 +281,57 @@ def _tolerances(value: Any, tasks: list[str], registry: Registry, path: Path) ->
 
 def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
     """The file's text and its table: YAML for ``.yaml``/``.yml``, TOML otherwise (same keys either way)."""
+    with reading(path, "cannot read study file"):
+        size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:
+        raise PrunelabError(f"{path}: a study file of {size:,} bytes, more than prunelab's limit of "
+                            f"{MAX_STUDY_BYTES:,}")
     text = read_utf8(path, "cannot read study file")
     if path.suffix.lower() in {".yaml", ".yml"}:
         with reading(path, "invalid YAML"):
-            raw = yaml.safe_load(text)  # plain data only: no tags that construct objects
+            raw = yaml.load(text, Loader=BoundedLoader)  # plain data only: no tags that construct objects
         if not isinstance(raw, dict):
             raise PrunelabError(f"{path}: a study file is a mapping of settings (model, evaluation, strategies)")
         return text, raw
     with reading(path, "invalid TOML"):
         return text, tomllib.loads(text)
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a document whose nodes, with every alias expanded, exceed
+    ``MAX_YAML_NODES``, and a recursive alias -- before anything is constructed.
+
+    An alias is one node shared by reference, so a few lines of nested aliases (a "billion laughs")
+    make a structure whose expanded size is exponential: every later walk of it (validation, the
+    configuration hash) would take minutes and gigabytes. The expanded size is counted on the
+    composed node graph, each distinct node once (memoized), so the check itself is linear.
+    """
+
+    def compose_document(self):
+        node = super().compose_document()
+        expanded_size(node, {}, set())
+        return node
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes under ``node`` with aliases expanded; a ``yaml.YAMLError`` past the limit or on a cycle."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.YAMLError("a recursive alias (a node that contains itself)")
+    open_nodes.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    total = 1
+    for child in children:
+        total += expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} nodes once aliases are expanded (an alias bomb?); "
+                                 "prunelab's limit")
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
 
 
 def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], path: Path):
@@ -339,6 +417,18 @@ def _strategy_grid(block: dict[str, Any], index: int, registry: Registry, path: 
         except PrunelabError as exc:
             raise PrunelabError(f"{path}: {exc}") from None
     return StrategyGrid(strategy.name, grid, strategy.each_layer)
+
+
+def grid_size(block: dict[str, Any]) -> int:
+    """How many variants a ``[[strategies]]`` block expands to, from its list lengths (the product),
+    without expanding it; ``"each"`` counts as one here (``expand_variants`` checks it with the layers)."""
+    return math.prod(len(value) if isinstance(value, list) else 1 for key, value in block.items() if key != "name")
+
+
+def check_variant_count(count: int, where: str, what: str) -> None:
+    if count > MAX_VARIANTS:
+        raise PrunelabError(f"{where}: {what} expand to {count:,} variants, more than prunelab's limit of "
+                            f"{MAX_VARIANTS:,}")
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
