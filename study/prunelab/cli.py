@@ -347,6 +347,8 @@ def prune_table(report, path) -> Table:
     if "layers_before" in report:
         table.add_row("decoder layers", f"{report['layers_before']} -> {report['layers_after']}")
         table.add_row("removed layers", ", ".join(map(str, report.get("dropped_layers", []))))
+    for key, (before, after) in (report.get("width") or {}).get("config", {}).items():  # prunelab.model's width record
+        table.add_row(f"config {key}", f"{before} -> {after}")
     table.add_row("parameters", f"{report['parameters']['before']:,} -> {report['parameters']['after']:,}")
     if "sparsity" in report:
         total = report["sparsity"]["total"]

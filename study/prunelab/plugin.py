@@ -45,8 +45,12 @@ hookimpl = pluggy.HookimplMarker("prunelab")
 class Strategy:
     """A pruning strategy: declared options and a function that prunes a loaded model in place.
 
-    ``prune(model, options, context)`` returns a JSON-able report (at least the achieved
-    sparsity); ``context`` carries the calibration source and the seed.
+    ``prune(model, options, context)`` returns a JSON-able report (a weight-pruning strategy: at
+    least the achieved sparsity, with its masks left in ``context.masks``); ``context`` carries the
+    calibration source and the seed. A structural strategy may change shapes and the config in place
+    and leave no masks: ``prunelab.model`` offers the surgery (``drop_layers``; ``width_targets`` +
+    ``prune_width`` or ``apply_width`` for width) that keeps the model a standard checkpoint and
+    returns the record to report (kept channels, config before/after, new shapes).
     """
 
     name: str
@@ -66,10 +70,21 @@ class Strategy:
     #: Options whose study-file value ``"each"`` expands to one grid point per decoder layer
     #: (``layers = "each"``), known once the model is loaded.
     each_layer: tuple[str, ...] = ()
+    #: Checks the options against the loaded model before any work (a fraction a model's heads
+    #: cannot realise, an unknown layout): ``check_model(adapter, options)`` raises a one-line
+    #: ``PrunelabError``. ``prune()`` calls it before the strategy runs, and a study calls it for
+    #: every variant as soon as the model is loaded, so a bad grid point fails before any variant is
+    #: pruned or calibrated.
+    check_model: Callable[[Any, Mapping[str, Any]], object] | None = None
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"strategy '{self.name}'", self.options)
+
+    def check_for_model(self, adapter, options: Mapping[str, Any]) -> None:
+        """Raise the strategy's one-line error when these options cannot apply to this model."""
+        if self.check_model is not None:
+            self.check_model(adapter, options)
 
     def uses_calibration(self, options: Mapping[str, Any]) -> bool:
         """Whether these options need calibration text (the strategy's own declaration)."""

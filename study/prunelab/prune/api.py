@@ -60,6 +60,7 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
         calibration=calibration,
         source=getattr(model_or_loaded, "source", None),
     )
+    strategy.check_for_model(adapter, validated)  # before any calibration or change
     params_before = sum(p.numel() for p in adapter.model.parameters())
     result = strategy.prune(adapter.model, validated, context) or {}
     check_achieved_sparsity(strategy, validated, context.masks)  # the variant's name must be what was done

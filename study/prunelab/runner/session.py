@@ -15,6 +15,7 @@ import json
 import time
 from typing import Any
 
+from prunelab.errors import PrunelabError
 from prunelab.evaluate.data import DataSource
 from prunelab.evaluate.engine import Engine
 from prunelab.evaluate.layersweep import LayerSweep
@@ -25,7 +26,7 @@ from prunelab.model.bench import measure, parameter_count
 from prunelab.model.loading import LoadedModel, load_model
 from prunelab.plugin import Scorer
 from prunelab.prune.api import prune
-from prunelab.prune.masks import MaskSet
+from prunelab.prune.masks import MaskSet, validate_options
 from prunelab.prune.recovery import heal
 from prunelab.readers import atomic_write
 from prunelab.records import DENSE
@@ -79,8 +80,9 @@ class Session:
         dense = self.load()
         engine = self.engine(dense)
         size = self.study.settings["evaluation"]["chunk_items"]
-        plan = Plan(expand_variants(self.study, dense.adapter.num_layers),
-                    {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()},
+        variants = expand_variants(self.study, dense.adapter.num_layers)
+        check_variants(variants, dense)
+        plan = Plan(variants, {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()},
                     dense.adapter.num_layers)
         self.work.save_plan(plan)
         return plan
@@ -189,6 +191,19 @@ class Session:
                                                                 task.evaluator.metrics))
         self.work.log(event="chunk", variant=chunk.variant.name, task=chunk.task, chunk=chunk.index,
                       items=chunk.size, seconds=round(time.perf_counter() - begun, 3), swept=swept)
+
+
+def check_variants(variants: list[Variant], dense: LoadedModel) -> None:
+    """Every variant's options against the loaded model (its strategy's ``check_model``), before any is pruned."""
+    registry = default_registry()
+    for variant in variants:
+        if variant.strategy == DENSE:
+            continue
+        strategy = registry.strategy(variant.pruned_by)
+        try:
+            strategy.check_for_model(dense.adapter, validate_options(strategy, variant.params))
+        except PrunelabError as exc:
+            raise PrunelabError(f"variant {variant.name}: {exc}") from None
 
 
 def removed_layer(variant: Variant) -> int | None:
