@@ -15,6 +15,9 @@ import polars as pl
 import pytest
 import torch
 
+from prunelab import testing
+from prunelab.testing import random_model  # noqa: F401  (test modules import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PRUNELAB_SHARED", ROOT.parent / "shared"))
 DATA = SHARED / "data"
@@ -145,47 +148,17 @@ def built_image() -> tuple[str, str]:
     return tag, image_id
 
 
-def tiny_config(arch: str, vocab_size: int = 151936):
-    """A few-layer config of one architecture family; Qwen3 keeps head_dim != hidden/heads."""
-    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
-
-    common = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-    )
-    if arch == "qwen3":
-        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
-    if arch == "qwen2":
-        return Qwen2Config(**common, tie_word_embeddings=False)
-    if arch == "llama":
-        return LlamaConfig(**common, tie_word_embeddings=True)
-    if arch == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=16, sliding_window=64, tie_word_embeddings=True)
-    raise ValueError(arch)
+QWEN3_VOCAB = 151936  # the real models' embedding rows (more than the tokenizer's tokens)
 
 
-def random_model(config, seed: int = 0):
-    """A float32 model of ``config`` with N(0, 0.2) matrices: larger than the default init, so predictions are not all ties."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    return model
+def tiny_config(arch: str, vocab_size: int = QWEN3_VOCAB):
+    """A few-layer config of one architecture family (``prunelab.testing.tiny_config``) with Qwen3's vocabulary."""
+    return testing.tiny_config(arch, vocab_size=vocab_size)
 
 
 def build_tiny_model(arch: str, path: Path, seed: int = 0) -> Path:
     """Save a tiny random model of ``arch`` with the real Qwen3 tokenizer into ``path``."""
-    from transformers import AutoTokenizer
-
-    model = random_model(tiny_config(arch), seed)
-    model.generation_config.eos_token_id = None
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(QWEN3_TOKENIZER).save_pretrained(path)
-    return path
+    return testing.build_tiny_model(path, arch, seed=seed, tokenizer=QWEN3_TOKENIZER, vocab_size=QWEN3_VOCAB)
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,10 @@ from .conftest import ROOT
 STUDY = ROOT / "study" / "prunelab"
 # lower = closer to the bottom of the stack; a module may import its own layer or a lower one
 LAYERS = {"errors": 0, "readers": 0, "options": 0, "versions": 0, "records": 0, "plugin": 1, "registry": 2,
-          "model": 3, "evaluate": 4, "prune": 5, "report": 6, "runner": 7, "cli": 8}
+          "model": 3, "evaluate": 4, "prune": 5, "report": 6, "runner": 7, "cli": 8, "testing": 3}
 # the documented plugin API: package-level names of these modules (docs/plugins.md)
 PLUGIN_API = {"prunelab.plugin", "prunelab.model", "prunelab.prune", "prunelab.evaluate", "prunelab.errors",
-              "prunelab.readers"}
+              "prunelab.readers", "prunelab.testing"}
 
 
 def layer_of(module: str) -> str | None:

@@ -66,6 +66,85 @@ def test_a_study_without_a_task_list_runs_every_installed_task_third_party_ones_
     assert sorted(load_study(path).tasks) == ["gsm8k", "mmlu", "wikitext"]  # only the built-ins installed
 
 
+def test_a_plugins_source_hash_follows_its_files(monkeypatch, tmp_path):
+    """An edited source (an editable install) is another identity whatever its version says; the hash
+    covers every .py file of a package the entry point names, and is the SHA-256 of names and bytes."""
+    import hashlib
+
+    package = tmp_path / "edited_plugin_for_prunelab"
+    package.mkdir()
+    (package / "__init__.py").write_text("from prunelab.plugin import hookimpl\n")
+    (package / "helper.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry = md.EntryPoint("edited", "edited_plugin_for_prunelab", ENTRY_POINT_GROUP)
+    before = next(p for p in build_registry([entry]).plugins if p.name == "edited")
+    expected = hashlib.sha256()
+    for name in ("__init__.py", "helper.py"):
+        expected.update(name.encode() + b"\0" + (package / name).read_bytes() + b"\0")
+    assert before.error is None and before.source_hash == expected.hexdigest()
+    (package / "helper.py").write_text("X = 2\n")
+    after = next(p for p in build_registry([entry]).plugins if p.name == "edited")
+    assert after.source_hash != before.source_hash
+    assert after.identity() == {"package": "unknown", "version": "unknown", "source_hash": after.source_hash}
+
+
+def test_plugins_name_shows_options_and_declarations(capsys):
+    assert main(["plugins", "drop-layers"]) == 0
+    shown = capsys.readouterr().out
+    assert "layers" in shown and "(required)" in shown and "removes_layers" in shown and "each_layer" in shown
+    assert "magnitude" not in shown
+    assert main(["plugins", "no-such-plugin"]) == 2
+    assert "no plugin named 'no-such-plugin'" in capsys.readouterr().err
+
+
+def test_eval_help_lists_the_installed_tasks(capsys, monkeypatch):
+    """--tasks' help is the registry's list (a third-party task too), looked up when help is shown."""
+    import pytest
+
+    from prunelab import registry as registry_module
+
+    registry = build_registry([*md.entry_points(group=ENTRY_POINT_GROUP), fake_task_plugin(monkeypatch)])
+    monkeypatch.setattr(registry_module, "default_registry", lambda: registry)
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "fake-task, gsm8k, mmlu, wikitext" in shown
+
+
+def test_task_options_from_the_command_line_reach_load_items(monkeypatch, tmp_path):
+    """--task-option TASK.KEY=VALUE is validated against the task's options and handed to load_items."""
+    import pytest
+
+    from prunelab.errors import PrunelabError
+    from prunelab.evaluate.data import DataSource, Subset
+    from prunelab.evaluate.run import parse_task_options, prepare_tasks
+    from prunelab.plugin import Evaluator, Item, MetricSpec, Option
+
+    seen = {}
+
+    def load_items(source, subset, options):
+        seen.update(options)
+        return [Item(line, "all", {}) for line in open(options["path"], encoding="utf-8").read().split()]
+
+    task = Evaluator("file-task", "items from a file", load_items, lambda s, i, o: None,
+                     options=(Option("path", str, None, "items file", required=True), Option("n", int, 1)),
+                     metrics=(MetricSpec("acc", "accuracy", "correct"),))
+    from prunelab.registry import Registry
+
+    registry = Registry(None, [], {}, {"file-task": (task, None)})
+    items = tmp_path / "items.txt"
+    items.write_text("a b c")
+    options = parse_task_options([f"file-task.path={items}", "file-task.n=3"], ["file-task"])
+    (prepared,) = prepare_tasks(["file-task"], DataSource(), Subset(), {"num_fewshot": 5}, registry, options)
+    assert [i.id for i in prepared.items] == ["a", "b", "c"] and seen == {"path": str(items), "n": 3}
+    for bad, message in ((["file-task.path"], "expected TASK.KEY=VALUE"), (["other.path=x"], "not in --tasks"),
+                         (["file-task.n=1", "file-task.n=2"], "given twice")):
+        with pytest.raises(PrunelabError, match=message):
+            parse_task_options(bad, ["file-task"])
+    with pytest.raises(PrunelabError, match="unknown option"):
+        prepare_tasks(["file-task"], DataSource(), Subset(), {}, registry, {"file-task": {"paht": "x"}})
+
+
 # ------------------------------------------------------------------ the registry refuses what it cannot serve
 def module_plugin(monkeypatch, name: str, **attributes) -> md.EntryPoint:
     """The entry point of an importable module ``name`` with these attributes (its hooks)."""

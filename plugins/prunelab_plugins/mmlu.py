@@ -19,6 +19,7 @@ from typing import Any
 from prunelab.errors import PrunelabError
 from prunelab.evaluate import DataSource, Subset, load_hub_split, read_csv_rows
 from prunelab.plugin import (
+    AnswerFields,
     Evaluator,
     Item,
     LoglikelihoodRequest,
@@ -32,7 +33,7 @@ from prunelab.plugin import (
 
 LETTERS = ("A", "B", "C", "D")
 METRICS = (
-    MetricSpec("acc", "accuracy", "correct", label="accuracy"),
+    MetricSpec("acc", "accuracy", "correct", label="accuracy", prediction="prediction"),
     MetricSpec("gold_prob", "mean", "gold_prob", label="probability of the gold letter (softmax over A-D)"),
 )
 
@@ -52,6 +53,8 @@ CATEGORIES = {
         marketing medical_genetics miscellaneous nutrition professional_accounting professional_medicine
         virology""",
 }
+# What the report's multiple-choice tables read: the gold letter, lm-eval's category, the four letters' scores.
+ANSWERS = AnswerFields(target="target", category="category", choices="loglikelihoods")
 SUBJECT_CATEGORY = {s: cat for cat, subjects in CATEGORIES.items() for s in subjects.split()}
 
 
@@ -170,4 +173,5 @@ def prunelab_evaluators() -> list[Evaluator]:
         options=(Option("num_fewshot", int, 5, "few-shot examples per subject (first k of dev)",
                         check=lambda v: None if 0 <= v <= 5 else "must be between 0 and 5"),),
         metrics=METRICS,
+        answers=ANSWERS,
     )]

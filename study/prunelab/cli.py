@@ -73,9 +73,24 @@ def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
                         help="UNSAFE: read pickle weights (pytorch_model.bin) when there are no safetensors")
 
 
+class InstalledTasksHelp(argparse.HelpFormatter):
+    """Help that lists the installed tasks (built-in and third-party alike), looked up only when help is shown."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "{installed tasks}" in text:
+            from prunelab.registry import default_registry
+
+            names = ", ".join(sorted(default_registry().evaluators)) or "none"
+            text = text.replace("{installed tasks}", names.replace("%", "%%"))
+        return text
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = InstalledTasksHelp
     parser.add_argument("--tasks", default=None,
-                        help="comma-separated task names (default: every installed task; see `prunelab plugins`)")
+                        help="comma-separated task names (default: every installed task: {installed tasks}; "
+                             "see `prunelab plugins`)")
     parser.add_argument("--data-dir", default=None, help="local data folder (mmlu/, gsm8k/, wikitext-2/); env PRUNELAB_DATA")
     parser.add_argument("--fraction", type=float, default=1.0, help="fraction of each task (per MMLU subject), in (0, 1]")
     parser.add_argument("--sample", choices=("random", "first"), default="random",
@@ -88,6 +103,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", action="store_true", help="wrap prompts in the model's chat template")
     parser.add_argument("--enable-thinking", action="store_true", help="with --chat-template: Qwen3 thinking on")
     parser.add_argument("--batch-tokens", type=int, default=None, help="token budget per micro-batch")
+    parser.add_argument("--task-option", action="append", default=[], metavar="TASK.KEY=VALUE",
+                        help="an option of one task (repeatable), e.g. --task-option my-task.path=items.jsonl "
+                             "(each task's options: `prunelab plugins --options`)")
 
 
 def common_task_options(args: argparse.Namespace) -> dict:
@@ -122,17 +140,18 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for results.json and items.parquet")
 
 
-@command("eval", "evaluate a model (MMLU, GSM8K, WikiText-2 perplexity)", _add_eval)
+@command("eval", "evaluate a model on installed tasks (built-in or plugins; list: `prunelab plugins`)", _add_eval)
 def run_eval(args: argparse.Namespace) -> int:
     from prunelab.evaluate.data import DataSource
-    from prunelab.evaluate.run import evaluate, parse_tasks, prepare_tasks, write_outputs
+    from prunelab.evaluate.run import evaluate, parse_task_options, parse_tasks, prepare_tasks, write_outputs
     from prunelab.registry import default_registry
 
     subset = subset_from(args)
     if args.out:
         check_output_folder(args.out)  # before an evaluation that could not be saved
     names = parse_tasks(list(default_registry().evaluators) if args.tasks is None else args.tasks)  # default: all
-    tasks = prepare_tasks(names, DataSource.resolve(args.data_dir), subset, common_task_options(args))
+    tasks = prepare_tasks(names, DataSource.resolve(args.data_dir), subset, common_task_options(args),
+                          task_options=parse_task_options(args.task_option, names))
     loaded = load_from(args)
     with progress_bars() as bars:
         def start(task):
@@ -171,26 +190,58 @@ def summary_table(run) -> Table:
 
 
 # ---------------------------------------------------------------------- plugins
-@command("plugins", "list discovered strategies, evaluators and recovery methods", lambda parser: None)
+def _add_plugins(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", default=None,
+                        help="one strategy, task or recovery method: show its options and declarations")
+    parser.add_argument("--options", action="store_true",
+                        help="every plugin's options (type, default, choices) and declarations")
+
+
+@command("plugins", "list discovered strategies, evaluators and recovery methods", _add_plugins)
 def run_plugins(args: argparse.Namespace) -> int:
     from prunelab.registry import default_registry
 
     registry = default_registry()
+    found = [(kind, name, plugin, info) for kind, entries in (("strategy", registry.strategies),
+                                                              ("evaluator", registry.evaluators),
+                                                              ("recovery", registry.recoveries))
+             for name, (plugin, info) in sorted(entries.items())]
+    if args.name is not None:
+        known = ", ".join(sorted({entry[1] for entry in found}))
+        found = [entry for entry in found if entry[1] == args.name]
+        if not found:
+            raise PrunelabError(f"no plugin named '{args.name}' (installed: {known})")
     table = Table(title="prunelab plugins")
     for column in ("kind", "name", "package", "version", "description"):
         table.add_column(column)
-    for name, (strategy, info) in sorted(registry.strategies.items()):
-        table.add_row("strategy", name, info.package, info.version, strategy.description)
-    for name, (evaluator, info) in sorted(registry.evaluators.items()):
-        table.add_row("evaluator", name, info.package, info.version, evaluator.description)
-    for name, (recovery, info) in sorted(registry.recoveries.items()):
-        table.add_row("recovery", name, info.package, info.version, recovery.description)
+    for kind, name, plugin, info in found:
+        table.add_row(kind, name, info.package, info.version, plugin.description)
     out.print(table)
-    out.print(plugins_table(registry))
+    if args.options or args.name is not None:
+        for kind, name, plugin, _ in found:
+            out.print(plugin_details(kind, name, plugin))
+    if args.name is None:  # one plugin asked for: its details alone
+        out.print(plugins_table(registry))
     failed = [p for p in registry.plugins if p.error]
     for plugin in failed:
         console.print(f"[red]plugin '{plugin.name}' ({plugin.module}, {plugin.package} {plugin.version}) failed to load: {plugin.error}")
     return 0
+
+
+def plugin_details(kind: str, name: str, plugin) -> Table:
+    """One plugin's declared options, then every other declaration it makes (``prunelab.plugin``)."""
+    from prunelab.plugin import declarations
+
+    table = Table(title=f"{kind} {name}", title_justify="left", show_header=True)
+    for column in ("option / declaration", "type", "default", "allowed", "help"):
+        table.add_column(column)
+    for option in plugin.options:
+        allowed = ", ".join(map(str, option.choices)) if option.choices else ("checked" if option.check else "")
+        default = "(required)" if option.required else repr(option.default)
+        table.add_row(escape(option.name), option.type.__name__, escape(default), escape(allowed), escape(option.help))
+    for key, value in declarations(plugin).items():
+        table.add_row(f"[bold]{escape(key)}[/bold]", "", "", "", escape(value))
+    return table
 
 
 def plugins_table(registry) -> Table:

@@ -13,6 +13,8 @@ never the other way round (``tests/test_layout.py``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,9 +27,9 @@ from prunelab.errors import PrunelabError
 from prunelab.options import Option, OptionSet
 
 __all__ = [
-    "DataSource", "DenseReference", "Evaluator", "GenerationRequest", "Item", "LoglikelihoodRequest", "MetricSpec",
-    "Option", "OptionSet", "Progress", "Recovery", "RecoveryContext", "ReferenceStore", "Scorer", "SizeAxis", "Strategy",
-    "Subset", "TaskResult", "WindowScores", "hookimpl", "hookspec", "mean_and_stderr",
+    "AnswerFields", "DataSource", "DenseReference", "Evaluator", "GenerationRequest", "Item", "LoglikelihoodRequest",
+    "MetricSpec", "Option", "OptionSet", "Progress", "Recovery", "RecoveryContext", "ReferenceStore", "Scorer",
+    "SizeAxis", "Strategy", "Subset", "TaskResult", "WindowScores", "hookimpl", "hookspec", "mean_and_stderr",
 ]
 
 if TYPE_CHECKING:  # a third-party package, for annotations only (nothing of prunelab's stages)
@@ -104,11 +106,13 @@ class Strategy:
     #: Whether it reads calibration text: a flag, or a function of the options (drop-greedy guided by
     #: a task needs none; magnitude needs it only for OWL's allocation).
     needs_calibration: bool | Callable[[Mapping[str, Any]], bool] = False
-    #: The decoder layers a variant removes, from its options alone: a depth strategy whose layers
-    #: follow from its options declares it, and the runner then scores its single-layer variants
-    #: through one shared layer sweep and the report draws them on the layer chart. None (the
-    #: default, or returned): not known without the model (a plan's layers depend on its scores).
-    removes_layers: Callable[[Mapping[str, Any]], Sequence[int] | None] | None = None
+    #: The decoder layers a variant removes: ``removes_layers(options)``, or
+    #: ``removes_layers(options, num_layers)`` for layers that depend on the model (every k-th of its
+    #: ``num_layers`` decoder layers). A depth strategy whose layers follow from these declares it,
+    #: and the runner then scores its single-layer variants through one shared layer sweep and the
+    #: report draws them on the layer chart. None (the default, or returned): not known without
+    #: scoring the model (a plan's layers depend on its scores).
+    removes_layers: Callable[..., Sequence[int] | None] | None = None
     #: Options whose study-file value ``"each"`` expands to one grid point per decoder layer
     #: (``layers = "each"``), known once the model is loaded.
     each_layer: tuple[str, ...] = ()
@@ -138,12 +142,16 @@ class Strategy:
             return bool(self.needs_calibration(options))
         return bool(self.needs_calibration)
 
-    def removed_layers(self, options: Mapping[str, Any]) -> list[int] | None:
-        """The layers a variant with these options removes, or None when the strategy cannot tell."""
+    def removed_layers(self, options: Mapping[str, Any], num_layers: int | None = None) -> list[int] | None:
+        """The layers a variant with these options removes from a model of ``num_layers`` decoder
+        layers, or None when the strategy cannot tell (a model-dependent declaration without the count)."""
         if self.removes_layers is None:
             return None
+        takes_model = num_layers is not None and accepts_positional(self.removes_layers, 2)
+        if not takes_model and not accepts_positional(self.removes_layers, 1):
+            return None  # needs the model's layer count, which the caller does not know
         try:
-            layers = self.removes_layers(options)
+            layers = self.removes_layers(options, num_layers) if takes_model else self.removes_layers(options)
         except (KeyError, TypeError, ValueError, PrunelabError):  # not a layer list: not a depth variant
             return None
         return None if layers is None else [int(i) for i in layers]
@@ -163,6 +171,31 @@ class MetricSpec:
     #: against "identical to dense", which a fidelity metric (dense's own KL is 0) fails by
     #: construction. None: test against no change. A study file can set it per metric (``[tolerance]``).
     tolerance: float | None = None
+    #: For an accuracy metric of a multiple-choice task (one that declares ``Evaluator.answers``): the
+    #: record key holding the answer this metric scored (e.g. ``"prediction"``; ``acc_norm``'s own
+    #: argmax under another key). The report counts each metric's answers from its own field.
+    prediction: str | None = None
+
+
+@dataclass(frozen=True)
+class AnswerFields:
+    """Which record keys of a multiple-choice task name the gold answer, the item's category and its choices.
+
+    The report builds its multiple-choice tables from these names alone, for every accuracy metric
+    separately: how often each answer was given (from the metric's ``MetricSpec.prediction``) next to
+    the gold answers, accuracy per category, and the chance level drawn on the accuracy charts.
+    """
+
+    target: str  # the gold answer as a label comparable with a prediction ("B")
+    category: str | None = None  # a coarse group of the item (MMLU: stem, humanities, ...)
+    #: A record key listing one entry per choice (log-likelihoods, choice texts): its length is the
+    #: number of choices and 1 / length the chance accuracy. Items may differ; then no chance line.
+    choices: str | None = None
+    chance: float | None = None  # a fixed chance accuracy, when the records list no choices
+
+    def __post_init__(self) -> None:
+        if self.chance is not None and not 0 < self.chance < 1:
+            raise PrunelabError(f"AnswerFields.chance must be in (0, 1), got {self.chance}")
 
 
 # ---------------------------------------------------------------------------- what an evaluator is handed
@@ -193,7 +226,9 @@ class Evaluator:
 
     name: str
     description: str
-    load_items: Callable[[DataSource, Subset], list[Item]]
+    #: ``load_items(source, subset)`` or ``load_items(source, subset, options)``: the task's items, the
+    #: subset chosen; ``options`` are its validated options (a data file the user names).
+    load_items: Callable[..., list[Item]]
     evaluate: Callable[[Scorer, list[Item], dict[str, Any]], TaskResult]
     options: tuple[Option, ...] = field(default_factory=tuple)
     #: What the task asks of the model, as lm-evaluation-harness's ``output_type``:
@@ -214,10 +249,19 @@ class Evaluator:
     #: the dense model's evaluation of a chunk saves what a variant's evaluation of that chunk reads.
     #: The runner evaluates dense's chunk first; a Ray run holds back only these tasks' chunks for it.
     compares_with_dense: bool = False
+    #: For a multiple-choice task: which record keys hold the gold answer, the category and the
+    #: choices (``AnswerFields``), so the report builds its answer, per-category and chance tables.
+    answers: AnswerFields | None = None
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"task '{self.name}'", self.options)
+
+    def items(self, source: DataSource, subset: Subset, options: Mapping[str, Any]) -> list[Item]:
+        """Load the items: ``load_items`` with the options when it takes them (the two-argument form works too)."""
+        if accepts_positional(self.load_items, 3):
+            return self.load_items(source, subset, dict(options))
+        return self.load_items(source, subset)
 
     @property
     def generates(self) -> bool:
@@ -394,6 +438,53 @@ class TaskResult:
     metrics: dict[str, Any]
     records: list[dict[str, Any]] = field(default_factory=list)
     breakdown: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+#: What a plugin's own functions are (not declarations about it): ``prunelab plugins`` leaves them out.
+BEHAVIOUR = {"name", "description", "options", "prune", "load_items", "evaluate", "recover"}
+
+
+def declarations(plugin: Strategy | Evaluator | Recovery) -> dict[str, str]:
+    """What a plugin declares besides its options, as text (``prunelab plugins NAME``).
+
+    Every field of its description except its name, its own functions and options: a function
+    (``removes_layers``) says which arguments it takes, a value is shown as is; unset ones are left out.
+    """
+    shown: dict[str, str] = {}
+    for item in dataclasses.fields(plugin):
+        value = getattr(plugin, item.name)
+        if item.name in BEHAVIOUR or value is None or value == () or value is False:
+            continue
+        if callable(value):
+            takes = "(options, num_layers)" if accepts_positional(value, 2) else "(options)"
+            shown[item.name] = f"declared: a function {takes}" if item.name != "count_units" else "declared"
+        elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+            for index, entry in enumerate(value):  # one line each: metrics acc, metrics acc_norm
+                shown[f"{item.name} {getattr(entry, 'name', index)}"] = _describe(entry)
+        else:
+            shown[item.name] = _describe(value)
+    return shown
+
+
+def _describe(value: Any) -> str:
+    """A declaration's value as one line: a dataclass by its set fields (``MetricSpec``, ``AnswerFields``)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        return ", ".join(f"{k}={v!r}" for k, v in fields.items() if v not in (None, "", ()))
+    return ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def accepts_positional(function: Callable[..., Any], count: int) -> bool:
+    """Whether ``function`` can be called with ``count`` positional arguments (a declaration's longer form)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: the short form
+        return False
+    try:
+        signature.bind(*range(count))
+    except TypeError:
+        return False
+    return True
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:

@@ -16,10 +16,13 @@ methods; as lm-evaluation-harness's ``Registry[T]``), which serves a name from o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata as md
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pluggy
@@ -42,6 +45,13 @@ class PluginInfo:
     package: str
     version: str
     error: str | None = None
+    #: SHA-256 of the module's source (the file the entry point names, or its package's folder):
+    #: an editable or source install changes it with every edit, whatever the version says.
+    source_hash: str | None = None
+
+    def identity(self) -> dict[str, str | None]:
+        """What a run records of the plugin (``prunelab.json``, the manifest, the reuse key)."""
+        return {"package": self.package, "version": self.version, "source_hash": self.source_hash}
 
     def describe(self) -> str:
         """``<distribution> <version> (entry point <name> = <module>)``: who to uninstall or ask."""
@@ -110,15 +120,17 @@ class Registry:
     def evaluator(self, name: str) -> Evaluator:
         return self.evaluators.find(name)
 
-    def removed_layer(self, strategy: str, params: Mapping[str, Any]) -> int | None:
-        """The one decoder layer a variant removes, as its strategy declares (``Strategy.removes_layers``).
+    def removed_layer(self, strategy: str, params: Mapping[str, Any], num_layers: int | None = None) -> int | None:
+        """The one decoder layer a variant removes, as its strategy declares (``Strategy.removes_layers``)
+        for a model of ``num_layers`` decoder layers (None: unknown; a model-dependent declaration then
+        tells nothing).
 
         None for any other variant: dense, a healed twin, a strategy that declares nothing or is
         not installed, or a variant that removes several layers. The runner shares a layer sweep
         between these variants and the report draws them on the layer chart.
         """
         found = self.strategies.get(strategy)
-        layers = found[0].removed_layers(params) if found else None
+        layers = found[0].removed_layers(params, num_layers) if found else None
         return layers[0] if layers is not None and len(layers) == 1 else None
 
     def calibrates(self, strategy: str, params: Mapping[str, Any]) -> bool:
@@ -126,6 +138,13 @@ class Registry:
         False for dense and for a strategy that is not installed."""
         found = self.strategies.get(strategy)
         return bool(found and found[0].uses_calibration(params))
+
+    def identity(self, kind: str, name: str) -> dict[str, str | None] | None:
+        """The identity of the plugin that provides strategy, task or recovery ``name`` (``kind``:
+        ``"strategy"``, ``"task"``, ``"recovery"``); None for one that is not installed (dense)."""
+        table = {"strategy": self.strategies, "task": self.evaluators, "recovery": self.recoveries}[kind]
+        found = table.get(name)
+        return found[1].identity() if found and found[1] is not None else None  # a hand-made registry has no info
 
     def recovery(self, name: str) -> Recovery:
         return self.recoveries.find(name)
@@ -146,7 +165,7 @@ def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
         except Exception as exc:  # a broken plugin must not break the others
             infos.append(PluginInfo(ep.name, ep.value, package, version, f"{type(exc).__name__}: {exc}"))
             continue
-        info = PluginInfo(ep.name, ep.value, package, version)
+        info = PluginInfo(ep.name, ep.value, package, version, source_hash=source_hash(module))
         _check_hooks(manager, module, info)
         try:
             manager.register(module, name=ep.name)
@@ -191,6 +210,24 @@ def _collect(manager: pluggy.PluginManager, module: object, hook_name: str) -> l
     for result in caller():
         found.extend(result or [])
     return found
+
+
+def source_hash(module: object) -> str | None:
+    """SHA-256 over a plugin module's source files: the module's file, or every ``.py`` file of its
+    package's folder when the entry point names a package (names and bytes, in sorted order)."""
+    file = getattr(module, "__file__", None) or getattr(sys.modules.get(getattr(module, "__name__", "")), "__file__", None)
+    if not file:
+        return None
+    path = Path(file)
+    files = sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
+    digest = hashlib.sha256()
+    for source in files:
+        try:
+            data = source.read_bytes()
+        except OSError:
+            continue
+        digest.update(str(source.relative_to(path.parent)).encode() + b"\0" + data + b"\0")
+    return digest.hexdigest()
 
 
 def _distribution_of(ep: md.EntryPoint) -> tuple[str, str]:

@@ -224,6 +224,12 @@ def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
         assert record["gold_prob"] == pytest.approx(weights[record["target_index"]] / sum(weights), rel=1e-9)
 
 
+# The evaluators' declarations as a run's manifest stores them (``Evaluator.answers``, ``MetricSpec``)
+METRICS = {("mmlu", "acc"): {"kind": "accuracy", "prediction": "prediction", "label": "accuracy"},
+           ("mmlu", "gold_prob"): {"kind": "mean", "label": "gold probability"}}
+ANSWERS = {"mmlu": {"target": "target", "category": "category", "choices": "loglikelihoods", "chance": None}}
+
+
 def items_table() -> pl.DataFrame:
     rng = np.random.default_rng(0)
     rows = []
@@ -235,15 +241,17 @@ def items_table() -> pl.DataFrame:
                          "top1_agree": 1.0 if not scale else float(rng.uniform(0.5, 0.9)),
                          "kl_tokens": json.dumps(kl.tolist())})
         for q, (pred, gold) in enumerate([("B", "A"), ("B", "B"), ("C", "D"), ("B", "C")]):
-            rows.append({"variant": variant, "strategy": strategy, "task": "mmlu", "metric": "acc",
-                         "item_id": f"s/{q}", "prediction": pred if variant == "dense" else "C", "target": gold,
-                         "correct": (pred if variant == "dense" else "C") == gold, "category": "stem" if q < 2 else "other",
-                         "gold_prob": 0.1 * (q + 1), "loglikelihoods": json.dumps([-1.0, -2.0, -3.0, -4.0])})
+            record = {"variant": variant, "strategy": strategy, "task": "mmlu", "item_id": f"s/{q}",
+                      "prediction": pred if variant == "dense" else "C", "target": gold,
+                      "category": "stem" if q < 2 else "other",
+                      "loglikelihoods": json.dumps([-1.0, -2.0, -3.0, -4.0])}
+            rows.append({**record, "metric": "acc", "correct": record["prediction"] == gold})
+            rows.append({**record, "metric": "gold_prob", "value": 0.1 * (q + 1)})
     return pl.DataFrame(rows, infer_schema_length=None)
 
 
 def test_fidelity_table_against_numpy():
-    from prunelab.report.fidelity import chance_levels, fidelity_table
+    from prunelab.report.fidelity import chance_levels, choice_metrics, fidelity_table
     from prunelab.report.stats import median_interval
 
     items = items_table()
@@ -261,21 +269,64 @@ def test_fidelity_table_against_numpy():
     pooled = np.concatenate([json.loads(x) for x in v["kl_tokens"]])
     assert table["v"]["kl_p99"] == pytest.approx(np.quantile(pooled, 0.99), rel=1e-12)
     assert "kl_p99_low" not in table["v"]  # no interval that could not cover (docs/statistics.md)
-    assert chance_levels(items) == {"mmlu": 0.25}
+    assert chance_levels(choice_metrics(items, METRICS, ANSWERS)) == {"mmlu": 0.25}
+    fixed = {"mmlu": {**ANSWERS["mmlu"], "choices": None, "chance": 0.2}}  # a declared level wins
+    assert chance_levels(choice_metrics(items, METRICS, fixed)) == {"mmlu": 0.2}
 
 
 def test_answer_letters_categories_and_gold_probability_tables():
-    from prunelab.report.fidelity import answer_letters, category_accuracy, mean_metric_table
+    from prunelab.report.fidelity import answer_letters, category_accuracy, choice_metrics, mean_metric_table
 
     items = items_table()
-    letters = {r["variant"]: r for r in answer_letters(items).to_dicts()}
+    choices = choice_metrics(items, METRICS, ANSWERS)
+    letters = {r["variant"]: r for r in answer_letters(choices).to_dicts()}
     assert {k: letters["gold answers"][k] for k in "ABCD"} == {"A": 1, "B": 1, "C": 1, "D": 1}
     assert {k: letters["dense"][k] for k in "ABCD"} == {"A": 0, "B": 3, "C": 1, "D": 0}
-    assert letters["v"]["C"] == 4 and letters["v"]["n"] == 4
-    categories = {(r["variant"], r["category"]): r["accuracy"] for r in category_accuracy(items).to_dicts()}
+    assert letters["v"]["C"] == 4 and letters["v"]["n"] == 4 and letters["v"]["metric"] == "acc"
+    categories = {(r["variant"], r["category"]): r["accuracy"] for r in category_accuracy(choices).to_dicts()}
     assert categories == {("dense", "stem"): 0.5, ("dense", "other"): 0.0, ("v", "stem"): 0.0, ("v", "other"): 0.5}
-    gold = {r["variant"]: r for r in mean_metric_table(items, "gold_prob").to_dicts()}
-    assert gold["dense"]["gold_prob"] == pytest.approx(0.25) and gold["dense"]["n"] == 4
+    gold = {r["variant"]: r for r in mean_metric_table(items, METRICS, ANSWERS).to_dicts()}
+    assert gold["dense"]["mean"] == pytest.approx(0.25) and gold["dense"]["n"] == 4
+    assert gold["dense"]["label"] == "gold probability"
+
+
+def test_no_declaration_no_multiple_choice_tables():
+    """The same records without the evaluator's declarations get no answer tables: nothing is read by key name."""
+    from prunelab.report.fidelity import summary_records
+
+    records = summary_records(items_table(), {k: {**v, "prediction": None} for k, v in METRICS.items()}, {})
+    assert set(records) == {"fidelity"}
+    records = summary_records(items_table(), {k: {**v, "prediction": None} for k, v in METRICS.items()}, ANSWERS)
+    assert "answer_letters" not in records and records["chance"] == {"mmlu": 0.25}  # no prediction declared
+
+
+def test_two_accuracy_metrics_get_their_own_answer_and_category_tables():
+    """A task with acc and acc_norm (different predictions): labelled blocks per metric, never pooled.
+
+    Expected numbers counted by hand from the rows below.
+    """
+    from prunelab.report.fidelity import answer_letters, category_accuracy, choice_metrics
+
+    metrics = {("mc", "acc"): {"kind": "accuracy", "prediction": "pred"},
+               ("mc", "acc_norm"): {"kind": "accuracy", "prediction": "pred_norm"}}
+    answers = {"mc": {"target": "gold", "category": "topic", "choices": None, "chance": None}}
+    # item: gold, pred, pred_norm, topic
+    table = [("A", "A", "B", "bio"), ("B", "B", "B", "bio"), ("C", "A", "C", "bio"), ("A", "B", "B", "chem")]
+    rows = []
+    for i, (gold, pred, norm, topic) in enumerate(table):
+        record = {"variant": "dense", "strategy": "dense", "task": "mc", "item_id": str(i), "gold": gold,
+                  "pred": pred, "pred_norm": norm, "topic": topic}
+        rows += [{**record, "metric": "acc", "correct": pred == gold},
+                 {**record, "metric": "acc_norm", "correct": norm == gold}]
+    choices = choice_metrics(pl.DataFrame(rows), metrics, answers)
+    letters = {(r["metric"], r["variant"]): r for r in answer_letters(choices).to_dicts()}
+    assert {k: letters[("acc", "dense")][k] for k in "ABC"} == {"A": 2, "B": 2, "C": 0}
+    assert {k: letters[("acc_norm", "dense")][k] for k in "ABC"} == {"A": 0, "B": 3, "C": 1}
+    assert {k: letters[("acc", "gold answers")][k] for k in "ABC"} == {"A": 2, "B": 1, "C": 1}
+    accuracy = {(r["metric"], r["category"]): (r["accuracy"], r["n"]) for r in category_accuracy(choices).to_dicts()}
+    # acc: bio 2 of 3 right (items 0, 1), chem 0 of 1; acc_norm: bio 2 of 3 (items 1, 2), chem 0 of 1
+    assert accuracy == {("acc", "bio"): (pytest.approx(2 / 3), 3), ("acc", "chem"): (0.0, 1),
+                        ("acc_norm", "bio"): (pytest.approx(2 / 3), 3), ("acc_norm", "chem"): (0.0, 1)}
 
 
 def test_report_shows_fidelity_answers_and_the_chance_line(tmp_path):
@@ -286,14 +337,34 @@ def test_report_shows_fidelity_answers_and_the_chance_line(tmp_path):
                                .otherwise(None).alias("nll_sum"),
                                pl.when(pl.col("task") == "wikitext").then(None).otherwise(pl.col("correct"))
                                .alias("correct"))
-    run = artifacts.write_run(tmp_path, "synthetic", items, {"config": {"x": 1}})
+    metrics = [{"task": t, "name": m, **spec} for (t, m), spec in METRICS.items()]
+    run = artifacts.write_run(tmp_path, "synthetic", items, {"config": {"x": 1}, "metrics": metrics, "answers": ANSWERS})
     chart = (run / "charts" / "dense_vs_pruned.html").read_text()
     assert "chance 0.25" in chart and "chance 0.25" not in (run / "charts" / "fidelity.html").read_text()
     report = (run / "report.html").read_text()
-    for heading in ("Fidelity to the dense model", "Answer letters", "Gold-answer probability", "Accuracy per category"):
+    for heading in ("Fidelity to the dense model", "Answer letters", "Per-item means", "Accuracy per category"):
         assert heading in report
     for chart in ("fidelity", "answer_letters"):
         assert (run / "charts" / f"{chart}.png").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     fidelity = {r["variant"]: r for r in manifest["sensitive_metrics"]["fidelity"]}
     assert fidelity["v"]["kl_p99"] > 0 and fidelity["dense"]["kl_mean"] == 0
+
+
+def test_rebuilding_a_run_from_before_the_declarations_asks_the_installed_evaluator(tmp_path):
+    """A stored mmlu run whose manifest predates AnswerFields and MetricSpec.prediction: written as it
+    was, it has no answer tables; `prunelab report` (rebuild_run) fills both from the installed mmlu."""
+    from prunelab.report import artifacts
+
+    items = items_table().filter(pl.col("task") == "mmlu").with_columns(pl.lit("{}").alias("params"))
+    old_metrics = [{"task": "mmlu", "name": "acc", "kind": "accuracy", "field": "correct", "label": "accuracy",
+                    "higher_is_better": True, "tolerance": None},
+                   {"task": "mmlu", "name": "gold_prob", "kind": "mean", "field": "gold_prob", "label": "gold",
+                    "higher_is_better": True, "tolerance": None}]
+    run = artifacts.write_run(tmp_path, "old", items, {"config": {"x": 2}, "metrics": old_metrics})
+    assert "answer_letters" not in json.loads((run / "manifest.json").read_text()).get("sensitive_metrics", {})
+    artifacts.rebuild_run(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["answers"]["mmlu"]["target"] == "target"
+    letters = {r["variant"]: r for r in manifest["sensitive_metrics"]["answer_letters"]}
+    assert {k: letters["dense"][k] for k in "ABCD"} == {"A": 0, "B": 3, "C": 1, "D": 0}

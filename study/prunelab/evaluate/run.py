@@ -54,10 +54,28 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def task_options_for(evaluator: Evaluator, common: dict[str, Any]) -> dict[str, Any]:
-    """Validate the common settings (num_fewshot, seqlen, ...) that this task declares."""
+def task_options_for(evaluator: Evaluator, common: dict[str, Any], own: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate the common settings (num_fewshot, seqlen, ...) that this task declares, then the
+    options given to this task alone (``--task-option task.key=value``; an unknown one is an error)."""
     declared = {o.name for o in evaluator.options}
-    return evaluator.option_set.validate({k: v for k, v in common.items() if k in declared})
+    return evaluator.option_set.validate({**{k: v for k, v in common.items() if k in declared}, **(own or {})})
+
+
+def parse_task_options(specs: list[str], tasks: list[str]) -> dict[str, dict[str, str]]:
+    """``TASK.KEY=VALUE`` strings (``--task-option``) as options per task; the task must be evaluated."""
+    found: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        task, dot, key = name.strip().rpartition(".")
+        key = key.strip().replace("-", "_")
+        if not sep or not dot or not task or not key:
+            raise PrunelabError(f"--task-option {spec!r}: expected TASK.KEY=VALUE (e.g. mmlu.num_fewshot=0)")
+        if task not in tasks:
+            raise PrunelabError(f"--task-option {spec!r}: task '{task}' is not in --tasks ({', '.join(tasks)})")
+        if key in found.setdefault(task, {}):
+            raise PrunelabError(f"--task-option: option '{key}' of task '{task}' given twice")
+        found[task][key] = value.strip()
+    return found
 
 
 def prepare_tasks(
@@ -66,14 +84,19 @@ def prepare_tasks(
     subset: Subset,
     common_options: dict[str, Any] | None = None,
     registry: Registry | None = None,
+    task_options: dict[str, dict[str, Any]] | None = None,
 ) -> list[PreparedTask]:
-    """Look up, validate and load every task's items; fails before any model work."""
+    """Look up, validate and load every task's items; fails before any model work.
+
+    ``common_options`` go to every task that declares them; ``task_options`` (by task name) to that
+    task alone. ``load_items`` is handed the validated options when it takes them.
+    """
     registry = registry or default_registry()
     evaluators = [registry.evaluator(name) for name in names]
     prepared = []
     for evaluator in evaluators:
-        options = task_options_for(evaluator, common_options or {})
-        prepared.append(PreparedTask(evaluator, evaluator.load_items(data, subset), options))
+        options = task_options_for(evaluator, common_options or {}, (task_options or {}).get(evaluator.name))
+        prepared.append(PreparedTask(evaluator, evaluator.items(data, subset, options), options))
     return prepared
 
 
@@ -103,7 +126,9 @@ def evaluate(
     run_config = {
         "model": loaded.source, "model_kind": loaded.kind, "device": str(loaded.device),
         "dtype": loaded.dtype_name, "chat_template": engine.chat_template,
-        "task_options": {t.evaluator.name: t.options for t in tasks}, **(config or {}),
+        "task_options": {t.evaluator.name: t.options for t in tasks},
+        "plugins": {t.evaluator.name: default_registry().identity("task", t.evaluator.name) for t in tasks},
+        **(config or {}),
     }
     return EvalRun(results, run_config, timings)
 

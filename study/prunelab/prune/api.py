@@ -55,7 +55,8 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
     """
     from prunelab.registry import default_registry
 
-    strategy = (registry or default_registry()).strategy(strategy_name)
+    registry = registry or default_registry()
+    strategy = registry.strategy(strategy_name)
     validated = validate_options(strategy, options)
     adapter = as_adapter(model_or_loaded)
     context = PruneContext(
@@ -75,6 +76,7 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
     check_achieved_sparsity(strategy, validated, context.masks)  # the variant's name must be what was done
     report = PruneReport(
         strategy=strategy.name,
+        plugin=registry.identity("strategy", strategy.name),  # package, version, source hash
         options=validated,
         seed=seed,
         calibration=context.calibration,

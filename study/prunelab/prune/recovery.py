@@ -352,7 +352,10 @@ def heal(model_or_loaded, method: str, *, masks: MaskSet | None = None, seed: in
     if left:  # cannot happen unless a method replaced the parameters the masks name
         raise PrunelabError(f"recovery '{method}': {left} pruned weights are not zero after re-masking")
     pinned = sum(int((~keep).sum()) for keep in masks.values())
-    report = HealReport(method=recovery.name, options=validated, seed=seed,
+    from prunelab.registry import default_registry
+
+    report = HealReport(method=recovery.name, plugin=(registry or default_registry()).identity("recovery", recovery.name),
+                        options=validated, seed=seed,
                         seconds=round(time.perf_counter() - started, 3),
                         masks={"tensors": len(masks), "pruned_weights_kept_zero": pinned}, **result)
     report.masks = masks

@@ -134,8 +134,10 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
                write_items: bool = False) -> dict[str, Any]:
     """Everything derived from a run's items: summary, charts, manifest (headline, tests), report.
 
-    ``manifest`` holds the run's identity; its ``metrics`` (the evaluators' declarations) tell the
-    statistics each metric's kind and direction. Returns the manifest written.
+    ``manifest`` holds the run's identity; its ``metrics`` and ``answers`` (the evaluators'
+    declarations) tell the statistics each metric's kind and direction and the multiple-choice
+    tables which record fields hold what; ``model_layers`` is what model-dependent layer declarations
+    are handed. Returns the manifest written.
     """
     metric_specs = {(m["task"], m["name"]): m for m in manifest.get("metrics") or []}
     summary = summary if summary is not None else summarize(items, metrics=metric_specs)
@@ -147,8 +149,8 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     equal_size = equal_size_table(items, summary, sizes, bench)
     if equal_size.height:
         files += write_tables(folder, None, None, extra={"equal_size": equal_size})
-    extras = fidelity.summary_records(items)
-    charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items), sizes=sizes)
+    extras = fidelity.summary_records(items, metric_specs, manifest.get("answers") or {})
+    charts = build_charts(summary, bench=bench, chance=extras.get("chance"), sizes=sizes)
     charts.update(extra_charts(extras, sizes))
     specs = {name: chart.to_dict() for name, chart in charts.items()}
     files += write_charts(folder / "charts", specs)
@@ -195,6 +197,7 @@ def rebuild_run(run_dir: str | os.PathLike, tell: Callable[[str], None] | None =
              f"{', '.join(map(repr, refused[:3]))}{' ...' if len(refused) > 3 else ''}")
     manifest["report_rebuilt"] = {"created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", **code_version()}
     manifest["metrics"] = declared_tolerances(manifest.get("metrics") or [])
+    manifest["answers"] = declared_answers(manifest)
     files = dict(listed)
     written = render_run(folder, items, manifest, bench=bench)
     kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
@@ -236,20 +239,42 @@ def remove_own_chart(folder: Path, name: str) -> bool:
     return True
 
 
+#: Metric declarations added after some runs were made: a rebuilt report of such a run asks the installed evaluator.
+LATER_METRIC_FIELDS = ("tolerance", "prediction")
+
+
 def declared_tolerances(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A stored run's metric declarations, with the installed evaluator's tolerance where the run
-    predates tolerances (no ``tolerance`` key): the rebuilt report then tests fidelity against it.
-    A run that recorded one (None included) keeps it; an evaluator not installed changes nothing."""
+    """A stored run's metric declarations, with the installed evaluator's tolerance (and an accuracy
+    metric's prediction field) where the run predates them (no such key): the rebuilt report then
+    tests fidelity against the tolerance and counts each metric's answers. A run that recorded one
+    (None included) keeps it; an evaluator not installed changes nothing."""
     from prunelab.registry import default_registry
 
     registry = default_registry()
     out = []
     for metric in metrics:
-        if "tolerance" not in metric and metric.get("task") in registry.evaluators:
-            declared = {m.name: m.tolerance for m in registry.evaluator(metric["task"]).metrics}
-            metric = {**metric, "tolerance": declared.get(metric.get("name"))}
+        missing = [key for key in LATER_METRIC_FIELDS if key not in metric]
+        if missing and metric.get("task") in registry.evaluators:
+            declared = {m.name: m for m in registry.evaluator(metric["task"]).metrics}
+            spec = declared.get(metric.get("name"))
+            metric = {**metric, **{key: getattr(spec, key) if spec else None for key in missing}}
         out.append(metric)
     return out
+
+
+def declared_answers(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored run's answer fields (``Evaluator.answers``), or, for a run that predates them (no
+    ``answers`` key), the installed evaluators' declarations for the run's tasks."""
+    if "answers" in manifest:
+        return dict(manifest["answers"] or {})
+    from dataclasses import asdict
+
+    from prunelab.registry import default_registry
+
+    registry = default_registry()
+    tasks = {m.get("task") for m in manifest.get("metrics") or []}
+    return {task: asdict(registry.evaluator(task).answers) for task in sorted(t for t in tasks if t)
+            if task in registry.evaluators and registry.evaluator(task).answers is not None}
 
 
 def extra_charts(extras: Mapping[str, list[dict[str, Any]]], sizes: Mapping[str, VariantSize]) -> dict[str, Any]:

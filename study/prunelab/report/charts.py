@@ -477,7 +477,8 @@ def answer_letters_chart(letters: list[dict[str, Any]]) -> alt.TopLevelMixin | N
     if not letters:
         return None
     fixed = {"task", "metric", "variant", "n"}
-    values = [{"task": r["task"], "variant": r["variant"], "letter": letter, "count": r[letter],
+    values = [{"task": r["task"], "metric": r["metric"], "panel": f"{r['task']} · {r['metric']}",
+               "variant": r["variant"], "letter": letter, "count": r[letter],
                "share": r[letter] / r["n"] if r["n"] else 0.0}
               for r in letters for letter in r if letter not in fixed and r[letter] is not None]
     order = list(dict.fromkeys(r["variant"] for r in letters))
@@ -486,9 +487,9 @@ def answer_letters_chart(letters: list[dict[str, Any]]) -> alt.TopLevelMixin | N
         x=alt.X("share:Q", stack="normalize", title="share of questions", axis=alt.Axis(format="%")),
         color=alt.Color("letter:N", title="answer", legend=alt.Legend(orient="bottom")),
         order=alt.Order("letter:O"),  # ordinal: Vega-Lite warns on a nominal order channel
-        tooltip=["task:N", "variant:N", "letter:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
+        tooltip=["task:N", "metric:N", "variant:N", "letter:N", "count:Q", alt.Tooltip("share:Q", format=".1%")],
     ).properties(width=PANEL_WIDTH, height=max(PANEL_HEIGHT // 2, 14 * len(order)))
-    return bars.facet(column=alt.Column("task:N", title=None)).properties(
+    return bars.facet(column=alt.Column("panel:N", title=None)).properties(
         title="Answer letters per variant (first row: the gold answers)")
 
 

@@ -12,15 +12,19 @@ percentile of the KL over all of the variant's tokens, as a point: no interval o
 covers a pooled 99th percentile reliably (a percentile bootstrap recombines only those windows),
 so none is printed. The summary's paired tests (``stats``) compare each variant with a tolerance.
 
-**Answers** (multiple choice tasks whose records carry ``prediction``/``target``): how often each
-variant answers each letter (a model at chance often answers one letter to almost everything, which
-accuracy hides), accuracy per ``category`` and the chance level 1/choices for the charts.
+**Answers** (multiple-choice tasks, as their evaluators declare them: ``Evaluator.answers`` names the
+gold answer, category and choices fields, ``MetricSpec.prediction`` each accuracy metric's answer):
+per accuracy metric, how often each variant gives each answer (a model at chance often answers one
+letter to almost everything, which accuracy hides) and its accuracy per category, and per task the
+chance level (declared, or 1 / the number of choices) for the charts. No record key is read by name.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,76 +79,141 @@ def fidelity_table(items: pl.DataFrame) -> pl.DataFrame | None:
     return pl.DataFrame(out) if out else None
 
 
-def _multiple_choice(items: pl.DataFrame) -> pl.DataFrame:
-    """The accuracy rows of tasks whose records name the predicted and the gold answer.
+@dataclass(frozen=True)
+class ChoiceMetric:
+    """One accuracy metric of a multiple-choice task: what its evaluator declared, and its rows.
 
-    Rows of per-item float metrics (a ``value`` column) repeat the record's fields; they are left out
-    so that each question counts once.
+    ``rows``: the metric's rows of the per-item table that carry an outcome (a row per question and
+    variant); ``spec`` the metric's declaration (``MetricSpec`` as the manifest stores it),
+    ``answers`` the task's (``AnswerFields``).
     """
-    if not {"prediction", "target"} <= set(items.columns):
-        return items.clear()
-    rows = items.filter(pl.col("prediction").is_not_null() & pl.col("target").is_not_null()
-                        & pl.col("correct").is_not_null())
-    return rows.filter(pl.col("value").is_null()) if "value" in rows.columns else rows
+
+    task: str
+    metric: str
+    spec: Mapping[str, Any]
+    answers: Mapping[str, Any]
+    rows: pl.DataFrame
 
 
-def answer_letters(items: pl.DataFrame) -> pl.DataFrame | None:
-    """Per task and variant: how many times each answer was predicted, plus a "gold answers" row."""
-    choices = _multiple_choice(items)
-    if choices.height == 0:
-        return None
-    letters = sorted(set(choices["prediction"]) | set(choices["target"]))
-    rows = []
-    for (task, metric), group in choices.group_by(["task", "metric"], maintain_order=True):
-        dense = group.filter(pl.col("strategy") == DENSE)
-        gold = (dense if dense.height else group.filter(pl.col("variant") == group["variant"][0]))["target"]
-        rows.append({"task": task, "metric": metric, "variant": "gold answers", "n": len(gold),
-                     **{letter: int((gold == letter).sum()) for letter in letters}})
-        for (variant,), per_variant in group.group_by(["variant"], maintain_order=True):
-            predicted = per_variant["prediction"]
-            rows.append({"task": task, "metric": metric, "variant": variant, "n": per_variant.height,
-                         **{letter: int((predicted == letter).sum()) for letter in letters}})
-    return pl.DataFrame(rows)
+def choice_metrics(items: pl.DataFrame, metrics: Mapping[tuple[str, str], Mapping[str, Any]],
+                   answers: Mapping[str, Mapping[str, Any]]) -> list[ChoiceMetric]:
+    """Each declared accuracy metric of each task that declares its answers (``Evaluator.answers``).
 
-
-def category_accuracy(items: pl.DataFrame) -> pl.DataFrame | None:
-    """Accuracy per variant and category (MMLU's stem / humanities / social sciences / other)."""
-    choices = _multiple_choice(items)
-    if choices.height == 0 or "category" not in choices.columns:
-        return None
-    return (choices.group_by(["task", "variant", "category"], maintain_order=True)
-            .agg(pl.len().alias("n"), pl.col("correct").cast(pl.Float64).mean().alias("accuracy")))
-
-
-def mean_metric_table(items: pl.DataFrame, column: str) -> pl.DataFrame | None:
-    """A per-item float (``gold_prob``) per task and variant: its mean with a 95% t-interval over items."""
-    choices = _multiple_choice(items)
-    if choices.height == 0 or column not in choices.columns:
-        return None
-    out = []
-    for (task, variant), group in choices.group_by(["task", "variant"], maintain_order=True):
-        values = group[column].drop_nulls().to_numpy()
-        if len(values):
-            mean, low, high = mean_interval(values)
-            out.append({"task": task, "variant": variant, "n": len(values), column: mean, "low": low, "high": high})
-    return pl.DataFrame(out) if out else None
-
-
-def chance_levels(items: pl.DataFrame) -> dict[str, float]:
-    """Chance accuracy per task (1 / number of choices) for tasks whose records list each choice's log-likelihood."""
-    if "loglikelihoods" not in items.columns:
-        return {}
-    found = {}
-    for (task,), group in _multiple_choice(items).group_by(["task"]):
-        sample = group["loglikelihoods"].drop_nulls().head(50)
-        counts = {len(json.loads(v)) if isinstance(v, str) else len(v) for v in sample}
-        if len(counts) == 1 and (k := counts.pop()) > 1:
-            found[task] = 1.0 / k
+    Only declarations decide: a task whose evaluator declares no answer fields gets no
+    multiple-choice tables, whatever its records' keys are called.
+    """
+    found = []
+    for (task, metric), spec in metrics.items():
+        if spec.get("kind") != "accuracy" or task not in answers:
+            continue
+        rows = items.filter((pl.col("task") == task) & (pl.col("metric") == metric) & pl.col("correct").is_not_null())
+        if rows.height:
+            found.append(ChoiceMetric(task, metric, spec, answers[task], rows))
     return found
 
 
-def summary_records(items: pl.DataFrame) -> dict[str, Any]:
-    """The tables above as JSON-able records for the manifest (findings and reports read them there)."""
-    tables = {"fidelity": fidelity_table(items), "answer_letters": answer_letters(items),
-              "category_accuracy": category_accuracy(items), "gold_prob": mean_metric_table(items, "gold_prob")}
-    return {name: table.to_dicts() for name, table in tables.items() if table is not None}
+def _labels(column: pl.Series) -> pl.Series:
+    """Answers as text (a task may record them as indices), so a letter and its count line up."""
+    return column.cast(pl.String)
+
+
+def answer_letters(choices: list[ChoiceMetric]) -> pl.DataFrame | None:
+    """Per task, accuracy metric and variant: how many times each answer was given, after a "gold answers" row.
+
+    Each metric counts its own predictions (``MetricSpec.prediction``): ``acc`` and ``acc_norm`` of one
+    task are separate, labelled blocks. A metric that names no prediction field has no block.
+    """
+    blocks = []
+    for choice in choices:
+        target, prediction = choice.answers.get("target"), choice.spec.get("prediction")
+        if not prediction or not {target, prediction} <= set(choice.rows.columns):
+            continue
+        rows = choice.rows.filter(pl.col(prediction).is_not_null() & pl.col(target).is_not_null())
+        if rows.height:
+            blocks.append((choice, rows, target, prediction))
+    letters = sorted({str(v) for _, rows, target, prediction in blocks
+                      for v in (*_labels(rows[prediction]), *_labels(rows[target]))})
+    out = []
+    for choice, rows, target, prediction in blocks:
+        dense = rows.filter(pl.col("strategy") == DENSE)
+        gold = _labels((dense if dense.height else rows.filter(pl.col("variant") == rows["variant"][0]))[target])
+        own = set(_labels(rows[prediction])) | set(gold)
+
+        def counts(values: pl.Series, own: set[str] = own) -> dict[str, int | None]:
+            return {letter: int((values == letter).sum()) if letter in own else None for letter in letters}
+
+        out.append({"task": choice.task, "metric": choice.metric, "variant": "gold answers", "n": len(gold),
+                    **counts(gold)})
+        for (variant,), per_variant in rows.group_by(["variant"], maintain_order=True):
+            out.append({"task": choice.task, "metric": choice.metric, "variant": variant, "n": per_variant.height,
+                        **counts(_labels(per_variant[prediction]))})
+    return pl.DataFrame(out) if out else None
+
+
+def category_accuracy(choices: list[ChoiceMetric]) -> pl.DataFrame | None:
+    """Accuracy per task, metric, variant and declared category (MMLU: stem / humanities / ...).
+
+    Per metric: a task with ``acc`` and ``acc_norm`` gets each metric's own accuracy, never the two pooled.
+    """
+    frames = []
+    for choice in choices:
+        category = choice.answers.get("category")
+        if not category or category not in choice.rows.columns:
+            continue
+        frames.append(choice.rows.filter(pl.col(category).is_not_null())
+                      .group_by(["task", "metric", "variant", category], maintain_order=True)
+                      .agg(pl.len().alias("n"), pl.col("correct").cast(pl.Float64).mean().alias("accuracy"))
+                      .rename({category: "category"}).with_columns(pl.col("category").cast(pl.String)))
+    return pl.concat(frames) if frames else None
+
+
+def mean_metric_table(items: pl.DataFrame, metrics: Mapping[tuple[str, str], Mapping[str, Any]],
+                      answers: Mapping[str, Mapping[str, Any]]) -> pl.DataFrame | None:
+    """Each declared per-item float of a multiple-choice task (MMLU's ``gold_prob``) per variant: its
+    mean with a 95% t-interval over items."""
+    out = []
+    for (task, metric), spec in metrics.items():
+        if spec.get("kind") != "mean" or task not in answers:
+            continue
+        rows = items.filter((pl.col("task") == task) & (pl.col("metric") == metric) & pl.col("value").is_not_null())
+        for (variant,), group in rows.group_by(["variant"], maintain_order=True):
+            mean, low, high = mean_interval(group["value"].to_numpy())
+            out.append({"task": task, "metric": metric, "label": spec.get("label") or metric, "variant": variant,
+                        "n": group.height, "mean": mean, "low": low, "high": high})
+    return pl.DataFrame(out) if out else None
+
+
+def chance_levels(choices: list[ChoiceMetric]) -> dict[str, float]:
+    """Chance accuracy per task: the declared ``chance``, or 1 / the length of the declared ``choices``
+    field when every question has the same number of choices."""
+    found: dict[str, float] = {}
+    for choice in choices:
+        if choice.answers.get("chance") is not None:
+            found[choice.task] = float(choice.answers["chance"])
+            continue
+        field = choice.answers.get("choices")
+        if not field or field not in choice.rows.columns:
+            continue
+        values = choice.rows[field].drop_nulls()
+        counts = {len(json.loads(v)) if isinstance(v, str) else len(v) for v in values}
+        if len(counts) == 1 and (k := counts.pop()) > 1:
+            found[choice.task] = 1.0 / k
+    return found
+
+
+def summary_records(items: pl.DataFrame, metrics: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+                    answers: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The tables above as JSON-able records for the manifest (findings and reports read them there).
+
+    ``metrics`` (keyed by task and metric) and ``answers`` (by task): the evaluators' declarations as
+    the manifest stores them; without them there are no multiple-choice tables.
+    """
+    metrics, answers = metrics or {}, answers or {}
+    choices = choice_metrics(items, metrics, answers)
+    tables = {"fidelity": fidelity_table(items), "answer_letters": answer_letters(choices),
+              "category_accuracy": category_accuracy(choices),
+              "mean_metrics": mean_metric_table(items, metrics, answers)}
+    records: dict[str, Any] = {name: table.to_dicts() for name, table in tables.items() if table is not None}
+    if chance := chance_levels(choices):
+        records["chance"] = chance
+    return records

@@ -64,7 +64,7 @@ def sweep_harm(summary: pl.DataFrame, num_layers: int) -> dict[tuple[str, str, s
         raise PrunelabError(f"the sweep table lacks columns {missing}: pass a study's summary.parquet")
     harm: dict[tuple[str, str, str], dict[int, float]] = {}
     for row in summary.iter_rows(named=True):
-        layer = legacy_size(row["strategy"], _params(row["params"]), {}).sweep_layer  # a summary alone: declarations
+        layer = legacy_size(row["strategy"], _params(row["params"]), {}, num_layers).sweep_layer  # a summary alone: declarations
         if layer is None or row["diff_vs_dense"] is None or not math.isfinite(row["diff_vs_dense"]):
             continue
         if layer >= num_layers:

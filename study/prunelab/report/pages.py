@@ -318,9 +318,10 @@ FIDELITY_NOTE = (
     "(B = 2000, seed 0; rough with few windows). Harm shows here when accuracy sits at chance."
 )
 ANSWERS_NOTE = (
-    "How often each variant answers each letter; the first row is the gold answers. A model at chance "
-    "often gives one letter to nearly every question. Gold probability: softmax over the four letters' "
-    "log-likelihoods at the correct letter, mean over questions with a 95% t-interval."
+    "Per accuracy metric, how often each variant gives each answer (the metric's own prediction); the "
+    "first row of each block is the gold answers. A model at chance often gives one answer to nearly "
+    "every question. Per-item means (e.g. the gold answer's probability): mean over questions with a 95% "
+    "t-interval. Accuracy per category is each metric's own."
 )
 
 
@@ -334,8 +335,8 @@ def sensitive_sections(extras: dict[str, list[dict[str, Any]]]) -> str:
         parts += ["<h2>Multiple-choice answers</h2>", f'<p class="muted">{ANSWERS_NOTE}</p>']
     if extras.get("answer_letters"):
         parts += ["<h3>Answer letters</h3>", answer_letters_html(extras["answer_letters"])]
-    if extras.get("gold_prob"):
-        parts += ["<h3>Gold-answer probability</h3>", gold_prob_html(extras["gold_prob"])]
+    if extras.get("mean_metrics"):
+        parts += ["<h3>Per-item means</h3>", mean_metrics_html(extras["mean_metrics"])]
     if extras.get("category_accuracy"):
         parts += ["<h3>Accuracy per category</h3>", category_html(extras["category_accuracy"])]
     return "\n".join(parts)
@@ -357,30 +358,31 @@ def fidelity_html(rows: list[dict[str, Any]]) -> str:
 
 def answer_letters_html(rows: list[dict[str, Any]]) -> str:
     letters = [k for k in rows[0] if k not in {"task", "metric", "variant", "n"}]
-    header = ["task", "variant", "n", *letters]
-    cells = [[html.escape(r["task"]), html.escape(r["variant"]), fmt(r["n"]),
+    header = ["task", "metric", "variant", "n", *map(html.escape, letters)]
+    cells = [[html.escape(r["task"]), html.escape(r["metric"]), html.escape(r["variant"]), fmt(r["n"]),
               *(f"{r[x]} ({r[x] / r['n']:.0%})" if r["n"] and r[x] is not None else "—" for x in letters)]
              for r in rows]
     return table(header, cells, ["muted" if r["variant"] == "gold answers" else "" for r in rows],
-                 numeric=set(range(2, 3 + len(letters))))
+                 numeric=set(range(3, 4 + len(letters))))
 
 
-def gold_prob_html(rows: list[dict[str, Any]]) -> str:
-    cells = [[html.escape(r["task"]), html.escape(r["variant"]), fmt(r["n"]),
-              _with_interval(r["gold_prob"], r["low"], r["high"], ".3f")] for r in rows]
-    return table(["task", "variant", "n", "mean gold probability [95% CI]"], cells, numeric={2, 3})
+def mean_metrics_html(rows: list[dict[str, Any]]) -> str:
+    cells = [[html.escape(r["task"]), html.escape(r["label"]), html.escape(r["variant"]), fmt(r["n"]),
+              _with_interval(r["mean"], r["low"], r["high"], ".3f")] for r in rows]
+    return table(["task", "metric", "variant", "n", "mean [95% CI]"], cells, numeric={3, 4})
 
 
 def category_html(rows: list[dict[str, Any]]) -> str:
     categories = list(dict.fromkeys(r["category"] for r in rows))
-    variants = list(dict.fromkeys((r["task"], r["variant"]) for r in rows))
-    lookup = {(r["task"], r["variant"], r["category"]): r for r in rows}
+    variants = list(dict.fromkeys((r["task"], r["metric"], r["variant"]) for r in rows))
+    lookup = {(r["task"], r["metric"], r["variant"], r["category"]): r for r in rows}
     cells = []
-    for task, variant in variants:
-        found = [lookup.get((task, variant, c)) for c in categories]
-        cells.append([html.escape(task), html.escape(variant),
+    for task, metric, variant in variants:
+        found = [lookup.get((task, metric, variant, c)) for c in categories]
+        cells.append([html.escape(task), html.escape(metric), html.escape(variant),
                       *(f"{fmt(r['accuracy'], '.3f')} (n={r['n']})" if r else "—" for r in found)])
-    return table(["task", "variant", *map(html.escape, categories)], cells, numeric=set(range(2, 2 + len(categories))))
+    return table(["task", "metric", "variant", *map(html.escape, categories)], cells,
+                 numeric=set(range(3, 3 + len(categories))))
 HEALING_NOTE = (
     "Each healed variant (&lt;variant&gt;+&lt;method&gt;) before and after healing, both paired against dense "
     "(diff and p as in the summary), and after against before on the same items with the same test "

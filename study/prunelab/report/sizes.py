@@ -109,14 +109,15 @@ class VariantSize:
 
 
 def variant_size(strategy: Strategy | None, options: Mapping[str, Any], *, removed_layers: Sequence[int] | None,
-                 healed: bool = False, counts: Any = None) -> VariantSize:
+                 healed: bool = False, counts: Any = None, num_layers: int | None = None) -> VariantSize:
     """The record of one variant: its strategy's declared axes with this variant's amounts.
 
     ``removed_layers``: read from the model after pruning (or, for a layer-sweep variant, the one
-    layer the sweep leaves out); ``counts``: ``prunelab.model.bench.ParameterCounts`` of the variant.
+    layer the sweep leaves out); ``counts``: ``prunelab.model.bench.ParameterCounts`` of the variant;
+    ``num_layers``: the model's decoder layers, for a strategy whose declared layers depend on it.
     """
     removed = None if removed_layers is None else tuple(sorted(int(i) for i in removed_layers))
-    declared = strategy.removed_layers(options) if strategy is not None else None
+    declared = strategy.removed_layers(options, num_layers) if strategy is not None else None
     axes = tuple(_amount(axis, options, removed, counts) for axis in (strategy.size if strategy else ()))
     return VariantSize(removed_layers=removed, layers_from_options=declared is not None, healed=healed,
                        parameters=getattr(counts, "total", None),
@@ -156,7 +157,8 @@ def summary_sizes(summary: Any) -> dict[str, VariantSize]:
     return run_sizes({}, list(variants))
 
 
-def legacy_size(strategy_name: str, params: dict[str, Any], report: Mapping[str, Any]) -> VariantSize:
+def legacy_size(strategy_name: str, params: dict[str, Any], report: Mapping[str, Any],
+                num_layers: int | None = None) -> VariantSize:
     """A run recorded before sizes: the installed strategy's declarations on the stored options.
 
     The removed layers are the strategy's declared ones, else what the core's ``drop_layers``
@@ -177,10 +179,10 @@ def legacy_size(strategy_name: str, params: dict[str, Any], report: Mapping[str,
     options = params
     with contextlib.suppress(PrunelabError, TypeError, ValueError):
         options = validate_options(strategy, params)
-    removed = strategy.removed_layers(params)
+    removed = strategy.removed_layers(params, num_layers)
     if removed is None and isinstance(report.get("dropped_layers"), list):
         removed = report["dropped_layers"]
-    return variant_size(strategy, options, removed_layers=removed, healed=healed)
+    return variant_size(strategy, options, removed_layers=removed, healed=healed, num_layers=num_layers)
 
 
 def slug(text: str) -> str:

@@ -1,14 +1,19 @@
 """A run's identity: what its configuration hash covers, and when a finished run is reused.
 
 A study's results are identified by a ``RunIdentity``: the study's settings, the model's weights,
-the evaluated items, the calibration text and the code. Its ``config()`` is the document a run
+the evaluated items, the calibration text, the code and the plugins the run uses (each one's
+distribution, version and source hash, ``Registry.identity``). Its ``config()`` is the document a run
 records (``manifest.json`` ``config``, the work folder's ``config.json``) and ``digest`` its hash
 (``config_hash`` in the manifest, the last part of the run folder's name). The runner decides here
 
 * whether this configuration already finished (``finished_run``: reused unless ``--rerun``);
 * whether another finished run, or the work folder, holds the same settings computed by other code
   or with another calibration text (``same_settings``, ``run_of_other_code``): computed again, and
-  said so.
+  said so;
+* whether a finished run differs only in some plugins (``run_of_other_plugins``): then what those
+  plugins produced is computed again and every other variant x task pair is taken from that run
+  (``unchanged_pairs``): upgrading a strategy reruns its variants, not the dense model's or another
+  strategy's.
 
 The report only reads what the runner recorded (``config_hash``, ``config``); it hashes nothing.
 """
@@ -25,8 +30,10 @@ from typing import Any, ClassVar
 
 from prunelab.evaluate.run import PreparedTask
 from prunelab.model.loading import source_fingerprint
-from prunelab.records import json_digest
+from prunelab.records import DENSE, json_digest
+from prunelab.registry import default_registry
 from prunelab.runner.studyfile import Study
+from prunelab.runner.variants import Variant
 from prunelab.versions import code_version
 
 
@@ -34,8 +41,7 @@ from prunelab.versions import code_version
 class RunIdentity:
     """What identifies a run's results; ``config()`` is hashed, field by field, in this order.
 
-    To add a field (e.g. the installed plugins' distributions and versions, issue #25): add it
-    here, fill it in ``identify``, and name it in ``CODE_FIELDS`` when a change of it means "the
+    To add a field: add it here, fill it in ``identify``, and name it in ``CODE_FIELDS`` when a change of it means "the
     same study run by other code" (computed again, with a message) rather than "another study"
     (a work folder of the other one is refused). A new field changes every configuration hash, so
     no finished run of older code is reused by mistake.
@@ -46,9 +52,12 @@ class RunIdentity:
     data: dict[str, str]  # per task: a digest of the evaluated items (ids, groups, payloads)
     calibration_text: str | None  # a local calibration file's SHA-256, a Hub source's name, or None
     code: dict[str, str | None]  # prunelab's version and git commit (``prunelab.versions.code_version``)
+    #: Per kind (``strategy``, ``task``, ``recovery``) and name: the plugin's package, version and
+    #: source hash (``Registry.identity``), for every plugin the run uses.
+    plugins: dict[str, dict[str, dict[str, str | None] | None]] = dataclasses.field(default_factory=dict)
 
     #: The fields that tell "the same settings, other code" from "other settings".
-    CODE_FIELDS: ClassVar[tuple[str, ...]] = ("code", "calibration_text")
+    CODE_FIELDS: ClassVar[tuple[str, ...]] = ("code", "calibration_text", "plugins")
 
     def config(self) -> dict[str, Any]:
         """The recorded configuration: the settings' keys, then the other fields."""
@@ -65,7 +74,74 @@ def identify(study: Study, tasks: list[PreparedTask]) -> RunIdentity:
     """The identity of a study's results: its settings, the model's weights and the evaluated items."""
     return RunIdentity(settings=study.settings, model_hash=source_fingerprint(study.model),
                        data={task.evaluator.name: items_digest(task) for task in tasks},
-                       calibration_text=calibration_fingerprint(study.calibration), code=code_version())
+                       calibration_text=calibration_fingerprint(study.calibration), code=code_version(),
+                       plugins=plugins_used(study, tasks))
+
+
+def plugins_used(study: Study, tasks: list[PreparedTask]) -> dict[str, dict[str, dict[str, str | None] | None]]:
+    """Every plugin the study uses, by kind and name: its package, version and source hash."""
+    registry = default_registry()
+    used = {"strategy": sorted({block.name for block in study.strategies}),
+            "task": [task.evaluator.name for task in tasks],
+            "recovery": [study.recovery["method"]] if study.recovery else []}
+    return {kind: {name: registry.identity(kind, name) for name in names} for kind, names in used.items() if names}
+
+
+def pair_plugins(config: Mapping[str, Any], variant: Variant, task: str) -> list[Any]:
+    """The identities of the plugins one variant x task pair's rows depend on: its task, the strategy
+    that pruned it and the method that healed it (dense: its task alone)."""
+    plugins = config.get("plugins") or {}
+    needed = [plugins.get("task", {}).get(task, "missing")]
+    if variant.strategy != DENSE:
+        needed.append(plugins.get("strategy", {}).get(variant.pruned_by, "missing"))
+    if variant.recovery:
+        needed.append(plugins.get("recovery", {}).get(variant.recovery, "missing"))
+    return needed
+
+
+def run_of_other_plugins(study_dir: Path, config: Mapping[str, Any]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest finished run that differs from this configuration in its plugins alone (the same
+    settings, model, items, calibration text and code): its folder and its recorded configuration."""
+    def without_plugins(document: Mapping[str, Any]) -> str:
+        return json_digest({k: v for k, v in document.items() if k != "plugins"})
+
+    wanted = without_plugins(config)
+    for manifest_path in sorted(study_dir.glob("*/manifest.json"), reverse=True):
+        if manifest_path.parent.name.startswith("."):
+            continue
+        try:
+            stored = json.loads(manifest_path.read_text(encoding="utf-8")).get("config") or {}
+        except (OSError, ValueError):
+            continue
+        if stored.get("plugins") and without_plugins(stored) == wanted and (manifest_path.parent / "items.parquet").is_file():
+            return manifest_path.parent, stored
+    return None
+
+
+def unchanged_pairs(stored: Mapping[str, Any], config: Mapping[str, Any], variants: list[Variant],
+                    tasks: Mapping[str, bool]) -> frozenset[tuple[str, str]]:
+    """The (variant, task) pairs whose plugins are the same in ``stored`` and ``config``: their rows can
+    be taken from the stored run. ``tasks``: each task, and whether it ``compares_with_dense`` -- such a
+    task's dense rows are computed again whenever a variant's are, for the reference they leave."""
+    same = {(v.name, t) for v in variants for t in tasks if pair_plugins(stored, v, t) == pair_plugins(config, v, t)}
+    for task, compares in tasks.items():
+        if compares and any((v.name, task) not in same for v in variants):
+            same -= {(v.name, task) for v in variants if v.strategy == DENSE}
+    return frozenset(same)
+
+
+def changed_plugins(stored: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
+    """``kind name: old -> new`` for each plugin whose identity differs (for the message)."""
+    old, new = stored.get("plugins") or {}, config.get("plugins") or {}
+    changes = []
+    for kind, names in new.items():
+        for name, now in names.items():
+            then = (old.get(kind) or {}).get(name)
+            if then != now:
+                def show(ident: Any) -> str:
+                    return f"{ident['version']} ({(ident.get('source_hash') or '?')[:8]})" if ident else "none"
+                changes.append(f"{kind} {name}: {show(then)} -> {show(now)}")
+    return changes
 
 
 def items_digest(task: PreparedTask) -> str:

@@ -19,14 +19,23 @@ from typing import Any
 
 import polars as pl
 
+from prunelab.errors import PrunelabError
 from prunelab.evaluate.run import PreparedTask
 from prunelab.model.bench import bench_rows
 from prunelab.prune.recovery import check_disjoint
 from prunelab.readers import read_json
+from prunelab.records import TASK, VARIANT
 from prunelab.registry import default_registry
 from prunelab.report import artifacts
 from prunelab.runner.executors import Executor, LocalExecutor
-from prunelab.runner.identity import finished_run, identify, run_of_other_code
+from prunelab.runner.identity import (
+    changed_plugins,
+    finished_run,
+    identify,
+    run_of_other_code,
+    run_of_other_plugins,
+    unchanged_pairs,
+)
 from prunelab.runner.session import Reporter, Session, prepare_study_tasks
 from prunelab.runner.studyfile import WORK, Study, common_task_options
 from prunelab.runner.workfolder import Plan, WorkFolder
@@ -48,6 +57,11 @@ def declared_metrics(tasks: list[PreparedTask], tolerances: Mapping[tuple[str, s
     tolerances = tolerances or {}
     declared = [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
     return [{**m, "tolerance": tolerances.get((m["task"], m["name"]), m["tolerance"])} for m in declared]
+
+
+def declared_answers(tasks: list[PreparedTask]) -> dict[str, dict[str, Any]]:
+    """Each multiple-choice task's answer fields (``Evaluator.answers``) as the manifest stores them."""
+    return {t.evaluator.name: dataclasses.asdict(t.evaluator.answers) for t in tasks if t.evaluator.answers}
 
 
 def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool = False,
@@ -75,25 +89,39 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             shutil.rmtree(work.root, ignore_errors=True)
         artifacts.build_index(out)
         return done
-    if not rerun and not work.holds(digest) and (other := run_of_other_code(study_dir, config)):
+    fresh = not work.holds(digest)
+    source = None  # a finished run of these settings with other plugins: what they did not change is reused
+    if not rerun and not fresh:
+        source = work.reuse_source()  # chosen when this run started, kept for its resumes
+    elif not rerun and (other_plugins := run_of_other_plugins(study_dir, config)):
+        source = other_plugins[0]
+    if not rerun and fresh and source is None and (other := run_of_other_code(study_dir, config)):
         code = other[1]
         reporter.message(f"{other[0]} ran this configuration with other code (prunelab {code.get('prunelab', '?')}, "
                          f"commit {code.get('commit') or '?'}; now {config['code']['prunelab']}, commit "
                          f"{config['code']['commit'] or '?'}) or another calibration text: computing it again")
     work.claim(config, digest)
+    if fresh and source is not None:
+        work.save_reuse_source(source)
     with work.locked():
         state = Session(study, tasks, work, reporter, layer_sweep)
         plan = work.load_plan() or executor.plan(state)
+        reused = reuse_unchanged(source, config, plan, tasks, reporter)
+        plan = dataclasses.replace(plan, reused=reused.pairs)
         executor.evaluate(state, plan)
-        items = collect_items(work, plan)
+        items = collect_items(work, plan, reused)
         manifest = {
             "config_hash": digest, "config": config, "study_file": study.text, "model": model_label(study.model),
             "model_path": study.model,
             "model_hash": config["model_hash"], "model_revision": executor.model_revision(state),
+            "model_layers": plan.num_layers,
             "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
-            "variants": prune_reports(work.events()), "sizes": recorded_sizes(work.events()),
-            "metrics": declared_metrics(tasks, study.tolerances), "decoding": decoding_settings(study), "machine": artifacts.machine(),
+            "variants": {**reused.prune_reports, **prune_reports(work.events())}, "sizes": recorded_sizes(work.events()),
+            "plugins": config["plugins"],
+            **({"reused": {"run": str(source), "pairs": sorted(map(list, reused.pairs))}} if reused.pairs else {}),
+            "metrics": declared_metrics(tasks, study.tolerances), "answers": declared_answers(tasks),
+            "decoding": decoding_settings(study), "machine": artifacts.machine(),
         }
         run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))
     shutil.rmtree(work.root, ignore_errors=True)
@@ -115,9 +143,53 @@ def collect_bench(work: WorkFolder, plan: Plan) -> pl.DataFrame | None:
                        for v, path in found])
 
 
-def collect_items(work: WorkFolder, plan: Plan) -> pl.DataFrame:
-    """Every chunk's rows, in plan order: the run's per-item table."""
-    frames = [work.read_chunk(work.chunk(chunk)) for chunk in plan.every_chunk()]
+@dataclasses.dataclass(frozen=True)
+class Reused:
+    """What a run takes from an earlier run that differs only in other plugins: its pairs, their rows
+    (``items``) and the prune reports of the variants all of whose pairs are taken."""
+
+    pairs: frozenset[tuple[str, str]] = frozenset()
+    items: pl.DataFrame | None = None
+    prune_reports: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def reuse_unchanged(source: Path | None, config: dict[str, Any], plan: Plan, tasks: list[PreparedTask],
+                    reporter: Reporter) -> Reused:
+    """The pairs of ``source`` (a finished run of these settings with other plugins) whose plugins are
+    unchanged, with their rows; said in one message. Nothing when there is no source or it is unreadable."""
+    if source is None:
+        return Reused()
+    try:
+        manifest = read_json(source / "manifest.json", "unreadable manifest")
+        items = pl.read_parquet(source / "items.parquet")
+    except (PrunelabError, OSError, pl.exceptions.PolarsError) as exc:
+        reporter.message(f"cannot reuse {source} ({exc}): computing everything")
+        return Reused()
+    stored = manifest.get("config") or {}
+    compares = {t.evaluator.name: t.evaluator.compares_with_dense for t in tasks}
+    pairs = unchanged_pairs(stored, config, plan.variants, compares)
+    found = {(v, t) for v, t in items.select(VARIANT, TASK).unique().iter_rows()}
+    pairs = frozenset(p for p in pairs if p in found)
+    total = len(plan.variants) * len(compares)
+    reporter.message(f"{source} ran this configuration with other plugins ({'; '.join(changed_plugins(stored, config))}): "
+                     f"reusing {len(pairs)} of {total} variant x task pairs, computing {total - len(pairs)} again")
+    whole = {v.name for v in plan.variants if all((v.name, t) in pairs for t in compares)}
+    reports = {name: report for name, report in (manifest.get("variants") or {}).items() if name in whole}
+    return Reused(pairs, items, reports)
+
+
+def collect_items(work: WorkFolder, plan: Plan, reused: Reused | None = None) -> pl.DataFrame:
+    """Every chunk's rows, and a reused pair's rows from its earlier run, in plan order: the run's per-item table."""
+    chunks: dict[tuple[str, str], list[pl.DataFrame]] = {}
+    for chunk in plan.every_chunk():
+        chunks.setdefault((chunk.variant.name, chunk.task), []).append(work.read_chunk(work.chunk(chunk)))
+    frames = []
+    for variant in plan.variants:
+        for task in plan.chunks:
+            if (variant.name, task) in plan.reused and reused is not None and reused.items is not None:
+                frames.append(reused.items.filter((pl.col(VARIANT) == variant.name) & (pl.col(TASK) == task)))
+            else:
+                frames += chunks.get((variant.name, task), [])
     return pl.concat(frames, how="diagonal_relaxed")
 
 

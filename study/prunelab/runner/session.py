@@ -86,7 +86,8 @@ class Session:
         size = self.study.settings["evaluation"]["chunk_items"]
         variants = expand_variants(self.study, dense.adapter.num_layers)
         check_variants(variants, dense)
-        plan = Plan(variants, {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()})
+        plan = Plan(variants, {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()},
+                    dense.adapter.num_layers)
         self.record_unpruned_sizes(plan, dense)
         self.work.save_plan(plan)
         return plan
@@ -99,7 +100,8 @@ class Session:
         for variant in plan.variants:
             if (layer := removed_layer(variant)) is not None:
                 size = variant_size(default_registry().strategy(variant.strategy), variant.params, removed_layers=[layer],
-                                    counts=counts.without(module_parameter_counts(dense.adapter.layers[layer])))
+                                    counts=counts.without(module_parameter_counts(dense.adapter.layers[layer])),
+                                    num_layers=dense.adapter.num_layers)
                 self.work.log(event="size", variant=variant.name, size=size.to_json())
 
     def pending(self, plan: Plan) -> list[Chunk]:
@@ -197,7 +199,8 @@ class Session:
             compact["recovery"] = compact_report(healed)
         pruned_by = None if variant.pruned_by == DENSE else default_registry().strategy(variant.pruned_by)
         size = variant_size(pruned_by, report.get("options", {}), removed_layers=report.get("removed_layers", ()),
-                            healed=bool(variant.recovery), counts=parameter_counts(loaded.adapter))
+                            healed=bool(variant.recovery), counts=parameter_counts(loaded.adapter),
+                            num_layers=self.load().adapter.num_layers)
         self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
                       report=compact, size=size.to_json())
         return loaded
@@ -261,9 +264,12 @@ def check_variants(variants: list[Variant], dense: LoadedModel) -> None:
 
 
 def removed_layer(variant: Variant) -> int | None:
-    """The one layer a variant removes, as its strategy declares it; None for any other variant."""
+    """The one layer a variant removes, as its strategy declares it (for this model, when the plan
+    recorded it: ``Variant.layers``); None for any other variant."""
     if variant.recovery:  # a healed twin is trained after the removal: not the sweep's model
         return None
+    if variant.layers is not None:
+        return variant.layers[0] if len(variant.layers) == 1 else None
     return default_registry().removed_layer(variant.strategy, variant.params)
 
 

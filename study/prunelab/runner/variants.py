@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from prunelab.errors import PrunelabError
-from prunelab.model.surgery import parse_layer_indices
 from prunelab.prune.recovery import healed_name
 from prunelab.records import DENSE
+from prunelab.registry import default_registry
 from prunelab.runner.studyfile import EACH_LAYER, Study, check_variant_count, grid_points
 
 
@@ -23,6 +23,9 @@ class Variant:
     strategy: str
     params: dict[str, Any]
     recovery: str | None = None  # a healed twin: pruned with ``pruned_by``, then healed by this method
+    #: The decoder layers it removes, as its strategy declares them for the study's model
+    #: (``Strategy.removes_layers``, handed the layer count); None where nothing is declared.
+    layers: tuple[int, ...] | None = None
 
     @property
     def params_json(self) -> str:
@@ -60,13 +63,14 @@ def expand_variants(study: Study, num_layers: int) -> list[Variant]:
                         f"{study.path}", f"its [[strategies]] grids (\"each\" = {num_layers} layers)")
     for block, grid in zip(study.strategies, grids, strict=True):
         for point in grid_points(grid):
-            _check_layers(block.name, point, num_layers)
+            layers = declared_layers(block.name, point, num_layers)
             settings = ",".join(f"{k}={v}" for k, v in point.items())
-            variants.append(Variant(f"{block.name}[{settings}]" if settings else block.name, block.name, point))
+            variants.append(Variant(f"{block.name}[{settings}]" if settings else block.name, block.name, point,
+                                    layers=layers))
             if study.recovery and block.name in study.recovery["strategies"]:  # its healed twin right after it
                 method = study.recovery["method"]
                 variants.append(Variant(healed_name(variants[-1].name, method), healed_name(block.name, method),
-                                        point, method))
+                                        point, method, layers))
     seen: set[str] = set()
     for variant in variants:
         if variant.name in seen:
@@ -75,13 +79,17 @@ def expand_variants(study: Study, num_layers: int) -> list[Variant]:
     return variants
 
 
-def _check_layers(strategy: str, point: dict[str, Any], num_layers: int) -> None:
-    """Layer indices beyond the model fail before any variant runs, not half-way through the study."""
-    if "layers" in point:
-        try:
-            beyond = [i for i in parse_layer_indices(point["layers"]) if i >= num_layers]
-        except PrunelabError:  # not a layer list in this strategy's sense: its own checks apply
-            return
-        if beyond:
-            raise PrunelabError(f"strategy '{strategy}': layers {beyond} out of range, the model has "
-                                f"layers 0-{num_layers - 1}")
+def declared_layers(strategy: str, point: dict[str, Any], num_layers: int) -> tuple[int, ...] | None:
+    """The layers a grid point removes, as its strategy declares for a model of ``num_layers`` layers.
+
+    Indices beyond the model fail before any variant runs, not half-way through the study.
+    """
+    found = default_registry().strategies.get(strategy)
+    layers = found[0].removed_layers(point, num_layers) if found else None
+    if layers is None:
+        return None
+    beyond = [i for i in layers if not 0 <= i < num_layers]
+    if beyond:
+        raise PrunelabError(f"strategy '{strategy}': layers {beyond} out of range, the model has "
+                            f"layers 0-{num_layers - 1}")
+    return tuple(layers)

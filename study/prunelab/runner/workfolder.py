@@ -62,8 +62,8 @@ class WorkFolder:
         if found is not None:
             if found != digest:
                 stored = json.loads((self.root / "config.json").read_text(encoding="utf-8")).get("config") or {}
-                what = ("the same settings computed by other code or with another calibration text "
-                        f"(code then: {stored.get('code')}, now: {config.get('code')})"
+                what = ("the same settings computed by other code, other plugins or with another calibration "
+                        f"text (code then: {stored.get('code')}, now: {config.get('code')})"
                         if same_settings(stored, config)
                         else "a different configuration")
                 raise PrunelabError(
@@ -185,16 +185,31 @@ class WorkFolder:
             return None
         try:
             doc = read_json(path)
-            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"]), v.get("recovery"))
+            plan = Plan([Variant(str(v["name"]), str(v["strategy"]), dict(v["params"]), v.get("recovery"),
+                                 None if v.get("layers") is None else tuple(int(i) for i in v["layers"]))
                          for v in doc["variants"]],
-                        {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()})
+                        {str(t): [(int(a), int(b)) for a, b in rs] for t, rs in doc["chunks"].items()},
+                        None if doc.get("num_layers") is None else int(doc["num_layers"]))
         except (PrunelabError, LookupError, TypeError, ValueError, AttributeError):
             return None
         return plan if plan.variants else None
 
     def save_plan(self, plan: Plan) -> None:
-        doc = {"variants": [dataclasses.asdict(v) for v in plan.variants], "chunks": plan.chunks}
+        doc = {"variants": [dataclasses.asdict(v) for v in plan.variants], "chunks": plan.chunks,
+               "num_layers": plan.num_layers}
         atomic_write(self.root / "plan.json", lambda p: p.write_text(json.dumps(doc, indent=1)))
+
+    def reuse_source(self) -> Path | None:
+        """The finished run this folder's work takes unchanged plugins' rows from (``save_reuse_source``)."""
+        path = self.root / "reuse.json"
+        if not path.is_file():
+            return None
+        source = read_json(path, "damaged reuse marker").get("run")
+        return Path(source) if isinstance(source, str) else None
+
+    def save_reuse_source(self, run: Path) -> None:
+        """Record, once for the whole run (resumes included), which finished run rows are reused from."""
+        atomic_write(self.root / "reuse.json", lambda p: p.write_text(json.dumps({"run": str(run)})))
 
     def log(self, **event: Any) -> None:
         """Append one event (a chunk evaluated, a variant pruned); a torn last line is skipped on reading."""
@@ -236,11 +251,17 @@ class Plan:
 
     variants: list[Variant]
     chunks: dict[str, list[tuple[int, int]]]
+    num_layers: int | None = None  # the dense model's decoder layers (what model-dependent declarations saw)
+    #: (variant, task) pairs whose rows come from an earlier run that differs only in other plugins'
+    #: versions (``identity.unchanged_pairs``): they have no chunks to compute.
+    reused: frozenset[tuple[str, str]] = frozenset()
 
     def every_chunk(self) -> Iterator[Chunk]:
-        """Each variant's chunks of each task, in plan order (variant, then task, then index)."""
+        """Each variant's chunks of each task, in plan order (variant, then task, then index); none of a reused pair."""
         for variant in self.variants:
             for task, ranges in self.chunks.items():
+                if (variant.name, task) in self.reused:
+                    continue
                 for index, (start, stop) in enumerate(ranges):
                     yield Chunk(variant, task, index, start, stop)
 
