@@ -1,0 +1,173 @@
+"""Strategy ``width``: importance picks what a constructed model makes derivable, the CLI leaves a
+normal checkpoint, bad options exit 2 with one line before any calibration, and studies and healing
+take width variants."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from prunelab.errors import PrunelabError
+from prunelab.model import adapt, load_model, width_sizes
+from prunelab.model.export import MASKS_FILE, RECIPE_FILE
+from prunelab.prune import prune
+
+from ..conftest import QWEN3_TOKENIZER, cli, random_model, study_text, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def calibration(file: str) -> dict:
+    return {"source": file, "samples": 2, "seqlen": 32}
+
+
+@pytest.fixture
+def loaded(tiny_qwen3):
+    return load_model(str(tiny_qwen3), dtype="float32")
+
+
+# ---------------------------------------------------------------------------- what importance keeps
+def dead_channels(model) -> dict[str, object]:
+    """Make some channels contribute nothing, so any sound activation importance must rank them last.
+
+    MLP: gate and up rows zero -> the channel's input to down_proj is 0 on every token. Heads: a KV
+    group's v rows zero -> both its query heads output 0 before o_proj. Hidden: every stream norm's
+    gain zero at the channel -> every norm output is 0 there (Qwen3's norms scale by the weight).
+    """
+    sizes = width_sizes(adapt(model))
+    mlp = {i: [2 * i, 2 * i + 1, 100 + i] for i in range(sizes.layers)}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.gate_proj.weight[mlp[i]] = 0
+            layer.mlp.up_proj.weight[mlp[i]] = 0
+            group = i % 2
+            layer.self_attn.v_proj.weight[group * sizes.head_dim:(group + 1) * sizes.head_dim] = 0
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[5, 17]] = 0
+        model.model.norm.weight[[5, 17]] = 0
+    return {"mlp": mlp, "group": {i: i % 2 for i in range(sizes.layers)}, "hidden": [5, 17]}
+
+
+def test_activation_importance_removes_channels_that_are_dead_on_every_token(loaded, calibration_file):
+    dead = dead_channels(loaded.model)
+    report = prune(loaded, "width", mlp=3 / 128, heads=0.5, heads_mode="groups", hidden=2 / 64,
+                   calibration=calibration(calibration_file))
+    kept = report["width"]["kept"]
+    for i, channels in dead["mlp"].items():
+        assert kept["mlp"][i] == [c for c in range(128) if c not in channels]
+        assert kept["kv_heads"][i] == [1 - dead["group"][i]]
+    assert kept["hidden"] == [c for c in range(64) if c not in dead["hidden"]]
+    assert report["calibration"] == calibration(calibration_file) and report["importance"] == "activation"
+    assert report["parameters"]["after"] == sum(p.numel() for p in loaded.model.parameters())
+
+
+def test_magnitude_importance_is_the_weight_norm_and_reads_no_calibration(loaded):
+    layer = loaded.model.model.layers[1].mlp
+    expected = (layer.gate_proj.weight.square().sum(1) + layer.up_proj.weight.square().sum(1)
+                + layer.down_proj.weight.square().sum(0))
+    keep = sorted(torch.argsort(expected, descending=True)[:96].tolist())
+    report = prune(loaded, "width", mlp=0.25, importance="magnitude",
+                   calibration={"source": "/nonexistent/calibration.txt"})
+    assert report["width"]["kept"]["mlp"][1] == keep
+    assert loaded.model.config.intermediate_size == 96
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_leaves_a_normal_checkpoint_without_masks(tiny_qwen3, calibration_file, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "w"
+    status, err = cli(capsys, "prune", "--model", str(tiny_qwen3), "--method", "width", "--option", "mlp=0.25",
+                      "--option", "heads=0.5", "--option", "hidden=0.25", "--calibration", calibration_file,
+                      "--calibration-samples", "2", "--calibration-seqlen", "32", "--dtype", "float32", "--out", str(out))
+    assert status == 0, err
+    assert not (out / MASKS_FILE).exists()
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["strategy"] == "width" and "sparsity" not in recipe
+    assert recipe["width"]["config"] == {"intermediate_size": [128, 96], "num_attention_heads": [4, 2],
+                                         "hidden_size": [64, 48]}
+    assert len(recipe["width"]["kept"]["mlp"]) == 4 and all(len(k) == 96 for k in recipe["width"]["kept"]["mlp"])
+    assert recipe["width"]["shapes"]["layers.0.mlp.down_proj.weight"] == [48, 96]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.hidden_size == 48 and model.model.layers[0].self_attn.q_proj.weight.shape == (64, 48)
+    assert sum(p.numel() for p in model.parameters()) == recipe["parameters"]["after"]
+
+
+@pytest.mark.parametrize("option,message", [
+    ("mlp=1.0", "option 'mlp': a fraction to remove must be in [0, 1)"),
+    ("heads=-0.5", "option 'heads': a fraction to remove must be in [0, 1)"),
+    ("heads=0.25", "option 'heads' = 0.25 on model"),
+    ("heads=0.9", "would leave none of its 4 query heads"),
+    ("hidden=0.001", "option 'hidden' = 0.001 on model"),
+])
+def test_cli_bad_fraction_exits_2_with_one_line(tiny_qwen3, tmp_path, capsys, option, message):
+    status, err = cli(capsys, "prune", "--model", str(tiny_qwen3), "--method", "width", "--option", option,
+                      "--dtype", "float32", "--out", str(tmp_path / "x"))
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_model_checks_come_before_calibration(loaded):
+    """A missing calibration file would be the error if calibration were read first."""
+    with pytest.raises(PrunelabError, match="breaks GQA"):
+        prune(loaded, "width", heads=0.25, calibration={"source": "/nonexistent/calibration.txt"})
+    with pytest.raises(PrunelabError, match="calibration source not found"):  # the same call, valid heads
+        prune(loaded, "width", heads=0.5, calibration={"source": "/nonexistent/calibration.txt"})
+
+
+def test_unknown_architecture_exits_2_before_calibration(tmp_path, capsys):
+    from transformers import AutoTokenizer, Phi3Config
+
+    model = random_model(Phi3Config(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0))
+    model.save_pretrained(tmp_path / "phi3")
+    AutoTokenizer.from_pretrained(QWEN3_TOKENIZER).save_pretrained(tmp_path / "phi3")
+    # the default calibration (the Hub's C4) is out of reach offline: reading it first would fail differently
+    status, err = cli(capsys, "prune", "--model", str(tmp_path / "phi3"), "--method", "width", "--option", "mlp=0.25",
+                      "--dtype", "float32", "--out", str(tmp_path / "x"))
+    assert status == 2 and "Phi3ForCausalLM" in err and "q_proj/k_proj/v_proj/o_proj" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- healing and studies
+def test_a_width_variant_heals(loaded, calibration_file):
+    from prunelab.prune.recovery import heal
+
+    report = prune(loaded, "width", mlp=0.5, importance="magnitude")
+    before = copy.deepcopy(loaded.model.state_dict())
+    healed = heal(loaded, "lora", masks=report.masks, steps=2, batch=1, seqlen=32, data=calibration_file)
+    assert healed["masks"]["pruned_weights_kept_zero"] == 0
+    assert loaded.model.model.layers[0].mlp.gate_proj.weight.shape == (64, 64)
+    assert any(not torch.equal(before[n], p) for n, p in loaded.model.state_dict().items())
+
+
+def test_width_variants_in_a_study(tiny_qwen3, small_data, tmp_path):
+    from prunelab.runner import load_study, run_study
+
+    strategies = '[[strategies]]\nname = "width"\nmlp = [0.25, 0.5]\nimportance = ["magnitude"]\n'
+    study = tmp_path / "tiny.toml"
+    study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace(
+        'tasks = ["mmlu", "gsm8k", "wikitext"]', 'tasks = ["wikitext"]'))
+    folder = run_study(load_study(study), tmp_path / "out")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["timings"]["evaluate_s"]) == {"dense", "width[mlp=0.25,importance=magnitude]",
+                                                      "width[mlp=0.5,importance=magnitude]"}
+
+
+def test_gemma3_width_reloads(tmp_path):
+    """Gemma3: sandwich norms, (1 + w) gains, a sqrt(hidden) embedding scale: the strategy's folder reloads to its logits."""
+    from transformers import AutoModelForCausalLM
+
+    from prunelab.model.loading import LoadedModel
+
+    model = random_model(tiny_config("gemma3", vocab_size=256)).eval()
+    loaded = LoadedModel(model, None, adapt(model), "tiny-gemma3", "dir", torch.device("cpu"), torch.float32)
+    prune(loaded, "width", hidden=0.25, mlp=0.25, importance="magnitude")
+    model.save_pretrained(tmp_path / "g")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "g").eval()
+    ids = torch.arange(20).reshape(2, 10)
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
