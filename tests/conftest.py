@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +19,130 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("PRUNELAB_SHARED", ROOT.parent / "shared"))
 DATA = SHARED / "data"
 QWEN3_TOKENIZER = SHARED / "tokenizers" / "qwen3"
+
+
+MODELS = Path(os.environ.get("PRUNELAB_TEST_MODELS", Path.home() / ".cache" / "prunelab-test-models"))
+
+
+# ---------------------------------------------------------------------------- optional system tools
+# A test that needs something outside pip (a browser, a Docker engine, debootstrap, the real models)
+# is skipped where it is missing, with a reason naming it and how to get it. PRUNELAB_REQUIRE_TOOLS
+# (a comma list of tool names, or "all"; .ci/run sets it) turns those skips into failures, so CI
+# proves the tests it has the tools for instead of silently skipping them.
+
+def outside_make(environ) -> dict[str, str]:
+    """The environment without make's own variables: under `make test` (CI) the child make would
+    otherwise run as a sub-make and add a 'make[1]: ***' line to the one-line errors under test."""
+    return {k: v for k, v in environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"}}
+
+
+def make(*arguments: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``make ARGS`` in the project root, with this interpreter as PYTHON, outside any calling make."""
+    return subprocess.run(["make", "--no-print-directory", "-s", f"PYTHON={sys.executable}", *arguments],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**outside_make(os.environ), **(env or {})})
+
+
+def _docker_answers() -> bool:
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _base_image_or_debootstrap() -> bool:
+    """`make image` builds its Debian base with debootstrap unless that base is already built."""
+    if shutil.which("debootstrap"):
+        return True
+    base = make("image-base").stdout.strip()
+    try:
+        return subprocess.run(["docker", "image", "inspect", base], capture_output=True,
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _test_models() -> bool:
+    return any(MODELS.glob("smollm2/*.gguf"))
+
+
+@dataclass(frozen=True)
+class Tool:
+    """Something a test needs that `make test` cannot pip-install, and how a person gets it."""
+
+    name: str
+    how: str
+    present: Callable[[], bool]
+
+
+TOOLS = {tool.name: tool for tool in (
+    Tool("chromium", "apt-get install -y chromium (headless browser checks of the HTML pages)",
+         lambda: bool(shutil.which("chromium") or shutil.which("chromium-browser"))),
+    Tool("docker", "install Docker Engine and start it, so that `docker info` answers", _docker_answers),
+    Tool("debootstrap", "apt-get install -y debootstrap (`make base-image` builds the image's base with it)",
+         _base_image_or_debootstrap),
+    Tool("models", "../shared/bin/fetch-test-models (real SmolLM2-135M and Qwen2.5-0.5B GGUF files)", _test_models),
+)}
+_FOUND: dict[str, bool] = {}
+
+
+def required_tools() -> set[str]:
+    listed = {name.strip() for name in os.environ.get("PRUNELAB_REQUIRE_TOOLS", "").split(",") if name.strip()}
+    return set(TOOLS) if "all" in listed else listed
+
+
+def require(name: str) -> None:
+    """Skip the calling test (fail it, when PRUNELAB_REQUIRE_TOOLS names the tool) unless ``name`` is here."""
+    tool = TOOLS[name]
+    if name not in _FOUND:
+        _FOUND[name] = tool.present()
+    if _FOUND[name]:
+        return
+    message = f"needs {tool.name}: {tool.how}"
+    if name in required_tools():
+        pytest.fail(f"{message} (PRUNELAB_REQUIRE_TOOLS requires it here)", pytrace=False)
+    pytest.skip(message)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs(*tools): skip unless these system tools are here (tests/conftest.py TOOLS)")
+    unknown = required_tools() - set(TOOLS)
+    if unknown:
+        raise pytest.UsageError(f"PRUNELAB_REQUIRE_TOOLS: unknown tool(s) {sorted(unknown)}; known: {sorted(TOOLS)}")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("needs"):
+        for name in mark.args:
+            require(name)
+
+
+# The image takes minutes to build cold: the file that builds it goes first, so the other xdist
+# worker runs the rest of the suite meanwhile; the Ray cluster file, which waits for that image, goes last.
+FILE_ORDER = {"test_container_run.py": 0, "test_ray_cluster.py": 2}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: FILE_ORDER.get(item.path.name, 1))
+
+
+def built_image() -> tuple[str, str]:
+    """`make image` (warm: seconds to a minute; cold: see BENCHMARKS.md), once for all xdist workers.
+
+    A file lock makes a second caller wait for the first build and then find it cached.
+    Returns the tag and the image ID.
+    """
+    require("docker")
+    require("debootstrap")
+    lock_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"prunelab-image-{os.getuid()}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = make("image", timeout=3600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    tag = make("image-tag").stdout.strip()
+    image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", tag],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    return tag, image_id
 
 
 def tiny_config(arch: str, vocab_size: int = 151936):

@@ -18,32 +18,11 @@ from pathlib import Path
 import pytest
 
 from prunelab.report import artifacts
-from tests.conftest import SHARED
-from tests.report.test_artifacts import chromium, render
+from tests.conftest import MODELS, SHARED, built_image, make, require
+from tests.report.test_artifacts import render
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = Path.home() / ".cache" / "prunelab-test-models"
-SMOLLM2 = MODELS / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 DATA = SHARED / "data"
-
-
-def make(*arguments: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", "-s", f"PYTHON={sys.executable}", *arguments],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**outside_make(os.environ), **(env or {})})
-
-
-def outside_make(environ) -> dict[str, str]:
-    """The environment without make's own variables: under `make test` (CI) the child make would
-    otherwise run as a sub-make and add a 'make[1]: ***' line to the one-line errors under test."""
-    return {k: v for k, v in environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"}}
-
-
-def docker_answers() -> bool:
-    try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
 
 
 # --- Failure paths: one line, exit status 2, before any build ---------------------------------------
@@ -145,7 +124,7 @@ def test_container_provenance_reads_the_image_environment(monkeypatch):
 
 # --- The image, built and run -----------------------------------------------------------------------
 
-needs_docker = pytest.mark.skipif(not docker_answers(), reason="no Docker engine answers (docker info)")
+needs_docker = pytest.mark.needs("docker")
 
 
 def expected_commit() -> str:
@@ -158,13 +137,8 @@ def expected_commit() -> str:
 
 @pytest.fixture(scope="module")
 def image() -> tuple[str, str]:
-    """`make image` (warm: seconds to a minute; cold: see BENCHMARKS.md); the tag and the image ID."""
-    done = make("image", timeout=3600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    tag = make("image-tag").stdout.strip()
-    image_id = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", tag],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    return tag, image_id
+    """The project image for this commit, built once (tests/conftest.py built_image); tag and ID."""
+    return built_image()
 
 
 def in_image(tag: str, *command: str, entrypoint: str | None = None) -> subprocess.CompletedProcess:
@@ -211,7 +185,7 @@ def test_image_runs_as_non_root_and_carries_no_compiler(image):
 
 @needs_docker
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2.is_file() or not DATA.is_dir(), reason="needs ../shared/bin/fetch-test-models and ../shared/data")
+@pytest.mark.needs("models")
 # About 6 minutes on an idle 2-core machine (BENCHMARKS.md, "The study image"); PRUNELAB_CONTAINER_SMOKE=0 skips it.
 @pytest.mark.skipif(os.environ.get("PRUNELAB_CONTAINER_SMOKE") == "0",
                     reason="PRUNELAB_CONTAINER_SMOKE=0: the smoke study inside the image is skipped")
@@ -237,8 +211,7 @@ def test_smoke_study_runs_in_the_container_as_the_caller(image, tmp_path):
                              check=True).stdout.strip()
     assert manifest["base_image_id"] == base_id and base_id.startswith("sha256:")
 
-    if chromium() is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    require("chromium")
     for page in (run / "report.html", out / "index.html"):
         dom, console = render(page, tmp_path / f"profile-{page.stem}")
         charts = page.read_text().count('<div class="chart" id=')

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -16,9 +15,10 @@ from prunelab.errors import PrunelabError
 from prunelab.model import loading as modeling
 from prunelab.runner import run as run_module
 
+from .conftest import MODELS
 from .model.test_fuzz_models import GGUF
 
-REAL_GGUF = next(iter(sorted((Path.home() / ".cache" / "prunelab-test-models").glob("*/*.gguf"))), None)
+REAL_GGUF = next(iter(sorted(MODELS.glob("*/*.gguf"))), None)
 
 
 def one_line_error(capsys, *args: str) -> str:
@@ -64,7 +64,7 @@ def test_broken_gguf_is_one_line(content, data, tmp_path, capsys, no_model):
     assert str(model) in line and "not a valid GGUF file" in line
 
 
-@pytest.mark.skipif(REAL_GGUF is None, reason="no real GGUF fetched (../shared/bin/fetch-test-models)")
+@pytest.mark.needs("models")
 def test_truncated_real_gguf_is_one_line(data, tmp_path, capsys, no_model):
     model = tmp_path / "cut.gguf"
     with open(REAL_GGUF, "rb") as source:

@@ -19,6 +19,7 @@ from prunelab.model.loading import load_tokenizer, read_model_config
 from prunelab.prune.masks import MaskSet
 from prunelab.readers import check_model_folder, read_gguf_header, read_safetensors_header
 
+from ..conftest import MODELS, require
 from ..fuzzing import bytes_like, honours_contract, json_values, mutated, scratch
 
 
@@ -92,11 +93,8 @@ def gguf_package_view(path) -> dict:
 
 @pytest.mark.slow
 def test_real_gguf_headers_agree_with_the_gguf_package():
-    from pathlib import Path
-
-    files = sorted((Path.home() / ".cache" / "prunelab-test-models").glob("smollm2/*.gguf"))  # ~10 s in gguf
-    if not files:
-        pytest.skip("no real GGUF fetched (../shared/bin/fetch-test-models)")
+    require("models")
+    files = sorted(MODELS.glob("smollm2/*.gguf"))  # ~10 s in gguf
     for path in files:
         assert read_gguf_header(path) == gguf_package_view(path), path
 

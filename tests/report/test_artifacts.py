@@ -285,7 +285,7 @@ def render(page: Path, profile: Path) -> tuple[str, list[str]]:
     return done.stdout, console
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.needs("chromium")
 def test_pages_render_their_charts_in_headless_chromium(runs, tmp_path):
     root, first, _, _ = runs
     for page in html_pages(root, first)[:3]:  # report, index, one chart page
@@ -298,7 +298,7 @@ def test_pages_render_their_charts_in_headless_chromium(runs, tmp_path):
         assert console == [], f"{page.name} logged to the console: {console}"
 
 
-@pytest.mark.skipif(chromium() is None, reason="chromium is not installed (apt-get install -y chromium)")
+@pytest.mark.needs("chromium")
 def test_answer_letters_chart_renders_without_a_vega_warning(tmp_path):
     """The MMLU letter chart (absent from the synthetic runs): Vega-Lite logs a warning for a
     nominal ``order`` channel, which the container smoke test's report showed."""

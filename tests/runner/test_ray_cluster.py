@@ -3,8 +3,9 @@
 The work folder lives on a volume every container mounts. The driver runs a small study on the
 head (``--executor ray --address auto``); one worker container is stopped while it evaluates; the
 study must finish on the remaining worker and give every item the result of a local run of the
-same study in the same image. Skipped when ``docker info`` does not answer or the image is absent
-(build it with ``make image``; ``PRUNELAB_IMAGE`` / ``make test IMAGE=...`` choose another tag).
+same study in the same image. Skipped when ``docker info`` does not answer; the image is this
+commit's (built when absent, once for every test file that needs it; ``PRUNELAB_IMAGE`` /
+``make test IMAGE=...`` choose another tag).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from ..conftest import DATA, ROOT, SUBJECTS, study_text
+from ..conftest import DATA, ROOT, SUBJECTS, built_image, require, study_text
 
 DOCKER = os.environ.get("DOCKER", "docker")
 VERSION = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M)[1]
@@ -37,31 +38,16 @@ def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.C
     return subprocess.run([DOCKER, *args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
-def project_image() -> str | None:
-    """``IMAGE`` if it exists, else the newest ``prunelab:<version>-<commit>`` build of this version."""
-    if docker("image", "inspect", IMAGE, check=False).returncode == 0:
-        return IMAGE
-    tags = docker("images", "prunelab", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout.split()
-    return next((t for t in tags if t.startswith(f"prunelab:{VERSION}-")), None)
-
-
-def engine_and_image() -> tuple[str | None, str | None]:
-    """(the image, None), or (None, why the test cannot run here)."""
-    try:
-        docker("info", timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None, "no Docker engine answers"
-    image = project_image()
-    return (image, None) if image else (None, f"image {IMAGE} is absent (make image)")
-
-
 @pytest.fixture(scope="module")
 def image() -> str:
-    """The project image; skips before anything is built when there is no engine or no image."""
-    found, reason = engine_and_image()
-    if reason:
-        pytest.skip(reason)
-    return found
+    """``PRUNELAB_IMAGE`` where it exists, else this commit's image, built once (conftest built_image).
+
+    Skips (fails under PRUNELAB_REQUIRE_TOOLS=docker) when no Docker engine answers.
+    """
+    require("docker")
+    if docker("image", "inspect", IMAGE, check=False).returncode == 0:
+        return IMAGE
+    return built_image()[0]
 
 
 @pytest.fixture(scope="module")
