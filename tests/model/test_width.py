@@ -305,3 +305,19 @@ def test_unknown_layout_is_refused():
     gpt2 = random_model(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
     with pytest.raises(PrunelabError, match="GPT2LMHeadModel"):
         width_targets(gpt2, mlp=0.25)
+
+
+def test_sizes_the_config_class_refuses_are_refused_before_calibration():
+    """LlamaConfig (transformers) refuses hidden_size % num_attention_heads != 0 on save and load, even
+    with an explicit head_dim: such a width result would never be a loadable checkpoint."""
+    from transformers import LlamaConfig
+
+    model = tiny("llama")  # hidden 64, 4 heads in 2 KV groups
+    with pytest.raises(Exception, match="not a multiple"):  # the independent reference: transformers itself
+        LlamaConfig(hidden_size=58, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    with pytest.raises(PrunelabError, match=r"options hidden=0.1 on model .*LlamaForCausalLM.* hidden_size 58, "
+                                            r"4 heads.*LlamaConfig refuses .*not a multiple") as caught:
+        width_targets(model, hidden=0.1)  # removes 6 of 64: 58 channels
+    assert "\n" not in str(caught.value)
+    assert width_targets(model, hidden=0.125).hidden == 56  # 56 = 14 x 4: accepted
+    assert width_targets(tiny("qwen2"), hidden=0.1).hidden == 58  # Qwen2Config has no such rule

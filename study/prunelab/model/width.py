@@ -30,6 +30,7 @@ layer) is refused with one line before any work.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -234,7 +235,38 @@ def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hid
         _check_count(adapter, option, values[option], gone, total, what)
         kept[option] = total - gone
     query, kv = _head_targets(adapter, sizes, heads, heads_mode)
-    return WidthTargets(sizes, kept["mlp"], query, kv, kept["hidden"], heads_mode)
+    targets = WidthTargets(sizes, kept["mlp"], query, kv, kept["hidden"], heads_mode)
+    _check_config(adapter, targets, values)
+    return targets
+
+
+def config_values(targets: WidthTargets) -> dict[str, int]:
+    """The config entries a width result writes (``head_dim`` explicit: hidden/heads no longer gives it)."""
+    return {"intermediate_size": targets.mlp, "num_attention_heads": targets.heads,
+            "num_key_value_heads": targets.kv_heads, "hidden_size": targets.hidden, "head_dim": targets.sizes.head_dim}
+
+
+def _check_config(adapter: Adapter, targets: WidthTargets, values: Mapping[str, float]) -> None:
+    """Refuse sizes the model's own config class rejects, before any calibration.
+
+    transformers validates a config when it is saved or loaded (``validate``; e.g. ``LlamaConfig``
+    wants ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``), so such a
+    result could be pruned in memory but never written or read back as a normal checkpoint.
+    """
+    trial = copy.deepcopy(adapter.text_config)
+    validate = getattr(trial, "validate", None)
+    if validate is None:
+        return
+    for key, value in config_values(targets).items():
+        setattr(trial, key, value)
+    try:
+        validate()
+    except Exception as exc:  # noqa: BLE001 - whatever the config class raises, said in one line
+        cause = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
+        given = ", ".join(f"{k}={v:g}" for k, v in values.items() if v)
+        raise PrunelabError(f"width: options {given} on model {model_label(adapter)} give hidden_size {targets.hidden}, "
+                            f"{targets.heads} heads, {targets.kv_heads} KV heads, which {type(trial).__name__} refuses "
+                            f"({cause}): choose other fractions") from None
 
 
 def _check_count(adapter: Adapter, option: str, value: float, gone: int, total: int, what: str) -> None:
