@@ -102,9 +102,11 @@ def candidates(adapter, axis: str) -> list[dict[str, float]]:
     sizes = width_sizes(adapter)
     if axis == "heads":
         return [{"heads": f} for f in head_steps(sizes)]
-    steps = [n / 200 for n in range(1, 190)]
-    if axis in ("mlp", "hidden"):
-        return [{axis: f} for f in steps]
+    if axis == "mlp":
+        return [{"mlp": n / sizes.intermediate} for n in range(1, sizes.intermediate)]
+    steps = [n / sizes.hidden for n in range(1, sizes.hidden)]  # every hidden count (config classes may refuse some)
+    if axis == "hidden":
+        return [{"hidden": f} for f in steps]
     heads = head_steps(sizes)
     rows = []
     for f in steps:
