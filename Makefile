@@ -60,7 +60,7 @@ eval-smollm2: install
 # --- The study container: Dockerfile, requirements.lock, docs/docker.md ---
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 DOCKER ?= docker
-# Same form as prunelab.report.artifacts.git_commit(): short commit, '+dirty' for uncommitted changes.
+# Same form as prunelab.versions.git_commit(): short commit, '+dirty' for uncommitted changes.
 GIT_COMMIT := $(or $(shell git rev-parse --short=7 HEAD 2>/dev/null),unknown)$(if $(shell git status --porcelain --untracked-files=no 2>/dev/null),+dirty)
 IMAGE ?= prunelab:$(VERSION)-$(subst +,-,$(GIT_COMMIT))
 # The base: by default one built from Debian's packages (`make base-image`, no registry needed).

@@ -32,9 +32,9 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from prunelab.runner.executors import ExecutorSettings, make_executor
+from prunelab.runner.executors import make_executor
 from prunelab.runner.run import run_study
-from prunelab.runner.studyfile import Study, load_study
+from prunelab.runner.studyfile import ExecutorSettings, Study, load_study
 from prunelab.runner.workfolder import WorkFolder
 
 ROOT = Path(__file__).resolve().parents[1]

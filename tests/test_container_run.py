@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from prunelab import versions
 from prunelab.report import artifacts
 from tests.conftest import MODELS, SHARED, built_image, make, require
 from tests.report.test_artifacts import render
@@ -99,19 +100,19 @@ def test_make_lock_would_not_change_the_lock():
 
 
 def test_git_commit_outside_a_checkout_reads_the_baked_commit(tmp_path, monkeypatch):
-    monkeypatch.setenv(artifacts.GIT_COMMIT_ENV, "abc1234+dirty")
-    assert artifacts.git_commit(tmp_path) == "abc1234+dirty"
-    monkeypatch.setenv(artifacts.GIT_COMMIT_ENV, "unknown")
-    assert artifacts.git_commit(tmp_path) is None
-    monkeypatch.delenv(artifacts.GIT_COMMIT_ENV)
-    assert artifacts.git_commit(tmp_path) is None
+    monkeypatch.setenv(versions.GIT_COMMIT_ENV, "abc1234+dirty")
+    assert versions.git_commit(tmp_path) == "abc1234+dirty"
+    monkeypatch.setenv(versions.GIT_COMMIT_ENV, "unknown")
+    assert versions.git_commit(tmp_path) is None
+    monkeypatch.delenv(versions.GIT_COMMIT_ENV)
+    assert versions.git_commit(tmp_path) is None
 
 
 def test_git_commit_in_a_checkout_ignores_the_baked_commit(monkeypatch):
-    monkeypatch.setenv(artifacts.GIT_COMMIT_ENV, "0000000")
+    monkeypatch.setenv(versions.GIT_COMMIT_ENV, "0000000")
     head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True, check=True).stdout.strip()
-    assert artifacts.git_commit(ROOT).split("+")[0] == head
+    assert versions.git_commit(ROOT).split("+")[0] == head
 
 
 def test_container_provenance_reads_the_image_environment(monkeypatch):

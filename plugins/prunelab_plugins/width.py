@@ -27,29 +27,19 @@ import torch
 from torch import nn
 
 from prunelab.model import (
-    AXES,
-    HEAD_MODES,
     WidthScores,
     WidthSizes,
     WidthTargets,
     layer_parts,
     prune_width,
     stream_norms,
-    width_targets,
+    width_options,
+    width_targets_from_options,
 )
 from prunelab.plugin import Option, Strategy, hookimpl
 from prunelab.prune import PruneContext, samples_for_context
 
 IMPORTANCE = ("activation", "magnitude")
-
-
-def check_fraction(value: float) -> str | None:
-    return None if 0 <= value < 1 else "a fraction to remove must be in [0, 1) (0.25 keeps 75 %)"
-
-
-def targets_of(context: PruneContext, options: dict[str, Any]) -> WidthTargets:
-    """The checked counts to keep (one-line error naming the option and the model, before any calibration)."""
-    return width_targets(context.adapter, **{axis: options[axis] for axis in AXES}, heads_mode=options["heads_mode"])
 
 
 # ---------------------------------------------------------------------------- activation importance
@@ -138,15 +128,10 @@ def magnitude_scores(context: PruneContext, targets: WidthTargets) -> WidthScore
 def prune(model: nn.Module, options: dict[str, Any], context: PruneContext) -> dict[str, Any]:
     """Check the fractions against the model, score the channels, keep the best; report what was kept."""
     start = time.perf_counter()
-    targets = targets_of(context, options)  # before any calibration work
+    targets = width_targets_from_options(context.adapter, options)  # the checks come before any calibration
     score = activation_scores if options["importance"] == "activation" else magnitude_scores
     report = prune_width(context.adapter, targets, score(context, targets))
     return {**report, "importance": options["importance"], "seconds": round(time.perf_counter() - start, 3)}
-
-
-def fraction_option(axis: str, what: str) -> Option:
-    return Option(axis, float, 0.0, f"fraction of the {what} to remove, in [0, 1) (the same in every layer)",
-                  check=check_fraction)
 
 
 @hookimpl
@@ -156,14 +141,10 @@ def prunelab_strategies() -> list[Strategy]:
         description="remove MLP channels, attention heads and hidden channels (Minitron); a smaller standard checkpoint",
         prune=prune,
         options=(
-            fraction_option("mlp", "MLP intermediate channels"),
-            fraction_option("heads", "attention (query) heads"),
-            fraction_option("hidden", "hidden (embedding / residual) channels"),
-            Option("heads_mode", str, "query",
-                   "GQA: 'query' removes the same number of query heads from every KV group (KV heads stay), "
-                   "'groups' removes whole KV groups with their query heads", choices=HEAD_MODES),
+            *width_options(),
             Option("importance", str, "activation",
                    "'activation' (calibration activations, Minitron) or 'magnitude' (weight norms)", choices=IMPORTANCE),
         ),
         needs_calibration=lambda options: options.get("importance", "activation") == "activation",
+        check_model=width_targets_from_options,  # a study checks every grid point once the model is loaded
     )]

@@ -35,11 +35,19 @@ from prunelab.model import consecutive_windows, window_bos, window_count
 from prunelab.plugin import Evaluator, Item, MetricSpec, Option, Scorer, TaskResult, hookimpl
 from prunelab.readers import read_utf8
 
+# Fidelity tolerances (settable per study, ``[tolerance]``). KL: 0.01 nats per token, the upper end
+# of the mean KLD that llama.cpp users read as a practically lossless quantization (about 0.001-0.01,
+# ``llama-perplexity --kl-divergence``). Same top token: 1 percentage point of changed top tokens,
+# our choice of the same order (a model within 0.01 nats rarely changes more).
+KL_TOLERANCE = 0.01
+TOP1_TOLERANCE = 0.01
+
 METRICS = (
     MetricSpec("perplexity", "perplexity", None, higher_is_better=False, label="perplexity"),
     MetricSpec("kl_mean", "mean", "kl_mean", higher_is_better=False,
-               label="KL(dense || variant), mean per token (nats)"),
-    MetricSpec("top1_agree", "mean", "top1_agree", higher_is_better=True, label="same top token as dense"),
+               label="KL(dense || variant), mean per token (nats)", tolerance=KL_TOLERANCE),
+    MetricSpec("top1_agree", "mean", "top1_agree", higher_is_better=True, label="same top token as dense",
+               tolerance=TOP1_TOLERANCE),
 )
 
 

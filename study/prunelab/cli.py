@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -27,11 +29,11 @@ from rich.table import Table
 
 from prunelab import __version__
 from prunelab.errors import PrunelabError
-from prunelab.readers import check_output_file, check_output_folder, describe
+from prunelab.readers import atomic_write, check_output_file, check_output_folder, describe
 
 # soft_wrap: a message is one line however long (a path); the terminal wraps it, a log file keeps it whole
 console = Console(stderr=True, soft_wrap=True)
-out = Console()
+out = Console(soft_wrap=True)  # printed paths (``report: .../report.html``) are read back by scripts: never wrapped
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
@@ -60,7 +62,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help="Hub id, local HF folder, or .gguf file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default="auto", help="auto (CUDA bf16; CPU fp32 unless native bf16), float32, bfloat16, float16")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code (off by default)")
+    add_trust_arguments(parser)
+
+
+def add_trust_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a model's files may run: nothing unless asked (see docs/errors.md, "code from data")."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repository's own Python code (auto_map; off by default)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="UNSAFE: read pickle weights (pytorch_model.bin) when there are no safetensors")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +111,8 @@ def load_from(args: argparse.Namespace):
     from prunelab.model.loading import load_model
 
     with console.status(f"loading {args.model}"):
-        return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                          allow_pickle=args.allow_pickle)
 
 
 # ---------------------------------------------------------------------- eval
@@ -133,7 +144,7 @@ def run_eval(args: argparse.Namespace) -> int:
     out.print(summary_table(run))
     if args.out:
         path = write_outputs(run, args.out)
-        console.print(f"wrote {path / 'results.json'} and {path / 'items.parquet'}")
+        console.print(f"wrote {path / 'results.json'} and {path / 'items.parquet'}", highlight=False, markup=False)
     return 0
 
 
@@ -175,10 +186,25 @@ def run_plugins(args: argparse.Namespace) -> int:
     for name, (recovery, info) in sorted(registry.recoveries.items()):
         table.add_row("recovery", name, info.package, info.version, recovery.description)
     out.print(table)
+    out.print(plugins_table(registry))
     failed = [p for p in registry.plugins if p.error]
     for plugin in failed:
         console.print(f"[red]plugin '{plugin.name}' ({plugin.module}, {plugin.package} {plugin.version}) failed to load: {plugin.error}")
     return 0
+
+
+def plugins_table(registry) -> Table:
+    """Each plugin (entry point) with its distribution, version and how many items of each kind it adds:
+    a plugin that loads but adds nothing shows as such."""
+    table = Table(title="prunelab plugin packages")
+    for column in ("plugin", "module", "package", "version", "adds"):
+        table.add_column(column)
+    for plugin in registry.plugins:
+        counts = {kind.kind: sum(1 for _, info in kind.values() if info == plugin)
+                  for kind in (registry.strategies, registry.evaluators, registry.recoveries)}
+        adds = "failed to load" if plugin.error else ", ".join(f"{kind} × {n}" for kind, n in counts.items() if n)
+        table.add_row(plugin.name, plugin.module, plugin.package, plugin.version, adds or "nothing")
+    return table
 
 
 # ---------------------------------------------------------------------- prune
@@ -241,6 +267,7 @@ def run_prune(args: argparse.Namespace) -> int:
     with console.status(f"saving to {out_dir}"):
         path = save_pruned(loaded, out_dir, report, overwrite=args.overwrite, save_masks=not args.no_masks)
     out.print(prune_table(report, path))
+    out.print(f"wrote {path}", highlight=False, markup=False)  # whole on one line: a script reads it back
     return 0
 
 
@@ -269,6 +296,8 @@ def prune_table(report, path) -> Table:
     if "layers_before" in report:
         table.add_row("decoder layers", f"{report['layers_before']} -> {report['layers_after']}")
         table.add_row("removed layers", ", ".join(map(str, report.get("dropped_layers", []))))
+    for key, (before, after) in (report.get("width") or {}).get("config", {}).items():  # prunelab.model's width record
+        table.add_row(f"config {key}", f"{before} -> {after}")
     table.add_row("parameters", f"{report['parameters']['before']:,} -> {report['parameters']['after']:,}")
     if "sparsity" in report:
         total = report["sparsity"]["total"]
@@ -347,6 +376,7 @@ def run_heal(args: argparse.Namespace) -> int:
         with console.status(f"saving to {out_dir}"):
             path = save_pruned(loaded, out_dir, recipe, overwrite=args.overwrite, extra_files=copy_adapter)
     out.print(heal_table(report, path))
+    out.print(f"wrote {path}", highlight=False, markup=False)
     return 0
 
 
@@ -416,15 +446,28 @@ def run_study_command(args: argparse.Namespace) -> int:
     from prunelab.runner.studyfile import load_study
 
     study = load_study(args.file, data_dir=args.data_dir)  # validated before any model is loaded
+    for note in study.notes:
+        console.print(note, highlight=False, markup=False)
     check_output_folder(args.out)
     executor = make_executor(study.executor.replace(
         "command line", kind=args.executor, address=args.address, workers=args.workers))
     executor.connect()  # an unreachable cluster fails here, before any model is loaded
     with progress_bars() as bars:
         run = run_study(study, args.out, rerun=args.rerun, reporter=StudyProgress(bars), executor=executor)
-    out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {run.parent.parent / 'index.html'}",
+    out.print(f"run: {run}\nreport: {run / 'report.html'}\nindex: {index_of(run.parent.parent)}",
               highlight=False, markup=False)
     return 0
+
+
+def index_of(root) -> str:
+    """Where prunelab's index of ``root`` is; the user is told (stderr) when an ``index.html`` prunelab
+    did not write was kept and the index written beside it."""
+    from prunelab.report.artifacts import INDEX, index_file
+
+    index = index_file(root)
+    if index.name != INDEX:
+        _tell(f"kept {index.with_name(INDEX)} (prunelab did not write it); prunelab's index is {index}")
+    return str(index)
 
 
 def _add_index(parser: argparse.ArgumentParser) -> None:
@@ -439,8 +482,12 @@ def run_index(args: argparse.Namespace) -> int:
 
     if not Path(args.root).is_dir():
         raise PrunelabError(f"artifacts folder not found: {args.root}")
-    out.print(f"wrote {build_index(args.root)}", highlight=False, markup=False)
+    out.print(f"wrote {build_index(args.root, tell=_tell)}", highlight=False, markup=False)
     return 0
+
+
+def _tell(text: str) -> None:
+    console.print(text, highlight=False, markup=False)
 
 
 def _add_report(parser: argparse.ArgumentParser) -> None:
@@ -450,11 +497,12 @@ def _add_report(parser: argparse.ArgumentParser) -> None:
 @command("report", "rebuild a run's summary, charts, report and the index from its stored items (no model)",
          _add_report)
 def run_report(args: argparse.Namespace) -> int:
-    from prunelab.report.artifacts import rebuild_run
+    from prunelab.report.artifacts import has_prunelab_index, rebuild_run
 
-    folder = rebuild_run(args.run_dir)
-    out.print(f"rebuilt {folder / 'report.html'}\nindex: {folder.parent.parent / 'index.html'}",
-              highlight=False, markup=False)
+    folder = rebuild_run(args.run_dir, tell=_tell)
+    out.print(f"rebuilt {folder / 'report.html'}", highlight=False, markup=False)
+    if has_prunelab_index(folder.parent.parent):
+        out.print(f"index: {index_of(folder.parent.parent)}", highlight=False, markup=False)
     return 0
 
 
@@ -542,6 +590,7 @@ def _add_bench_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--semi-structured", action="store_true",
                         help="CUDA only: run 2:4-pruned Linear weights on PyTorch's semi-structured sparse kernels")
     parser.add_argument("--out", default="bench-model.json", help="JSON file for the results")
+    add_trust_arguments(parser)
 
 
 @command("bench-model", "measure a model's size, peak memory, prefill and decode throughput", _add_bench_model)
@@ -557,11 +606,12 @@ def run_bench_model(args: argparse.Namespace) -> int:
     with console.status(f"benchmarking {args.model}"):
         result = bench_model(args.model, device=args.device, dtype=args.dtype, prompt_lengths=lengths,
                              batches=batches, new_tokens=args.new_tokens, repeats=args.repeats,
-                             semi_structured=args.semi_structured)
+                             semi_structured=args.semi_structured, trust_remote_code=args.trust_remote_code,
+                             allow_pickle=args.allow_pickle)
     out.print(bench_table(result))
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write(path, lambda staging: staging.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8"))
     console.print(f"wrote {path}", highlight=False)
     return 0
 
@@ -614,6 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         _quiet_transformers()
+    previous = _exit_on_sigterm()
     try:
         return args.handler(args)
     except (PrunelabError, OSError) as exc:
@@ -624,6 +675,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]")
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """SIGTERM ends the command as Ctrl-C does, through every ``finally`` (staging folders are removed,
+    finished chunks kept), with status 143; returns the handler it replaced (None: not installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:
+        return None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return previous
 
 
 def one_line(exc: BaseException) -> str:

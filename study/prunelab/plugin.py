@@ -3,13 +3,20 @@
 A plugin is any module registered under the ``prunelab`` entry-point group (built-ins use the
 same group). It implements any of the hooks and returns descriptions of what it adds: a
 ``Strategy`` changes a model, an ``Evaluator`` scores one, a ``Recovery`` heals a pruned one.
+
+What the core hands a plugin is described here as Protocols (``Scorer``, ``DataSource``,
+``Subset``, ``DenseReference``, ``WindowScores``, ``ReferenceStore``, ``RecoveryContext``): the
+contract names only what a plugin may use, and this module imports nothing of the stages that
+implement it (``prunelab.evaluate``, ``prunelab.prune``), so the stages import the contract and
+never the other way round (``tests/test_layout.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import pluggy
@@ -18,16 +25,13 @@ from prunelab.errors import PrunelabError
 from prunelab.options import Option, OptionSet
 
 __all__ = [
-    "Evaluator", "GenerationRequest", "Item", "LoglikelihoodRequest", "MetricSpec", "Option", "OptionSet",
-    "Progress", "Recovery", "Scorer", "Strategy", "TaskResult", "hookimpl", "hookspec", "mean_and_stderr",
+    "DataSource", "DenseReference", "Evaluator", "GenerationRequest", "Item", "LoglikelihoodRequest", "MetricSpec",
+    "Option", "OptionSet", "Progress", "Recovery", "RecoveryContext", "ReferenceStore", "Scorer", "Strategy",
+    "Subset", "TaskResult", "WindowScores", "hookimpl", "hookspec", "mean_and_stderr",
 ]
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a third-party package, for annotations only (nothing of prunelab's stages)
     import torch
-
-    from prunelab.evaluate.data import DataSource, Subset
-    from prunelab.evaluate.engine import DenseReference, WindowScores
-    from prunelab.prune.recovery import RecoveryContext
 
 Progress = Callable[[int], None]
 
@@ -39,8 +43,12 @@ hookimpl = pluggy.HookimplMarker("prunelab")
 class Strategy:
     """A pruning strategy: declared options and a function that prunes a loaded model in place.
 
-    ``prune(model, options, context)`` returns a JSON-able report (at least the achieved
-    sparsity); ``context`` carries the calibration source and the seed.
+    ``prune(model, options, context)`` returns a JSON-able report (a weight-pruning strategy: at
+    least the achieved sparsity, with its masks left in ``context.masks``); ``context`` carries the
+    calibration source and the seed. A structural strategy may change shapes and the config in place
+    and leave no masks: ``prunelab.model`` offers the surgery (``drop_layers``; ``width_targets`` +
+    ``prune_width`` or ``apply_width`` for width) that keeps the model a standard checkpoint and
+    returns the record to report (kept channels, config before/after, new shapes).
     """
 
     name: str
@@ -58,10 +66,21 @@ class Strategy:
     #: Options whose study-file value ``"each"`` expands to one grid point per decoder layer
     #: (``layers = "each"``), known once the model is loaded.
     each_layer: tuple[str, ...] = ()
+    #: Checks the options against the loaded model before any work (a fraction a model's heads
+    #: cannot realise, an unknown layout): ``check_model(adapter, options)`` raises a one-line
+    #: ``PrunelabError``. ``prune()`` calls it before the strategy runs, and a study calls it for
+    #: every variant as soon as the model is loaded, so a bad grid point fails before any variant is
+    #: pruned or calibrated.
+    check_model: Callable[[Any, Mapping[str, Any]], object] | None = None
 
     @property
     def option_set(self) -> OptionSet:
         return OptionSet(f"strategy '{self.name}'", self.options)
+
+    def check_for_model(self, adapter, options: Mapping[str, Any]) -> None:
+        """Raise the strategy's one-line error when these options cannot apply to this model."""
+        if self.check_model is not None:
+            self.check_model(adapter, options)
 
     def uses_calibration(self, options: Mapping[str, Any]) -> bool:
         """Whether these options need calibration text (the strategy's own declaration)."""
@@ -89,6 +108,29 @@ class MetricSpec:
     field: str | None = None  # the record key holding the per-item value (None for perplexity)
     higher_is_better: bool = True
     label: str = ""  # human-readable name for reports
+    #: A change vs dense this small is practically none (in the metric's units, harmful direction):
+    #: the report then tests each variant against it -- within / beyond / undecided -- instead of
+    #: against "identical to dense", which a fidelity metric (dense's own KL is 0) fails by
+    #: construction. None: test against no change. A study file can set it per metric (``[tolerance]``).
+    tolerance: float | None = None
+
+
+# ---------------------------------------------------------------------------- what an evaluator is handed
+class DataSource(Protocol):
+    """Where an evaluator loads its items from: a local data folder or the Hub (``prunelab.evaluate.DataSource``)."""
+
+    def local(self, *parts: str) -> Path | None:
+        """The local path of a task's data (``source.local("mmlu")``), or None when data comes from the Hub."""
+
+    def describe(self) -> str:
+        """The folder, or ``huggingface-hub``: for messages and records."""
+
+
+class Subset(Protocol):
+    """Which items of each group to evaluate (``prunelab.evaluate.Subset``, or one chunk's slice of it)."""
+
+    def select(self, group: str, n: int) -> list[int]:
+        """Sorted row indices of one group of ``n`` items."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +214,37 @@ class GenerationRequest:
     group: str = ""
 
 
+class DenseReference(Protocol):
+    """The dense model's final hidden states on the same windows (``prunelab.evaluate.DenseReference``):
+    ``Scorer.window_scores`` recomputes the dense logits from them to compare a variant with dense."""
+
+    hidden: torch.Tensor  # (windows, seqlen, hidden_size)
+    windows: torch.Tensor  # (windows, seqlen) token ids
+    head: str  # fingerprint of the output head the hidden states were made with
+
+
+class WindowScores(Protocol):
+    """Per window: summed NLL and scored token count; with a reference, per-token KL and top-1 agreement;
+    with ``keep_hidden``, the final hidden states (``prunelab.evaluate.WindowScores``)."""
+
+    nll_sums: list[float]
+    counts: list[int]
+    kl: list[torch.Tensor]  # float32 per scored token, nats
+    agree: list[torch.Tensor]  # bool per scored token
+    hidden: list[torch.Tensor]
+
+
+class ReferenceStore(Protocol):
+    """``options["reference"]`` of a task that ``compares_with_dense``: one task chunk's reference file,
+    written by the dense model's evaluation and read by every variant's (``prunelab.evaluate.reference``)."""
+
+    is_dense: bool  # whether this evaluation is the dense model's (it saves; the others load)
+
+    def save(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None: ...
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None: ...
+
+
 class Scorer(Protocol):
     """The one scoring interface an evaluator is given: log-likelihoods, generation, window NLLs.
 
@@ -194,6 +267,26 @@ class Scorer(Protocol):
     def window_scores(self, windows: torch.Tensor, *, reference: DenseReference | None = None,
                       keep_hidden: bool = False, progress: Progress | None = None,
                       head_chunk: int = 512) -> WindowScores: ...
+
+
+# ---------------------------------------------------------------------------- what a recovery is handed
+class RecoveryContext(Protocol):
+    """What a recovery method may use besides the model and its options (``prunelab.prune.RecoveryContext``).
+
+    ``adapter_dir`` is where a method that trains an adapter saves it (None: do not save).
+    """
+
+    adapter: Any  # where the decoder layers are (``prunelab.model.Adapter``)
+    tokenizer: Any
+    seed: int
+    masks: Any  # the pruning masks the core re-applies afterwards (``prunelab.prune.MaskSet``)
+    adapter_dir: Path | None
+
+    def batches(self, source: str, seqlen: int, batch: int, steps: int) -> Iterator[torch.Tensor]:
+        """``steps`` batches of ``batch`` token windows of ``seqlen`` from the training text ``source``."""
+
+    def report_step(self, step: int, loss: float) -> None:
+        """Call after every optimizer step (the CLI draws a progress bar from it)."""
 
 
 # ---------------------------------------------------------------------------- what an evaluator produces

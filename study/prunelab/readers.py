@@ -13,11 +13,16 @@ seconds, not a dequantization or an evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
 import os
+import re
+import shutil
+import socket
 import struct
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,19 +33,145 @@ from typing import Any
 from prunelab.errors import FileProblem
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(staging)`` then rename onto ``path``: a reader never sees half a file, a failed write leaves none."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """``write(staging)`` then rename onto ``path``: a reader never sees half a file, a failed write leaves none.
+
+    Nothing planted in the folder redirects the write: the staging file is created new (``O_EXCL``
+    and ``O_NOFOLLOW``, after removing a leftover or a link of that name) and the rename replaces a
+    link at ``path`` instead of writing through it. A failure names ``path`` (``writing``).
+    """
+    path = Path(path)
     staging = path.with_name(f".{path.name}.tmp")
     try:
-        write(staging)
-        os.replace(staging, path)
+        with writing(path):
+            create_new(staging)
+            write(staging)
+            os.replace(staging, path)
     except BaseException:
-        staging.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)  # unlinks a link itself, never its target
         raise
+
+
+def create_new(path: Path) -> None:
+    """An empty regular file at ``path``, created here: a leftover (or a planted link) is removed first."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW, 0o666))
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_no_follow(path: Path, flags: int) -> int:
+    """``os.open`` that refuses a symbolic link at ``path`` (a lock or log file replaced by a link
+    would truncate or append to the file it points at)."""
+    try:
+        return os.open(path, flags | NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (not NOFOLLOW and path.is_symlink()):
+            raise FileProblem(path, LINK_REFUSED) from None
+        raise
+
+
+LINK_REFUSED = "is a symbolic link: prunelab never writes through a link in its own folders (remove it)"
+
+
+def refuse_links(root: Path, path: Path) -> Path:
+    """``path``, after checking that no folder or file from below ``root`` down to it is a symbolic link.
+
+    ``root`` is the user's choice (an ``--out`` that is itself a link is fine); what lies inside is
+    prunelab's, and a link planted there would send its writes elsewhere.
+    """
+    relative = Path(os.path.relpath(path, root))
+    if relative.parts[:1] == ("..",) or relative.is_absolute():
+        raise FileProblem(path, f"is outside {root}: refusing to write there")
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise FileProblem(current, LINK_REFUSED)
+    return path
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """A failed write names ``path``: the OS's errors from ``write()`` carry no file name (``File too
+    large``, ``No space left on device``), and polars/pyarrow/safetensors report theirs in their own types.
+    """
+    from polars.exceptions import PolarsError
+    from pyarrow import ArrowException
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+    except (PolarsError, ArrowException, SafetensorError) as exc:
+        raise FileProblem(path, f"cannot write: {describe(exc)}") from exc
+
+
+STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]*)\.(?P<pid>\d+)-[^.]+\.partial$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:40]
+
+
+@contextmanager
+def staging_folder(target: Path) -> Iterator[Path]:
+    """A new hidden folder beside ``target`` to assemble it in, then ``os.replace`` it onto ``target``.
+
+    It is removed when the block ends (done, failed, Ctrl-C, SIGTERM), and one left by a process
+    that was killed (its host and pid are in the name, ``.<target>.<host>.<pid>-XXXX.partial``) is
+    removed by the next call for the same folder: a kill -9 leaves nothing for long.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sweep_staging(target.parent)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{_host()}.{os.getpid()}-",
+                                    suffix=".partial"))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def sweep_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders in ``parent`` whose process (on this host) is gone; returns them."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in parent.iterdir():
+            found = STAGING.match(entry.name)
+            if found and found["host"] == _host() and not _alive(int(found["pid"])) and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process: leave its folder
+        return True
+    return True
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
 GGUF_MAX_DIMS = 4  # ggml tensors have at most four dimensions
+# Declared counts are checked against these before anything is allocated (docs/errors.md, "bounds").
+# No real model comes near: the deepest have ~130 decoder layers, the largest GGUF files a few
+# thousand tensors and a few dozen metadata keys.
+MAX_LAYERS = 1024
+MAX_GGUF_TENSORS = 100_000
+MAX_GGUF_METADATA = 10_000
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")  # what HF configs call the depth
 MODEL_JSON_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "model.safetensors.index.json")
 
@@ -202,6 +333,11 @@ def read_gguf_header(path: str | os.PathLike) -> dict[str, Any]:
             cursor.at = 8
             try:
                 tensor_count, kv_count = cursor.count(24, "tensor"), cursor.count(12, "metadata")
+                for count, limit, what_count in ((tensor_count, MAX_GGUF_TENSORS, "tensors"),
+                                                 (kv_count, MAX_GGUF_METADATA, "metadata keys")):
+                    if count > limit:
+                        raise FileProblem(path, f"{what}: the header declares {count} {what_count}, more than "
+                                                f"prunelab's limit of {limit}")
                 metadata = {}
                 for _ in range(kv_count):
                     key = cursor.string().decode("utf-8")
@@ -240,7 +376,17 @@ def read_gguf_header(path: str | os.PathLike) -> dict[str, Any]:
     architecture = metadata.get("general.architecture")
     if not isinstance(architecture, bytes) or not architecture:
         raise FileProblem(path, f"{what}: no general.architecture")
+    layers = metadata.get(f"{architecture.decode('utf-8', errors='replace')}.block_count")
+    check_layer_count(path, layers, "block_count")
     return {"version": version, "architecture": architecture.decode("utf-8", errors="replace"), "tensors": len(tensors)}
+
+
+def check_layer_count(path: Path, layers: Any, key: str) -> None:
+    """A declared number of decoder layers above ``MAX_LAYERS`` is refused before a model is built."""
+    if isinstance(layers, int | float) and not isinstance(layers, bool) and layers > MAX_LAYERS:
+        shown = layers if isinstance(layers, int) else f"{layers:g}"
+        raise FileProblem(path, f"the model declares {key} = {shown} decoder layers, more than prunelab's "
+                                f"limit of {MAX_LAYERS}")
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -262,6 +408,10 @@ def check_model_folder(folder: str | os.PathLike) -> dict[str, Any]:
     config = read_json(folder / "config.json", "invalid model config")
     if not isinstance(config.get("model_type"), str):
         raise FileProblem(folder / "config.json", "invalid model config: no model_type string")
+    for table in (config, config.get("text_config")):
+        for key in LAYER_KEYS:
+            if isinstance(table, dict):
+                check_layer_count(folder / "config.json", table.get(key), key)
     for name in MODEL_JSON_FILES:
         if (folder / name).exists():
             read_json(folder / name, "invalid JSON")

@@ -1,17 +1,26 @@
 """Build the plugin manager and load every plugin from the ``prunelab`` entry-point group.
 
-Built-in strategies and evaluators are found exactly as a third-party package's are. A plugin
-that fails to import is recorded with its error and the rest still load, so one broken package
-never takes the tool down.
+Built-in strategies and evaluators are found exactly as a third-party package's are. What each
+plugin adds goes into one registry per kind (``KindRegistry``: strategies, evaluators, recovery
+methods; as lm-evaluation-harness's ``Registry[T]``), which serves a name from one plugin only.
+
+* A plugin that fails to import is recorded with its error and the rest still load, so one broken
+  package never takes the tool down (``prunelab plugins`` shows it).
+* A plugin that breaks the contract is refused, with one line naming it: a name another plugin
+  already adds (both distributions are named: which one would win must not depend on how
+  entry-point names sort), or a hook that prunelab does not define (a misspelt
+  ``prunelab_strategy`` would otherwise load and add nothing; pluggy's ``check_pending``), or a
+  ``prunelab_*`` function not marked ``@hookimpl``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pluggy
 
@@ -20,6 +29,8 @@ from prunelab.errors import PrunelabError
 from prunelab.plugin import Evaluator, Recovery, Strategy
 
 ENTRY_POINT_GROUP = "prunelab"
+HOOK_PREFIX = "prunelab_"
+T = TypeVar("T", Strategy, Evaluator, Recovery)
 
 
 @dataclass(frozen=True)
@@ -32,28 +43,72 @@ class PluginInfo:
     version: str
     error: str | None = None
 
+    def describe(self) -> str:
+        """``<distribution> <version> (entry point <name> = <module>)``: who to uninstall or ask."""
+        return f"{self.package} {self.version} (entry point {self.name} = {self.module})"
+
+
+class KindRegistry(Mapping[str, tuple[T, PluginInfo]], Generic[T]):
+    """The strategies, evaluators or recovery methods by name, each with the plugin that added it.
+
+    A read-only mapping ``name -> (item, plugin)``; ``add`` refuses a name another plugin already
+    added, naming both distributions, and ``find`` a name nobody added, listing the known ones.
+    """
+
+    def __init__(self, kind: str, items: Mapping[str, tuple[T, PluginInfo]] | None = None) -> None:
+        self.kind = kind  # as messages name it: "strategy", "task", "recovery method"
+        self._items: dict[str, tuple[T, PluginInfo]] = dict(items or {})
+
+    def add(self, item: T, info: PluginInfo) -> None:
+        found = self._items.get(item.name)
+        if found is not None:
+            raise PrunelabError(f"{self.kind} '{item.name}' is added by two plugins, {found[1].describe()} and "
+                                f"{info.describe()}: uninstall one of them")
+        self._items[item.name] = (item, info)
+
+    def find(self, name: str) -> T:
+        if name not in self._items:
+            known = ", ".join(sorted(self._items)) or "none"
+            raise PrunelabError(f"unknown {self.kind} '{name}' (available: {known})")
+        return self._items[name][0]
+
+    def __getitem__(self, name: str) -> tuple[T, PluginInfo]:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+KINDS = {"strategies": ("strategy", "prunelab_strategies"), "evaluators": ("task", "prunelab_evaluators"),
+         "recoveries": ("recovery method", "prunelab_recoveries")}  # field: (its name in messages, its hook)
+
 
 @dataclass
 class Registry:
-    """Everything discovered: the plugin manager, its strategies and evaluators, and failures."""
+    """Everything discovered: the plugin manager, one ``KindRegistry`` per kind, and failures.
+
+    Mappings given for a kind (a test's ``{"random": (strategy, None)}``) become its ``KindRegistry``.
+    """
 
     manager: pluggy.PluginManager
     plugins: list[PluginInfo]
-    strategies: dict[str, tuple[Strategy, PluginInfo]]
-    evaluators: dict[str, tuple[Evaluator, PluginInfo]]
-    recoveries: dict[str, tuple[Recovery, PluginInfo]] = field(default_factory=dict)
+    strategies: KindRegistry[Strategy]
+    evaluators: KindRegistry[Evaluator]
+    recoveries: KindRegistry[Recovery] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for attribute, (kind, _) in KINDS.items():
+            if not isinstance(getattr(self, attribute), KindRegistry):
+                setattr(self, attribute, KindRegistry(kind, getattr(self, attribute)))
 
     def strategy(self, name: str) -> Strategy:
-        if name not in self.strategies:
-            known = ", ".join(sorted(self.strategies)) or "none"
-            raise PrunelabError(f"unknown strategy '{name}' (available: {known})")
-        return self.strategies[name][0]
+        return self.strategies.find(name)
 
     def evaluator(self, name: str) -> Evaluator:
-        if name not in self.evaluators:
-            known = ", ".join(sorted(self.evaluators)) or "none"
-            raise PrunelabError(f"unknown task '{name}' (available: {known})")
-        return self.evaluators[name][0]
+        return self.evaluators.find(name)
 
     def removed_layer(self, strategy: str, params: Mapping[str, Any]) -> int | None:
         """The one decoder layer a variant removes, as its strategy declares (``Strategy.removes_layers``).
@@ -73,10 +128,7 @@ class Registry:
         return bool(found and found[0].uses_calibration(params))
 
     def recovery(self, name: str) -> Recovery:
-        if name not in self.recoveries:
-            known = ", ".join(sorted(self.recoveries)) or "none"
-            raise PrunelabError(f"unknown recovery method '{name}' (available: {known})")
-        return self.recoveries[name][0]
+        return self.recoveries.find(name)
 
 
 def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
@@ -86,29 +138,45 @@ def build_registry(entry_points: list[md.EntryPoint] | None = None) -> Registry:
     if entry_points is None:
         entry_points = list(md.entry_points(group=ENTRY_POINT_GROUP))
     infos: list[PluginInfo] = []
-    strategies: dict[str, tuple[Strategy, PluginInfo]] = {}
-    evaluators: dict[str, tuple[Evaluator, PluginInfo]] = {}
-    recoveries: dict[str, tuple[Recovery, PluginInfo]] = {}
+    kinds: dict[str, KindRegistry] = {attribute: KindRegistry(kind) for attribute, (kind, _) in KINDS.items()}
     for ep in sorted(entry_points, key=lambda e: e.name):
         package, version = _distribution_of(ep)
         try:
             module = ep.load()
-            manager.register(module, name=ep.name)
-            found_s = _collect(manager, module, "prunelab_strategies")
-            found_e = _collect(manager, module, "prunelab_evaluators")
-            found_r = _collect(manager, module, "prunelab_recoveries")
         except Exception as exc:  # a broken plugin must not break the others
             infos.append(PluginInfo(ep.name, ep.value, package, version, f"{type(exc).__name__}: {exc}"))
             continue
         info = PluginInfo(ep.name, ep.value, package, version)
+        _check_hooks(manager, module, info)
+        try:
+            manager.register(module, name=ep.name)
+            manager.check_pending()  # a marked hook prunelab does not define (caught above; pluggy's own word)
+            found = {attribute: _collect(manager, module, hook) for attribute, (_, hook) in KINDS.items()}
+        except pluggy.PluginValidationError as exc:
+            raise PrunelabError(f"plugin {info.describe()}: {exc}") from None
+        except Exception as exc:  # a hook that raises: reported like a broken import
+            infos.append(dataclasses.replace(info, error=f"{type(exc).__name__}: {exc}"))
+            continue
         infos.append(info)
-        for strategy in found_s:
-            strategies[strategy.name] = (strategy, info)
-        for evaluator in found_e:
-            evaluators[evaluator.name] = (evaluator, info)
-        for recovery in found_r:
-            recoveries[recovery.name] = (recovery, info)
-    return Registry(manager, infos, strategies, evaluators, recoveries)
+        for attribute, items in found.items():
+            for item in items:
+                kinds[attribute].add(item, info)
+    return Registry(manager, infos, **kinds)
+
+
+def _check_hooks(manager: pluggy.PluginManager, module: object, info: PluginInfo) -> None:
+    """Refuse a ``prunelab_*`` function that is no hook prunelab defines, or one not marked ``@hookimpl``:
+    either would load and add nothing, silently."""
+    hooks = sorted(name for name in vars(hookspecs) if name.startswith(HOOK_PREFIX))
+    for name in sorted(vars(module) if hasattr(module, "__dict__") else ()):
+        if not name.startswith(HOOK_PREFIX) or not callable(getattr(module, name)):
+            continue
+        if name not in hooks:
+            raise PrunelabError(f"plugin {info.describe()}: {name} is not a prunelab hook (the hooks: "
+                                f"{', '.join(hooks)})")
+        if manager.parse_hookimpl_opts(module, name) is None:
+            raise PrunelabError(f"plugin {info.describe()}: {name} is not marked @hookimpl "
+                                "(from prunelab.plugin import hookimpl), so prunelab would never call it")
 
 
 def _collect(manager: pluggy.PluginManager, module: object, hook_name: str) -> list:

@@ -196,3 +196,62 @@ def test_fuzz_recipe(data):
         recipe = honours_contract(lambda: read_recipe(folder), folder / RECIPE_FILE)
         if recipe is not None:
             assert recipe["format"].startswith("prunelab-recipe/")
+
+
+# ---------------------------------------------------------------------- declared counts (issue 27 part 3)
+def gguf_declaring(path, *, block_count: int, tensors: int | None = None) -> bytes:
+    """The tiny GGUF with another ``llama.block_count`` (and, if given, another declared tensor count)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(block_count)
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = bytearray(path.read_bytes())
+    if tensors is not None:
+        data[8:16] = tensors.to_bytes(8, "little")  # the header's tensor count, right after magic and version
+    return bytes(data)
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_fuzz_gguf_declared_layers_are_bounded(block_count):
+    """Any declared depth: read as is up to MAX_LAYERS, refused (naming the limit) beyond it."""
+    from prunelab.readers import MAX_LAYERS
+
+    with scratch() as folder:
+        path = folder / "t.gguf"
+        path.write_bytes(gguf_declaring(path, block_count=block_count))
+        if block_count <= MAX_LAYERS:
+            assert read_gguf_header(path)["tensors"] == 1
+        else:
+            with pytest.raises(FileProblem, match=rf"block_count = {block_count} decoder layers, more than .* {MAX_LAYERS}"):
+                read_gguf_header(path)
+
+
+def test_a_declared_tensor_count_beyond_the_limit_is_refused_before_reading_them(tmp_path):
+    from prunelab.readers import MAX_GGUF_TENSORS
+
+    path = tmp_path / "t.gguf"
+    data = gguf_declaring(path, block_count=1, tensors=MAX_GGUF_TENSORS + 1)
+    path.write_bytes(data + bytes(24 * (MAX_GGUF_TENSORS + 1)))  # room for them: the size check alone passes
+    with pytest.raises(FileProblem, match=f"declares {MAX_GGUF_TENSORS + 1} tensors, more than"):
+        read_gguf_header(path)
+
+
+@given(st.sampled_from(["num_hidden_layers", "n_layer", "num_layers"]), st.integers(0, 10**12),
+       st.booleans())
+def test_fuzz_config_json_declared_layers_are_bounded(key, layers, nested):
+    from prunelab.readers import MAX_LAYERS
+
+    with scratch() as folder:
+        table = {key: layers}
+        config = {"model_type": "llama", **({"text_config": table} if nested else table)}
+        (folder / "config.json").write_text(json.dumps(config))
+        if layers > MAX_LAYERS:
+            with pytest.raises(FileProblem, match=rf"config\.json: the model declares {key} = "):
+                check_model_folder(folder)
+        else:
+            assert check_model_folder(folder) == config

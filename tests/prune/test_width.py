@@ -171,3 +171,19 @@ def test_gemma3_width_reloads(tmp_path):
     ids = torch.arange(20).reshape(2, 10)
     with torch.no_grad():
         assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_a_study_checks_every_grid_point_against_the_model_before_pruning_any(tiny_qwen3, small_data, tmp_path):
+    from prunelab.runner import load_study, run_study
+
+    strategies = '[[strategies]]\nname = "width"\nmlp = [0.25]\nheads = [0.0, 0.25]\nimportance = ["magnitude"]\n'
+    study = tmp_path / "tiny.toml"
+    study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace(
+        'tasks = ["mmlu", "gsm8k", "wikitext"]', 'tasks = ["wikitext"]'))
+    with pytest.raises(PrunelabError, match=r"^variant width\[mlp=0.25,heads=0.25.*\]: width: option 'heads' = 0.25 "
+                                            r"on model .*breaks GQA") as caught:
+        run_study(load_study(study), tmp_path / "out")
+    assert "\n" not in str(caught.value)
+    logs = list((tmp_path / "out").rglob("log.jsonl"))
+    events = [json.loads(line) for path in logs for line in path.read_text().splitlines()]
+    assert not [e for e in events if e.get("event") in ("prune", "chunk")]  # nothing pruned or evaluated first

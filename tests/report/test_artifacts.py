@@ -9,12 +9,14 @@ import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import polars as pl
 import pytest
 
 from prunelab.errors import PrunelabError
 from prunelab.model.bench import bench_rows
+from prunelab.records import json_digest
 from prunelab.report import artifacts, charts
 from prunelab.report.stats import summarize
 
@@ -78,11 +80,11 @@ def runs(tmp_path_factory):
 
 def test_version_names_time_commit_and_config_hash(runs):
     root, first, second, _ = runs
-    digest = artifacts.config_hash(MANIFEST["config"])
+    digest = json_digest(MANIFEST["config"])
     assert first.name == f"20261128T143000Z-abc1234-{digest[:8]}"
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-z]{5,7}-[0-9a-f]{8}", second.name)
     assert artifacts.version_id("f" * 64, None, NOW) == "20261128T143000Z-nogit-ffffffff"
-    assert artifacts.config_hash({"b": 1, "a": [1, 2]}) == artifacts.config_hash({"a": [1, 2], "b": 1})
+    assert json_digest({"b": 1, "a": [1, 2]}) == json_digest({"a": [1, 2], "b": 1})
     assert not list(first.parent.glob(".*")), "no staging folder left behind"
 
 
@@ -111,7 +113,7 @@ def test_manifest_records_the_run(runs):
     manifest = json.loads((first / "manifest.json").read_text())
     for key in ("study_file", "model", "model_hash", "device", "timings"):
         assert manifest[key] == MANIFEST[key]
-    assert manifest["config_hash"] == artifacts.config_hash(MANIFEST["config"])
+    assert manifest["config_hash"] == json_digest(MANIFEST["config"])
     assert (manifest["study"], manifest["version"], manifest["created"]) == \
         ("synthetic", first.name, "2026-11-28T14:30:00Z")
     assert manifest["git_commit"] == "abc1234def"
@@ -127,9 +129,9 @@ def test_manifest_records_the_run(runs):
     assert {"gguf", "scipy"} <= set(manifest["packages"])
     assert {"cpu", "cpu_count", "torch_threads"} <= set(manifest["machine"])
     stats = manifest["statistics"]
-    assert stats["seed"] == 0 and stats["monte_carlo_resamples"] == 9999 and stats["alpha"] == 0.05
+    assert stats["alpha"] == 0.05 and stats["power"] == 0.8 and "unclipped" in stats["intervals"]["accuracy"]
     wikitext = next(t for t in stats["tests"] if t["task"] == "wikitext")
-    assert wikitext["tests"] == ["exact sign-flip permutation"] and wikitext["n_paired"] == [8]
+    assert wikitext["tests"] == ["exact sign test"] and wikitext["n_paired"] == [8]
     for name, digest in manifest["files"].items():
         assert artifacts._sha256(first / name) == digest, name
 
@@ -173,7 +175,7 @@ def test_index_lists_every_version_with_links_and_survives_a_broken_manifest(run
     root, first, second, _ = runs
     index = (root / "index.html").read_text()
     for run in (first, second):
-        link = f'href="synthetic/{run.name}/report.html"'
+        link = f'href="./synthetic/{quote(run.name, safe="")}/report.html"'
         assert link in index
     assert index.index(second.name) < index.index(first.name), "newest version first"
     assert "tiny-random" in index and index.count("<td>synthetic</td>") == 1, "one row per study"
@@ -357,9 +359,101 @@ def test_a_third_party_mean_metric_flows_from_records_to_the_report(tmp_path):
     assert run.name.startswith("20261128T143000Z-abc1234+dirty-"), "the version name keeps +dirty"
     summary = pl.read_parquet(run / "summary.parquet").filter(metric="surprise")
     noisy = summary.filter(variant="noisy[k=1]").row(0, named=True)
-    assert (noisy["kind"], noisy["verdict"], noisy["test"]) == ("mean", "worse", "exact sign-flip permutation")
+    assert (noisy["kind"], noisy["verdict"], noisy["test"]) == ("mean", "worse", "exact sign test")
     assert noisy["p_value"] == pytest.approx(2 / 4096)
     assert summary.filter(variant="same[k=2]")["verdict"][0] == "no detectable change"
     report = (run / "report.html").read_text()
     assert "fake · mean surprise" in report and "Findings" in report
     assert "< 0.001" in report  # 2/4096 printed at the display floor
+
+
+# ---------------------------------------------------------------------- an untrusted run folder (issue 27 part 2)
+def shared_copy(runs, tmp_path, study: str = "synthetic") -> tuple[Path, Path]:
+    """A copy of the first run under a fresh artifacts root, as a user who received it would have it."""
+    first = runs[1]
+    root = tmp_path / "shared"
+    folder = root / study / first.name
+    shutil.copytree(first, folder)
+    return root, folder
+
+
+def test_report_deletes_only_its_own_chart_files_whatever_the_manifest_lists(runs, tmp_path):
+    root, folder = shared_copy(runs, tmp_path)
+    victims = [tmp_path / "victim.txt", root / "victim.txt", folder.parent / "victim.txt", folder / "notes.txt"]
+    for victim in victims:
+        victim.write_text("precious")
+    (folder / "charts" / "link.png").symlink_to(victims[0])
+    manifest = json.loads((folder / "manifest.json").read_text())
+    listed = ["../victim.txt", "charts/../../victim.txt", "charts/../../../victim.txt", "charts/../notes.txt",
+              str(victims[0]), "charts/link.png", "charts/x.png/../../notes.txt"]
+    manifest["files"].update(dict.fromkeys(listed, "0" * 64))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    told: list[str] = []
+    artifacts.rebuild_run(folder, tell=told.append)
+    assert all(v.read_text() == "precious" for v in victims), "a file outside prunelab's charts was touched"
+    assert (folder / "charts" / "link.png").is_symlink(), "a link prunelab did not write was removed"
+    assert any("kept 5 file(s)" in line for line in told), told  # the five under charts/; the rest are never candidates
+    # a run folder outside an artifacts root: nothing is written beside it (no index there to rebuild)
+    assert sorted(p.name for p in root.iterdir()) == ["synthetic", "victim.txt"]
+    assert any(line.startswith(f"index not rebuilt: {root} has no prunelab index") for line in told), told
+
+
+def test_report_replaces_links_planted_in_the_run_folder_instead_of_writing_through_them(runs, tmp_path):
+    root, folder = shared_copy(runs, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in ("summary.csv", "report.html", ".manifest.json.tmp", ".report.html.tmp", "charts/layer_sweep.svg"):
+        target = folder / name
+        target.unlink(missing_ok=True)
+        target.symlink_to(victim)
+    (folder / "manifest.json").rename(folder / "manifest.real")
+    (folder / "manifest.json").write_text((folder / "manifest.real").read_text())
+    artifacts.rebuild_run(folder)
+    assert victim.read_text() == "precious"
+    for name in ("summary.csv", "report.html", "charts/layer_sweep.svg"):
+        assert not (folder / name).is_symlink() and (folder / name).stat().st_size > 0, name
+
+
+def test_a_charts_folder_that_is_a_link_is_refused(runs, tmp_path):
+    root, folder = shared_copy(runs, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(folder / "charts", elsewhere)
+    (folder / "charts").symlink_to(elsewhere)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in elsewhere.iterdir())
+    with pytest.raises(PrunelabError, match="charts: is a symbolic link"):
+        artifacts.rebuild_run(folder)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in elsewhere.iterdir()) == before
+
+
+def test_index_links_are_escaped_relative_paths_never_a_scheme(runs, tmp_path):
+    root, _ = shared_copy(runs, tmp_path, study="javascript:alert(1)")
+    shared_copy(runs, tmp_path / "x", study="a b?c#d")
+    shutil.copytree(tmp_path / "x" / "shared" / "a b?c#d", root / "a b?c#d")
+    index = artifacts.build_index(root).read_text()
+    links = re.findall(r'<a href="([^"]*)"', index)
+    assert links and all(link.startswith("./") for link in links), links
+    assert f'href="./javascript%3Aalert%281%29/{quote(runs[1].name, safe="")}/report.html"' in index
+    assert f'href="./a%20b%3Fc%23d/{quote(runs[1].name, safe="")}/report.html"' in index
+
+
+def test_runs_reached_through_a_link_are_not_indexed(runs, tmp_path):
+    root, _ = shared_copy(runs, tmp_path)
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "synthetic", outside / "other")
+    (root / "other").symlink_to(outside / "other")
+    index = artifacts.build_index(root).read_text()
+    assert "<td>synthetic</td>" in index and "<td>other</td>" not in index
+
+
+def test_an_index_html_prunelab_did_not_write_is_kept_and_the_user_told(runs, tmp_path):
+    root, _ = shared_copy(runs, tmp_path)
+    mine = "<!DOCTYPE html><html><body>my own page</body></html>\n"
+    (root / "index.html").write_text(mine)
+    told: list[str] = []
+    written = artifacts.build_index(root, tell=told.append)
+    assert (root / "index.html").read_text() == mine
+    assert written == root / artifacts.OWN_INDEX and "synthetic" in written.read_text()
+    assert told and "kept" in told[0] and str(written) in told[0]
+    (root / "index.html").unlink()  # prunelab's own index is rewritten in place, as always
+    assert artifacts.build_index(root) == root / "index.html"
+    assert artifacts.build_index(root) == root / "index.html", "prunelab's index is recognised as its own"

@@ -1,4 +1,4 @@
-"""Statistics against hand-computed, published and scipy values (Wilson CI, exact McNemar, sign-flip, summary)."""
+"""Statistics against hand-computed, published and scipy values (Wilson CI, exact McNemar, sign test, summary)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,23 @@ from scipy import stats as sps
 
 from prunelab.errors import PrunelabError
 from prunelab.report.stats import (
-    SIGN_FLIP_EXACT,
+    SIGN_TEST,
     UNDERPOWERED,
+    accuracy_mdd,
     format_p,
     harm_order,
     holm_adjust,
     mcnemar_exact,
+    median_interval,
     newcombe_paired_interval,
     paired_comparison,
     pairs_needed,
     perplexity,
-    sign_flip_min_p,
-    sign_flip_test,
+    sign_counts,
+    sign_test,
+    sign_test_min_p,
     summarize,
-    t_interval,
+    tolerance_tests,
     wilson_interval,
 )
 
@@ -112,40 +115,62 @@ def test_perplexity_is_token_weighted():
     assert perplexity([2.0, 40.0], [2, 20]) == pytest.approx(math.exp(42 / 22))
 
 
-@pytest.mark.parametrize("n", [2, 5, 8, 12])
-def test_exact_sign_flip_matches_scipy_permutation_test(n):
+@pytest.mark.parametrize("n", [2, 5, 8, 12, 24])
+def test_sign_test_matches_scipy_binomial_test(n):
     d = np.random.default_rng(n).normal(0.3, 1.0, size=n)
-    p, exact = sign_flip_test(d)
-    reference = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf).pvalue
-    assert exact and p == pytest.approx(reference, rel=1e-12)
+    d[0] = 0.0  # a tie carries no sign and is dropped
+    positive, negative = sign_counts(d)
+    assert positive + negative == n - 1
+    assert sign_test(positive, negative) == pytest.approx(sps.binomtest(int(positive), n - 1).pvalue, rel=1e-12)
 
 
-def test_exact_sign_flip_hand_values():
-    # every window worse: only the observed pattern (and its mirror) is as extreme, p = 2 / 2^8
-    assert sign_flip_test(np.full(8, 0.1)) == (pytest.approx(2 / 256), True)
-    assert sign_flip_min_p(8) == 2 / 256 and sign_flip_min_p(20) == 2 / 2**20
-    # 7 of 8 the same size up, one down: 1 + 8 patterns with sum >= 6 of 256, doubled
-    assert sign_flip_test(np.array([1.0] * 7 + [-1.0]))[0] == pytest.approx(2 * 9 / 256)
-    assert sign_flip_test(np.zeros(8))[0] == 1.0  # no difference at all
-    assert sign_flip_test(np.array([3.0]))[0] == 1.0  # one window can never be significant
+def test_sign_test_hand_values():
+    assert sign_test(8, 0) == pytest.approx(2 / 256) and sign_test_min_p(8) == 2 / 256
+    assert sign_test(7, 1) == pytest.approx(2 * 9 / 256)  # 2 x (1 + 8) / 2^8
+    assert sign_test(*sign_counts(np.zeros(8))) == 1.0  # no difference at all
+    assert sign_test(1, 0) == 1.0 and sign_test_min_p(12) == 2 / 4096
 
 
-def test_monte_carlo_sign_flip_above_twenty_pairs():
-    d = np.random.default_rng(3).normal(0.4, 1.0, size=30)
-    p, exact = sign_flip_test(d, resamples=9999)
-    assert not exact
-    assert (p * 10000 / 2) == pytest.approx(round(p * 10000 / 2))  # p = 2 (k+1) / (B+1)
-    reference = sps.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=9999, rng=1).pvalue
-    assert p == pytest.approx(reference, abs=0.006)  # two Monte-Carlo estimates of the same p
-    assert sign_flip_test(np.ones(30), resamples=999)[0] == pytest.approx(2 / 1000)  # never below (k+1)/(B+1)
-    assert sign_flip_min_p(30, 999) == pytest.approx(2 / 1000)
+def test_median_interval_hand_values():
+    """n = 8: [x(1), x(8)] covers 1 - 2/256, [x(2), x(7)] 1 - 2 x 9/256; Hettmansperger-Sheather
+    interpolate with I = (g1 - 0.95) / (g1 - g2), lambda = (n - k) I / (k + (n - 2k) I), k = 1."""
+    g1, g2 = 1 - 2 / 256, 1 - 2 * 9 / 256
+    share = (g1 - 0.95) / (g1 - g2)
+    lam = 7 * share / (1 + 6 * share)
+    x = np.array([8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0])  # 1..8, unsorted
+    assert median_interval(x) == pytest.approx((1 + lam, 8 - lam), rel=1e-12)
+    # n = 12: [x(3), x(10)] covers 1 - 2 x 79/4096 = 0.961 >= 0.95 and [x(4), x(9)] 1 - 2 x 299/4096 < 0.95
+    g3, g4 = 1 - 2 * 79 / 4096, 1 - 2 * 299 / 4096
+    share = (g3 - 0.95) / (g3 - g4)
+    lam = 9 * share / (3 + 6 * share)
+    assert median_interval(np.arange(1.0, 13.0)) == pytest.approx((3 + lam, 10 - lam), rel=1e-12)
+    low, high = median_interval(np.vstack([np.arange(1.0, 13.0), 2 * np.arange(1.0, 13.0)]))  # batches
+    assert (low[1], high[1]) == pytest.approx((2 * (3 + lam), 2 * (10 - lam)))
+    assert median_interval([1.0]) == (None, None) and median_interval([3.0, 1.0, 2.0]) == (1.0, 3.0)
 
 
-def test_t_interval_matches_scipy():
-    x = np.array([2.1, 2.4, 1.9, 2.6, 2.2, 2.0, 2.3, 2.8])
-    reference = sps.ttest_1samp(x, 0).confidence_interval(0.95)
-    assert t_interval(x) == pytest.approx((reference.low, reference.high), rel=1e-12)
-    assert t_interval([1.0]) == (None, None) and t_interval([2.0, 2.0]) == (2.0, 2.0)
+def test_tolerance_tests_hand_values():
+    harm = np.array([0.001] * 10 + [0.02, 0.5])  # 10 of 12 windows within 0.01
+    p_within, p_beyond = tolerance_tests(harm, 0.01)
+    assert p_within == pytest.approx(2 * sps.binom.sf(9, 12, 0.5))  # 2 x P(B >= 10) = 2 x 79/4096
+    assert p_beyond == 1.0
+    assert tolerance_tests(np.full(12, 0.5), 0.01) == (1.0, pytest.approx(2 / 4096))
+    assert tolerance_tests(np.full(4, 0.01), 0.01) == (1.0, 1.0)  # all on the tolerance: no evidence
+
+
+def test_accuracy_mdd_against_brute_force_enumeration():
+    """Power at pi: the binomial mass of the lost counts with McNemar p <= alpha / m; scipy throughout."""
+    n, discordant, family = 171, 40, 34
+    got = accuracy_mdd(n, discordant, family)
+    pi = (1 - got * n / discordant) / 2
+
+    def power(q):
+        return sum(sps.binom.pmf(b, discordant, q) for b in range(discordant + 1)
+                   if b > discordant / 2 and sps.binomtest(b, discordant).pvalue <= 0.05 / family)
+    assert power(pi) == pytest.approx(0.8, abs=1e-6)
+    assert power(pi - 0.01) < 0.8
+    assert accuracy_mdd(171, 0, 34) is None  # no disagreement: nothing is detectable
+    assert accuracy_mdd(8, 1, 11) is None  # one disagreement can never pass
 
 
 def test_newcombe_paired_interval():
@@ -226,7 +251,7 @@ def test_summary_of_a_hand_made_table():
     assert pruned_ppl["rel_ci_low"] - 1e-12 <= pruned_ppl["rel_change"] <= pruned_ppl["rel_ci_high"] + 1e-12
     # worse on every window, but 3 windows have only 8 sign patterns: p = 2/8 at best
     assert pruned_ppl["p_value"] == pytest.approx(0.25) and pruned_ppl["min_p"] == pytest.approx(0.25)
-    assert pruned_ppl["test"] == SIGN_FLIP_EXACT
+    assert pruned_ppl["test"] == SIGN_TEST
     assert pruned_ppl["underpowered"] is True and pruned_ppl["verdict"] == UNDERPOWERED
     assert pruned_ppl["significant_drop"] is False
     assert pruned["verdict"] == "worse" and pruned["underpowered"] is False
@@ -304,18 +329,20 @@ def test_gsm8k_with_eight_problems_and_dense_one_right_is_underpowered():
 
 
 def test_accuracy_minimum_detectable_drop():
+    """From the observed disagreements: 10 discordant items per variant, 3 variants."""
     dense = {f"q{i}": i < 40 for i in range(57)}
     rows = item_rows("dense", "dense", {}, "mmlu", "acc", dense)
     for v in range(3):
-        rows += item_rows(f"v{v}", "magnitude", {"sparsity": v}, "mmlu", "acc", dense)
+        flipped = {f"q{i}": (not right) if 30 <= i < 40 or 40 <= i < 40 + v else right
+                   for i, right in enumerate(dense.values())}  # 10 lost, v gained
+        rows += item_rows(f"v{v}", "magnitude", {"sparsity": v}, "mmlu", "acc", flipped)
     summary = summarize(frame(rows)).filter(pl.col("strategy") != "dense")
-    # 3 comparisons: 3 x 2/2^b <= 0.05 needs b >= 7 lost items (3 x 2/128 = 0.047)
-    assert summary["mdd"].to_list() == pytest.approx([-7 / 57] * 3)
-    assert set(summary["verdict"]) == {"no detectable change"}
+    assert summary["mdd"].to_list() == pytest.approx([accuracy_mdd(57, 10 + v, 3) for v in range(3)])
+    assert summary["mdd"][0] < 0 and summary["lost"].to_list() == [10] * 3
 
 
 def test_a_declared_mean_metric_is_compared_generically():
-    """A third-party evaluator's float per item (lower is better here): sign-flip test and t intervals."""
+    """A third-party evaluator's float per item (lower is better here): sign test and median intervals."""
     def rows(variant, strategy, values):
         return [dict(variant=variant, strategy=strategy, params="{}", task="fake", metric="kl_mean",
                      item_id=f"i{i}", correct=None, value=v, nll_sum=None, tokens=None) for i, v in enumerate(values)]
@@ -326,13 +353,37 @@ def test_a_declared_mean_metric_is_compared_generically():
                         metrics={("fake", "kl_mean"): {"kind": "mean", "higher_is_better": False, "label": "KL"}})
     dense_row, a, b = summary.iter_rows(named=True)
     assert (a["kind"], a["label"], a["higher_is_better"]) == ("mean", "KL", False)
-    assert a["value"] == pytest.approx(np.mean(worse)) and a["diff_vs_dense"] == pytest.approx(np.mean(worse))
-    reference = sps.ttest_1samp(worse, 0).confidence_interval(0.95)
-    assert (a["diff_ci_low"], a["diff_ci_high"]) == pytest.approx((reference.low, reference.high))
+    assert a["value"] == pytest.approx(np.mean(worse)) and a["diff_vs_dense"] == pytest.approx(np.median(worse))
+    assert (a["diff_ci_low"], a["diff_ci_high"]) == pytest.approx(median_interval(worse))
     assert a["p_value"] == pytest.approx(2 / 1024) and a["p_holm"] == pytest.approx(4 / 1024)
     assert a["verdict"] == "worse" and a["significant_drop"] is True
+    assert b["p_value"] == 1.0  # 4 up, 4 down, 2 ties
     assert b["verdict"] == "no detectable change" and a["rel_change"] is None  # dense is 0: no relative change
     assert harm_order(summary)["variant"].to_list() == ["dense", "a", "b"]
     # without the declaration the kind follows the filled column; the direction defaults to higher = better
     guessed = summarize(frame(rows("dense", "dense", dense) + rows("a", "x", worse)))
     assert guessed["kind"].to_list() == ["mean", "mean"] and guessed["verdict"][1] == "better"
+
+
+def test_a_metric_with_a_tolerance_is_within_beyond_or_undecided():
+    """Dense's own KL is 0, so every variant differs from it; against the tolerance the answer means something."""
+    def rows(variant, strategy, values):
+        return [dict(variant=variant, strategy=strategy, params="{}", task="wikitext", metric="kl_mean",
+                     item_id=f"w{i}", correct=None, value=v, nll_sum=None, tokens=None) for i, v in enumerate(values)]
+    n = 12
+    tiny = [1e-9] * n  # not bit-identical to dense, but far inside the tolerance
+    large = [0.2 + 0.01 * i for i in range(n)]
+    mixed = [0.005] * 6 + [0.02] * 6
+    spec = {("wikitext", "kl_mean"): {"kind": "mean", "higher_is_better": False, "tolerance": 0.01}}
+    summary = summarize(frame(rows("dense", "dense", [0.0] * n) + rows("tiny", "x", tiny) + rows("large", "x", large)
+                              + rows("mixed", "x", mixed)), metrics=spec)
+    verdicts = dict(zip(summary["variant"], summary["verdict"], strict=True))
+    assert verdicts == {"dense": "dense baseline", "tiny": "within tolerance", "large": "beyond tolerance",
+                        "mixed": "undecided"}
+    tiny_row = summary.row(1, named=True)
+    assert tiny_row["p_within"] == pytest.approx(2 / 4096) and tiny_row["p_holm_within"] == pytest.approx(3 * 2 / 4096)
+    assert tiny_row["significant_drop"] is False and tiny_row["tolerance"] == 0.01
+    assert summary.row(2, named=True)["significant_drop"] is True
+    from prunelab.report.findings import headline
+    (line,) = headline(summary)
+    assert "1 of 3 variants beyond it, 1 within it, 1 undecided" in line["text"]

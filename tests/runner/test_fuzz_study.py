@@ -14,8 +14,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from prunelab.errors import PrunelabError
 from prunelab.registry import default_registry
-from prunelab.runner import run as run_module
+from prunelab.runner import session as session_module
 from prunelab.runner.studyfile import BENCH_DEFAULTS, EVALUATION_KEYS, load_study
 
 from ..conftest import ROOT
@@ -76,7 +77,7 @@ def read_study(path: Path):
 
 @pytest.fixture(autouse=True)
 def no_model(monkeypatch):
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 @given(documents, st.sampled_from(["yaml", "toml"]), st.booleans())
@@ -101,3 +102,72 @@ def test_fuzz_shipped_study_bytes(data, form):
         path = folder / f"fuzz.{form}"
         path.write_bytes(data)
         honours_contract(lambda: read_study(path), path)
+
+
+# ---------------------------------------------------------------------- bounds (issue 27 part 3)
+def alias_bomb(depth: int, width: int) -> str:
+    """``a0`` is a list; each next anchor lists the previous one ``width`` times: width**depth leaves."""
+    lines = ['model: "Qwen/Qwen3-0.6B"', "x0: &a0 [1, 2]"]
+    for level in range(1, depth + 1):
+        lines.append(f"x{level}: &a{level} [{', '.join([f'*a{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def expanded_nodes(depth: int, width: int) -> int:
+    """Nodes of ``alias_bomb`` once expanded, by hand: the mapping, its keys and values, every list."""
+    sizes = [3]  # [1, 2]: the list and its two items
+    for _ in range(depth):
+        sizes.append(1 + width * sizes[-1])
+    return 1 + 2 + sum(1 + size for size in sizes)  # the mapping, "model" key and value, each x key and value
+
+
+@given(st.integers(1, 12), st.integers(1, 12))
+def test_fuzz_yaml_alias_expansion_is_bounded(depth, width):
+    """Refused (one line, naming the file and the limit) exactly when the expanded document passes the limit."""
+    from prunelab.runner.studyfile import MAX_YAML_NODES
+
+    with scratch() as folder:
+        path = folder / "bomb.yaml"
+        path.write_text(alias_bomb(depth, width))
+        if expanded_nodes(depth, width) > MAX_YAML_NODES:
+            with pytest.raises(PrunelabError, match=rf"^{path}: invalid YAML: more than {MAX_YAML_NODES:,} nodes"):
+                load_study(path)
+        else:
+            honours_contract(lambda: load_study(path), path)
+
+
+def test_a_recursive_yaml_alias_is_one_line(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text('model: "Qwen/Qwen3-0.6B"\nstrategies: &s [*s]\n')
+    with pytest.raises(PrunelabError, match="recursive alias"):
+        load_study(path)
+
+
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=3))
+def test_fuzz_grid_size_is_bounded_before_expansion(lengths):
+    """The product of a block's list lengths, summed over blocks, against MAX_VARIANTS -- checked before
+    a single grid point is made (``grid_points`` is never called past the limit)."""
+    from prunelab.runner import studyfile
+
+    block = {"name": "magnitude", **{key: list(range(1, n + 1)) for key, n in zip(["sparsity", "x", "y"][:len(lengths)], lengths, strict=True)}}
+    size = 1
+    for n in lengths:
+        size *= n
+    with scratch() as folder:
+        path = folder / "grid.toml"
+        rows = "\n".join(f"{k} = {json.dumps(v)}" for k, v in block.items())
+        path.write_text(f'model = "Qwen/Qwen3-0.6B"\n[[strategies]]\n{rows}\n')
+        if size > studyfile.MAX_VARIANTS:
+            with pytest.raises(PrunelabError, match=rf"expand to {size:,} variants, more than"):
+                load_study(path)
+        else:
+            honours_contract(lambda: load_study(path), path)
+
+
+def test_a_study_file_beyond_the_size_limit_is_refused_unread(tmp_path):
+    from prunelab.runner.studyfile import MAX_STUDY_BYTES
+
+    path = tmp_path / "big.toml"
+    path.write_text('model = "Qwen/Qwen3-0.6B"\n' + "#" * MAX_STUDY_BYTES)
+    with pytest.raises(PrunelabError, match="more than prunelab's limit"):
+        load_study(path)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from prunelab.errors import FileProblem
 from prunelab.plugin import MetricSpec, TaskResult
-from prunelab.runner.chunks import item_rows
+from prunelab.runner.chunks import Chunk, item_rows
 from prunelab.runner.run import prune_reports, timings
 from prunelab.runner.variants import Variant
 from prunelab.runner.workfolder import WorkFolder, checksum_path
@@ -46,7 +46,7 @@ with scratch() as _folder:
 def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum, checksum):
     with scratch() as root:
         work = WorkFolder(root)
-        path = work.chunk(VARIANT, "mmlu", 0)
+        path = work.chunk(Chunk(VARIANT, "mmlu", 0, 0, 2))
         work.write_chunk(path, FRAME)
         path.write_bytes(data)
         if checksum is not None and with_checksum:  # a damaged checksum file: the chunk is not trusted
@@ -68,7 +68,7 @@ def test_fuzz_chunk_is_trusted_only_when_whole(data, with_checksum, checksum):
 def test_a_flipped_byte_is_caught_by_the_checksum():
     with scratch() as root:
         work = WorkFolder(root)
-        path = work.chunk(VARIANT, "mmlu", 0)
+        path = work.chunk(Chunk(VARIANT, "mmlu", 0, 0, 2))
         work.write_chunk(path, FRAME)
         assert work.chunk_problem(path) is None and work.read_chunk(path).equals(FRAME)
         data = bytearray(path.read_bytes())
@@ -97,7 +97,7 @@ def test_fuzz_plan(data):
         if plan is not None:
             assert all(isinstance(v, Variant) and isinstance(v.params, dict) for v in plan.variants)
             assert all(isinstance(a, int) and isinstance(b, int) for ranges in plan.chunks.values() for a, b in ranges)
-            list(plan.pairs())
+            assert all(chunk.size == chunk.stop - chunk.start for chunk in plan.every_chunk())
 
 
 EVENTS = [{"event": "chunk", "variant": "dense", "task": "mmlu", "chunk": 0, "items": 2, "seconds": 0.5, "session": "a"},
@@ -114,3 +114,39 @@ def test_fuzz_event_log(lines):
         assert all(isinstance(e, dict) for e in events)
         timings(events, 0.0)
         prune_reports(events)
+
+
+# ---------------------------------------------------------------------- planted links (issue 27 part 2)
+WORK_ENTRIES = ["config.json", "plan.json", "lock", "log.jsonl", "reference", "reference/wikitext-0000.safetensors",
+                "v-1234abcd", "v-1234abcd/mmlu-0000.parquet", "v-1234abcd/mmlu-0000.parquet.sha256",
+                "v-1234abcd/bench.json"]
+
+
+@given(st.sets(st.sampled_from(WORK_ENTRIES), min_size=1, max_size=4), st.booleans())
+def test_fuzz_links_in_a_work_folder_are_refused_before_anything_is_written(linked, to_a_folder):
+    """Whichever entries of a work folder are links (to a file or a folder outside): every use of the
+    folder (``config_hash``, ``claim``) refuses with one line naming a link, and nothing outside changes."""
+    with scratch() as base:
+        root = base / "out" / "study" / ".work"
+        (root / "v-1234abcd").mkdir(parents=True)
+        (root / "reference").mkdir()
+        outside = base / "outside"
+        outside.mkdir()
+        (outside / "victim").write_text("precious")
+        for name in sorted(linked, key=len, reverse=True):  # deepest first: a linked folder hides its entries
+            path = root / name
+            if path.is_dir() and not path.is_symlink():
+                for child in sorted(path.iterdir()):
+                    child.unlink()
+                path.rmdir()
+            elif path.exists():
+                path.unlink()
+            if path.parent.is_dir() and not path.parent.is_symlink():
+                path.symlink_to(outside if to_a_folder else outside / "victim")
+        links = [str(root / name) for name in linked if (root / name).is_symlink()]
+        work = WorkFolder(root)
+        for use in (work.config_hash, lambda: work.claim({"study": "study"}, "d" * 64)):
+            with pytest.raises(FileProblem, match="is a symbolic link") as error:
+                use()
+            assert str(error.value.path) in links
+        assert sorted(p.name for p in outside.iterdir()) == ["victim"] and (outside / "victim").read_text() == "precious"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
+from pathlib import Path
 
 import polars as pl
 
@@ -99,3 +100,82 @@ def test_a_damaged_work_marker_is_one_line_and_keeps_the_chunks(tiny_qwen3, smal
     status, err = cli(capsys, "study", "run", str(study), "--out", str(tmp_path / "out"))
     assert status == 2 and len(err.strip().splitlines()) == 1 and str(work / "config.json") in err, err
     assert (work / "keep.parquet").read_bytes() == b"finished work"
+
+
+# ---------------------------------------------------------------------- nothing left behind (issue 27 part 4)
+KILLED_IN_STAGING = """
+import os, signal, sys
+from pathlib import Path
+from prunelab.readers import staging_folder
+
+with staging_folder(Path(sys.argv[1])) as staging:
+    (staging / "model.safetensors").write_bytes(bytes(1 << 20))
+    print(staging, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # kill -9 half-way: no finally runs
+"""
+
+
+def killed_staging(target) -> Path:
+    """The staging folder a process killed -9 while assembling ``target`` leaves behind."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", KILLED_IN_STAGING, str(target)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == -9, result.stderr
+    staging = Path(result.stdout.strip())
+    assert staging.is_dir() and staging.parent == target.parent
+    return staging
+
+
+def test_a_prune_killed_while_saving_is_cleaned_by_the_next_and_a_live_ones_is_kept(tiny_qwen3, tmp_path, capsys):  # noqa: F811
+    from prunelab.readers import staging_folder
+
+    out = tmp_path / "models" / "dropped"
+    left = killed_staging(out)
+    with staging_folder(tmp_path / "models" / "busy") as busy:  # this process is alive: its folder stays
+        status, err = cli(capsys, "prune", "--model", str(tiny_qwen3), "--method", "drop-layers", "--layers", "1",
+                          "--out", str(out))
+        assert status == 0, err
+        assert not left.exists(), "the killed prune's staging folder is still there"
+        assert busy.is_dir(), "a running process's staging folder was removed"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["dropped"]
+
+
+def test_an_interrupted_prune_removes_its_staging_folder_at_exit(tiny_qwen3, tmp_path, capsys, monkeypatch):  # noqa: F811
+    from prunelab.model import export
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "build_recipe", interrupted)  # after the weights are written
+    status, _ = cli(capsys, "prune", "--model", str(tiny_qwen3), "--method", "drop-layers", "--layers", "1",
+                    "--out", str(tmp_path / "models" / "dropped"))
+    assert status == 130
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_failed_run_write_leaves_no_partial_folder_and_a_killed_ones_is_swept(tmp_path, monkeypatch):
+    import pytest
+
+    from prunelab.report import artifacts
+
+    from ..report.test_artifacts import MANIFEST, NOW, synthetic_items
+
+    root = tmp_path / "artifacts"
+    from prunelab.records import json_digest
+
+    version = artifacts.version_id(json_digest(MANIFEST["config"]), "abc1234", NOW)
+    left = killed_staging(root / "synthetic" / version)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(artifacts, "render_run", disk_full)
+        with pytest.raises(OSError):
+            artifacts.write_run(root, "synthetic", synthetic_items(), MANIFEST, now=NOW, commit="abc1234")
+    assert list((root / "synthetic").iterdir()) == [], "a .partial run folder was left"
+    assert not left.exists()
+    run = artifacts.write_run(root, "synthetic", synthetic_items(), MANIFEST, now=NOW, commit="abc1234")
+    assert [p.name for p in (root / "synthetic").iterdir()] == [run.name]

@@ -6,6 +6,7 @@ resumed after its driver was killed -- must give every item the local run's resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,9 +21,12 @@ import polars as pl
 import pytest
 
 from prunelab.errors import PrunelabError
-from prunelab.runner.executors import ExecutorSettings, make_executor
-from prunelab.runner.run import Reporter, prepare_study_tasks, run_study, study_config
-from prunelab.runner.studyfile import WORK, load_study
+from prunelab.runner.chunks import Chunk
+from prunelab.runner.executors import make_executor
+from prunelab.runner.identity import identify
+from prunelab.runner.run import run_study
+from prunelab.runner.session import Reporter, prepare_study_tasks
+from prunelab.runner.studyfile import WORK, ExecutorSettings, load_study
 
 from ..conftest import chunk_files, sorted_items, study_text
 
@@ -93,11 +97,21 @@ def test_ray_run_equals_local_run_item_for_item(local_ray, tiny_study, local_run
     assert sum(s["chunks"] for s in timings["sessions"]) == 4 * 8  # 4 variants x 8 chunks, each once
 
 
-def test_killed_worker_loses_only_its_chunk_and_the_study_equals_local(local_ray, tiny_study, local_run, tmp_path):
-    """SIGKILL a worker process while it evaluates: its unit is evaluated again, nothing else changes."""
-    log = tmp_path / "tiny" / WORK / "log.jsonl"
-    killed: list[int] = []
+class Messages(Reporter):
+    """A reporter that keeps the runner's messages."""
 
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+@contextlib.contextmanager
+def killing_a_worker(log: Path, after_chunks: int = 3):
+    """SIGKILL the first worker process once ``after_chunks`` chunks are in the work folder's log;
+    yields the list of killed pids (filled when the block ends)."""
+    killed: list[int] = []
     finished = threading.Event()
 
     def kill_a_worker_mid_run() -> None:  # no deadline: on a loaded machine 3 chunks can take minutes
@@ -105,28 +119,27 @@ def test_killed_worker_loses_only_its_chunk_and_the_study_equals_local(local_ray
             text = log.read_text() if log.is_file() else ""
             events = [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines()]  # whole lines only
             chunks = [e for e in events if e.get("event") == "chunk"]
-            if len(chunks) >= 3:  # some work is done; the workers are in the middle of more
+            if len(chunks) >= after_chunks:  # some work is done; the workers are in the middle of more
                 victim = next(e for e in events if e.get("event") == "worker")["pid"]
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
                 return
             time.sleep(0.01)
 
-    class Messages(Reporter):
-        def __init__(self) -> None:
-            self.lines: list[str] = []
-
-        def message(self, text: str) -> None:
-            self.lines.append(text)
-
-    messages = Messages()
     killer = threading.Thread(target=kill_a_worker_mid_run)
     killer.start()
     try:
-        run = run_study(load_study(tiny_study), tmp_path, executor=ray_executor(workers=2), reporter=messages)
+        yield killed
     finally:
         finished.set()
         killer.join()
+
+
+def test_killed_worker_loses_only_its_chunk_and_the_study_equals_local(local_ray, tiny_study, local_run, tmp_path):
+    """SIGKILL a worker process while it evaluates: its unit is evaluated again, nothing else changes."""
+    messages = Messages()
+    with killing_a_worker(tmp_path / "tiny" / WORK / "log.jsonl") as killed:
+        run = run_study(load_study(tiny_study), tmp_path, executor=ray_executor(workers=2), reporter=messages)
     assert killed, "no worker was killed"
     lost = [line for line in messages.lines if line.startswith("a Ray worker was lost during")]
     assert len(lost) == 1, messages.lines  # one unit in flight on the killed worker, evaluated again
@@ -204,8 +217,8 @@ def test_the_study_file_chooses_the_executor_and_the_command_line_overrides_it(t
     assert (settings.kind, settings.address, settings.wait_s) == ("ray", "auto", 5.0)
     assert settings.replace("command line", kind="local", workers=3).kind == "local"
     plain = load_study(tiny_study)
-    assert study_config(plain, prepare_study_tasks(plain)) == study_config(
-        load_study(study), prepare_study_tasks(plain)), "the executor is not in the config hash"
+    assert identify(plain, prepare_study_tasks(plain)).digest == identify(
+        load_study(study), prepare_study_tasks(plain)).digest, "the executor is not in the config hash"
 
 
 def test_a_workers_error_is_reported_by_its_message(local_ray):
@@ -235,7 +248,7 @@ def test_only_chunks_compared_with_dense_wait_and_only_for_denses_same_chunk():
     tasks = {"wikitext": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=True)),
              "mmlu": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=False))}
     session = SimpleNamespace(tasks=tasks, sweepable=lambda variant, task: variant is not magnitude)
-    pending = [(v, task, index, (index, index + 1)) for v in (DENSE_VARIANT, drop, magnitude)
+    pending = [Chunk(v, task, index, index, index + 1) for v in (DENSE_VARIANT, drop, magnitude)
                for task in tasks for index in (0, 1) if not (v is DENSE_VARIANT and (task, index) == ("wikitext", 1))]
     waits = {u.describe(): set(u.waits_for) for u in units(session, pending, sweep=False)}
     assert waits["magnitude-50 wikitext chunk 0"] == {("wikitext", 0)}
@@ -262,7 +275,7 @@ def test_a_free_worker_shares_a_held_variant_only_when_pruning_it_costs_less_tha
     pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
     pool.holds = {"busy": wanda.name, "free": "dense"}
     pool.prune_s, pool.unit_s, pool.task_s = {}, {}, {}
-    chunk = (wanda, "gsm8k", 0, (0, 2))
+    chunk = Chunk(wanda, "gsm8k", 0, 0, 2)
 
     def choice(chunks: int, *, may_wait: bool = True) -> int | None:
         queue = [Unit("chunk", (chunk,), wanda)] * chunks
@@ -287,7 +300,7 @@ def test_variants_slow_to_prepare_are_queued_and_taken_first():
     healed = Variant("magnitude-50+lora", "magnitude+lora", {"sparsity": 0.5}, recovery="lora")
     wanda = Variant("wanda-50", "wanda", {"sparsity": 0.5})
     session = SimpleNamespace(tasks={"gsm8k": SimpleNamespace(evaluator=SimpleNamespace(compares_with_dense=False))})
-    pending = [(v, "gsm8k", index, (index, index + 1)) for v in (DENSE_VARIANT, magnitude, healed, wanda)
+    pending = [Chunk(v, "gsm8k", index, index, index + 1) for v in (DENSE_VARIANT, magnitude, healed, wanda)
                for index in (0, 1)]
     queue = units(session, pending, sweep=False)
     assert [u.describe() for u in queue] == [f"{v.name} gsm8k chunk {i}" for v in (healed, wanda, DENSE_VARIANT, magnitude)
@@ -309,7 +322,7 @@ def test_a_worker_takes_its_variants_longest_chunk_first_as_measured_per_task():
 
     magnitude = Variant("magnitude-50", "magnitude", {"sparsity": 0.5})
     other = Variant("magnitude-60", "magnitude", {"sparsity": 0.6})
-    queue = [Unit("chunk", ((variant, task, 0, (0, 8)),), variant)
+    queue = [Unit("chunk", (Chunk(variant, task, 0, 0, 8),), variant)
              for variant, task in ((magnitude, "wikitext"), (other, "gsm8k"), (magnitude, "mmlu"), (magnitude, "gsm8k"))]
     pool = object.__new__(WorkerPool)  # the scheduling state only: no Ray actors
     pool.holds, pool.prune_s, pool.unit_s = {"w": magnitude.name}, {}, {}
@@ -319,9 +332,131 @@ def test_a_worker_takes_its_variants_longest_chunk_first_as_measured_per_task():
         ready = list(range(len(queue))) if ready is None else ready
         unit = queue[pool.choose(queue, ready, "w", may_wait=True)]
         assert unit.variant is magnitude  # the held variant still comes first, whatever its chunks cost
-        return unit.pairs[0][1]
+        return unit.chunks[0].task
 
     assert chosen({}) == "wikitext"  # nothing measured: queue order
     assert chosen({"wikitext": [3.0], "gsm8k": [12.0, 14.0], "mmlu": [9.0]}) == "gsm8k"
     assert chosen({"wikitext": [3.0], "gsm8k": [12.0, 14.0]}) == "mmlu"  # not measured yet: first
     assert chosen({"wikitext": [3.0], "gsm8k": [12.0], "mmlu": [9.0]}, ready=[0, 1, 2]) == "mmlu"  # ready ones only
+
+
+# ---------------------------------------------------------------------- lost workers (issue 27 part 5)
+class FakeRef:
+    """What ``worker.<method>.remote()`` returns in the fake pool: ``ray.get`` calls ``answer``."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+
+
+class FakeWorker:
+    """An actor whose process dies while running the units in ``kills`` (each up to ``times``) and which
+    Ray then restarts: it answers "temporarily unavailable" to the first ``unavailable`` probes."""
+
+    def __init__(self, kills: set[str], times: int = 10**6, unavailable: int = 2) -> None:
+        from types import SimpleNamespace
+
+        from prunelab.runner.ray_executor import Done
+
+        self.kills, self.times, self.unavailable, self.ran = kills, times, unavailable, []
+        self.probes_unanswered = 0
+
+        def run(unit):
+            def answer():
+                if unit.describe() in self.kills and self.times > 0:
+                    self.times -= 1
+                    self.probes_unanswered = self.unavailable
+                    raise ray.exceptions.ActorUnavailableError("the actor's process died", None)
+                self.ran.append(unit.describe())
+                return Done(unit.items, 0.0, 0.0)
+            return FakeRef(answer)
+
+        def ready():
+            def answer():
+                if self.probes_unanswered:
+                    self.probes_unanswered -= 1
+                    raise ray.exceptions.ActorUnavailableError("restarting", None)
+                return 1234
+            return FakeRef(answer)
+
+        self.run, self.ready = SimpleNamespace(remote=run), SimpleNamespace(remote=ready)
+
+
+def fake_pool(monkeypatch, workers: list[FakeWorker]):
+    """A ``WorkerPool`` over fake actors, with ``ray.wait``/``ray.get`` answering in submission order."""
+    from types import SimpleNamespace
+
+    from prunelab.runner import ray_executor
+
+    monkeypatch.setattr(ray_executor, "REPROBE_S", 0.0)
+    monkeypatch.setattr(ray_executor, "ray", SimpleNamespace(
+        wait=lambda refs, num_returns, timeout: (refs[:1], refs[1:]), get=lambda ref: ref.answer()))
+    events: list[dict] = []
+    pool = object.__new__(ray_executor.WorkerPool)
+    pool.settings = ExecutorSettings(kind="ray", wait_s=60.0)
+    pool.session = SimpleNamespace(work=SimpleNamespace(log=lambda **e: events.append(e), root=Path("/w")),
+                                   reporter=Reporter())
+    pool.workers, pool.free, pool.holds = list(workers), [], {}
+    pool.starting = {w.ready.remote(): w for w in workers}
+    pool.lost_at, pool.unit_losses, pool.prune_s, pool.unit_s, pool.task_s = {}, {}, {}, {}, {}
+    return pool, events
+
+
+def chunk_units(n: int) -> list:
+    from prunelab.runner.chunks import Chunk
+    from prunelab.runner.ray_executor import Unit
+    from prunelab.runner.variants import Variant
+
+    variant = Variant("magnitude-50", "magnitude", {"sparsity": 0.5})
+    return [Unit("chunk", (Chunk(variant, "mmlu", i, i, i + 1),), variant) for i in range(n)]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_worker_lost_while_ray_restarts_it_is_asked_again_and_every_unit_runs_once(count, monkeypatch):
+    """The in-flight unit is evaluated again; the restarting worker answers "unavailable" twice, then
+    comes back and is used again (it is not dropped from the pool)."""
+    queue = chunk_units(5)
+    workers = [FakeWorker({queue[1].describe()}, times=1)] + [FakeWorker(set()) for _ in range(count - 1)]
+    pool, events = fake_pool(monkeypatch, workers)
+    pool.drain(queue)
+    ran = [name for w in workers for name in w.ran]
+    assert sorted(ran) == sorted(u.describe() for u in queue), "every unit evaluated exactly once"
+    assert pool.workers == workers, "the restarted worker was dropped from the pool"
+    if count == 1:  # alone, it evaluated everything after its loss
+        assert workers[0] in pool.free and workers[0].ran[-1] == queue[-1].describe()
+    assert [e["unit"] for e in events if e["event"] == "lost"] == [queue[1].describe()]
+
+
+def test_a_unit_that_keeps_killing_its_workers_stops_the_run_in_one_line_naming_it(monkeypatch):
+    from prunelab.runner.ray_executor import UNIT_LOSS_LIMIT
+
+    queue = chunk_units(4)
+    poison = queue[2].describe()
+    workers = [FakeWorker({poison}), FakeWorker({poison})]
+    pool, events = fake_pool(monkeypatch, workers)
+    with pytest.raises(PrunelabError) as error:
+        pool.drain(queue)
+    message = str(error.value)
+    assert message.startswith(f"{poison}: its Ray worker process died {UNIT_LOSS_LIMIT} times") and "\n" not in message
+    assert [e["losses"] for e in events if e["event"] == "lost"] == list(range(1, UNIT_LOSS_LIMIT + 1))
+
+
+def test_a_worker_ray_reports_dead_for_good_leaves_the_pool(monkeypatch):
+    worker = FakeWorker(set())
+    pool, events = fake_pool(monkeypatch, [worker])
+    pool.starting = {FakeRef(lambda: (_ for _ in ()).throw(ray.exceptions.ActorDiedError())): worker}
+    with pytest.raises(PrunelabError, match="every Ray worker was lost, each after 3 restart"):
+        pool.first_ready()
+    assert pool.workers == [] and [e["event"] for e in events] == ["worker_gone"]
+
+
+def test_the_only_worker_killed_mid_run_is_restarted_and_the_study_equals_local(local_ray, tiny_study, local_run,
+                                                                                tmp_path):
+    """One worker on a local Ray instance, SIGKILLed after a few chunks: Ray restarts it, the driver
+    hands it the lost unit again, and the run finishes with the local run's items."""
+    messages = Messages()
+    with killing_a_worker(tmp_path / "tiny" / WORK / "log.jsonl") as killed:
+        run = run_study(load_study(tiny_study), tmp_path, executor=ray_executor(workers=1), reporter=messages)
+    assert killed, "the worker was not killed"
+    lost = [line for line in messages.lines if line.startswith("a Ray worker was lost during")]
+    assert len(lost) == 1, messages.lines
+    assert comparable(run).equals(comparable(local_run))

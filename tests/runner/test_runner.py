@@ -25,8 +25,8 @@ from prunelab.evaluate.run import prepare_tasks, run_task
 from prunelab.model.loading import load_model
 from prunelab.plugin import TaskResult
 from prunelab.registry import default_registry
-from prunelab.report import artifacts
-from prunelab.runner import run as run_module
+from prunelab.runner import identity
+from prunelab.runner import session as session_module
 from prunelab.runner.chunks import chunk_ranges, chunk_task, item_rows
 from prunelab.runner.run import run_study
 from prunelab.runner.studyfile import WORK, expand, load_study
@@ -143,7 +143,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     summary_before = pl.read_parquet(folder / "summary.parquet")
     (folder / "report.html").unlink()
     (folder / "summary.parquet").unlink()
-    monkeypatch.setattr(run_module, "load_model", None)  # no model may be loaded
+    monkeypatch.setattr(session_module, "load_model", None)  # no model may be loaded
     status, err = cli(capsys, "report", str(folder))
     assert status == 0, err
     assert pl.read_parquet(folder / "summary.parquet").equals(summary_before)
@@ -154,7 +154,7 @@ def test_study_killed_refused_resumed_equals_uninterrupted(tiny_qwen3, small_dat
     monkeypatch.undo()
 
     # 8. a finished run of other code is not reused silently
-    monkeypatch.setattr(artifacts, "code_version", lambda commit=None: {"prunelab": "0.0.1", "commit": "fffffff"})
+    monkeypatch.setattr(identity, "code_version", lambda commit=None: {"prunelab": "0.0.1", "commit": "fffffff"})
     status, err = cli(capsys, "study", "run", str(study), "--out", str(killed))
     assert status == 0 and "ran this configuration with other code" in err, err
     assert len([p for p in (killed / "tiny").iterdir() if not p.name.startswith(".")]) == 2
@@ -187,7 +187,7 @@ BAD_STUDIES = [
 
 @pytest.mark.parametrize(("case", "extra", "fragment"), BAD_STUDIES, ids=[c[0] for c in BAD_STUDIES])
 def test_bad_study_files_fail_in_one_line_before_any_model(tmp_path, monkeypatch, case, extra, fragment):
-    monkeypatch.setattr(run_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(session_module, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     path = write_study(tmp_path, f'model = "{tmp_path}/missing-model"\n\n{extra}')
     with pytest.raises(PrunelabError) as error:
         load_study(path)
@@ -231,6 +231,12 @@ def test_yaml_study_reads_like_the_same_toml_study(tmp_path):
     ('model = "x"\nname = "../up"\n', "not a plain folder name"),
     ('model = "x\n', "invalid TOML"),
     ('model = "${PRUNELAB_SURELY_UNSET_VARIABLE}/m.gguf"\n', "PRUNELAB_SURELY_UNSET_VARIABLE is not set"),
+    ('model = "x"\n[evaluation]\ntasks = ["wikitext"]\n[tolerance.wikitext]\nperplexity = 0.1\n',
+     "metric 'perplexity' takes no tolerance (those that do: kl_mean, top1_agree)"),
+    ('model = "x"\n[evaluation]\ntasks = ["wikitext"]\n[tolerance.mmlu]\nacc = 0.1\n', "task 'mmlu' is not in"),
+    ('model = "x"\n[evaluation]\ntasks = ["wikitext"]\n[tolerance.wikitext]\nkl_mean = -1\n',
+     "must be a non-negative number"),
+    ('model = "x"\n[tolerance]\nkl_mean = 0.1\n', "expected [tolerance.<task>] tables"),
 ])
 def test_bad_study_settings(tmp_path, text, fragment):
     if fragment == "cuda":
@@ -238,6 +244,18 @@ def test_bad_study_settings(tmp_path, text, fragment):
     with pytest.raises(PrunelabError) as error:
         load_study(write_study(tmp_path, text))
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_study_sets_its_own_tolerance_and_the_manifest_records_it(tmp_path):
+    from prunelab.registry import default_registry
+    from prunelab.runner.run import declared_metrics
+
+    study = load_study(write_study(tmp_path, 'model = "x"\n[evaluation]\ntasks = ["wikitext"]\n'
+                                             '[tolerance.wikitext]\nkl_mean = 0.002\n'))
+    assert study.tolerances == {("wikitext", "kl_mean"): 0.002}
+    task = type("Prepared", (), {"evaluator": default_registry().evaluator("wikitext")})()
+    declared = {m["name"]: m["tolerance"] for m in declared_metrics([task], study.tolerances)}
+    assert declared == {"perplexity": None, "kl_mean": 0.002, "top1_agree": 0.01}  # the rest as the evaluator declares
 
 
 def test_bad_study_through_the_cli_is_one_line(tmp_path):

@@ -28,15 +28,18 @@ from prunelab.model.width import (
     prune_width,
     stream_norms,
     top_indices,
+    width_options,
     width_sizes,
     width_targets,
+    width_targets_from_options,
 )
 from prunelab.model.windows import consecutive_windows, text_width, window_bos, window_count, windows_at
 
 __all__ = [
     "AXES", "HEAD_MODES", "LayerParts", "WidthPlan", "WidthScores", "WidthSizes", "WidthTargets", "apply_width",
     "keep_columns", "keep_heads", "keep_hidden_channels", "keep_mlp_channels", "keep_rows", "layer_parts",
-    "plan_width", "prune_width", "stream_norms", "top_indices", "width_sizes", "width_targets",
+    "plan_width", "prune_width", "stream_norms", "top_indices", "width_options", "width_sizes", "width_targets",
+    "width_targets_from_options",
     "Adapter", "LoadedModel", "adapt", "as_adapter", "check_layer_spec", "consecutive_windows", "drop_layers",
     "load_model", "parse_layer_indices", "read_recipe", "save_pruned", "single_layer", "text_width", "window_bos", "window_count", "windows_at",
 ]

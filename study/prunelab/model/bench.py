@@ -36,6 +36,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter
+from prunelab.records import DENSE, PARAMS, STRATEGY, VARIANT
 
 DEFAULT_PROMPT_LENGTHS = (128, 512)
 DEFAULT_BATCHES = (1, 8)
@@ -298,7 +299,8 @@ def measure(adapter: Adapter, *, prompt_lengths: Sequence[int] = DEFAULT_PROMPT_
 def bench_model(model, *, device: str = "auto", dtype: str = "auto",
                 prompt_lengths: Sequence[int] = DEFAULT_PROMPT_LENGTHS, batches: Sequence[int] = DEFAULT_BATCHES,
                 new_tokens: int = DEFAULT_NEW_TOKENS, repeats: int = DEFAULT_REPEATS, warmup: int = 1,
-                semi_structured: bool = False, seed: int = 0) -> dict[str, Any]:
+                semi_structured: bool = False, seed: int = 0, trust_remote_code: bool = False,
+                allow_pickle: bool = False) -> dict[str, Any]:
     """Measure what a model costs on this machine; ``model`` is a path/Hub id or a ``LoadedModel``.
 
     Returns a JSON-able dict: model, device, dtype, threads, decoder layers, parameters, weight
@@ -309,7 +311,8 @@ def bench_model(model, *, device: str = "auto", dtype: str = "auto",
     if isinstance(model, (str, os.PathLike)):
         if semi_structured and choose_device(device).type != "cuda":
             raise PrunelabError(SEMI_STRUCTURED_NEEDS_CUDA)  # before a long model load
-        loaded = load_model(str(model), device=device, dtype=dtype)
+        loaded = load_model(str(model), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle)
     else:
         loaded = model
     adapter = loaded.adapter
@@ -345,7 +348,7 @@ def bench_rows(measured: Sequence[tuple[str, str, str, dict[str, Any]]]):
 
     rows = []
     for variant, strategy, params, result in measured:
-        row = {"variant": variant, "strategy": strategy, "params": params, "parameters": result["parameters"],
+        row = {VARIANT: variant, STRATEGY: strategy, PARAMS: params, "parameters": result["parameters"],
                "decoder_layers": result["decoder_layers"],
                "peak_memory_mib": result["peak_memory_bytes"] / 2**20 if result.get("peak_memory_bytes") else None}
         row |= {f"prefill_tokens_per_s_len{r['prompt_length']}": r["tokens_per_s"] for r in result["prefill"]}
@@ -354,7 +357,7 @@ def bench_rows(measured: Sequence[tuple[str, str, str, dict[str, Any]]]):
     frame = pl.DataFrame(rows, infer_schema_length=None)
     prefill = max((c for c in frame.columns if c.startswith("prefill_")), key=lambda c: int(c.rsplit("len", 1)[1]))
     decode = next(c for c in frame.columns if c.startswith("decode_"))
-    dense = frame.filter(pl.col("strategy") == "dense")
+    dense = frame.filter(pl.col(STRATEGY) == DENSE)
     for name, column in (("prefill_speedup", prefill), ("decode_speedup", decode)):
         base = dense[column][0] if len(dense) else None
         # Divided in Python, not as a Polars expression: Polars multiplies by 1/base, which leaves

@@ -17,12 +17,12 @@ import datetime as dt
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from prunelab.errors import PrunelabError
+from prunelab.readers import staging_folder, writing
 from prunelab.versions import PRUNING_PACKAGES, package_versions
 
 RECIPE_FILE = "prunelab.json"
@@ -73,9 +73,8 @@ def save_pruned(loaded, out_dir: str | os.PathLike, report: Mapping[str, Any], *
         raise PrunelabError(f"output {target} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise PrunelabError(f"output folder {target} is not empty (choose another --out, or overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-writing-"))
-    try:
+    # a folder left by an interrupted prune (``.<name>.<host>.<pid>-*.partial``) is removed here
+    with staging_folder(target) as staging, writing(target):
         loaded.model.save_pretrained(staging)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(staging)
@@ -86,12 +85,7 @@ def save_pruned(loaded, out_dir: str | os.PathLike, report: Mapping[str, Any], *
             extra_files(staging)
         recipe = build_recipe(loaded, report)
         (staging / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle  # only for its error type: prunelab never unpickles
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import cache
@@ -22,9 +21,11 @@ import torch
 
 from prunelab.errors import FileProblem, PrunelabError
 from prunelab.model.adapter import Adapter, adapt
-from prunelab.readers import check_model_folder, read_gguf_header, reading
+from prunelab.readers import check_model_folder, read_gguf_header, reading, staging_folder, writing
 
 DEFAULT_MODEL = "Qwen/Qwen3-0.6B"
+#: weight files that are pickles: loading them means unpickling, which can run code (``--allow-pickle``)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -107,8 +108,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("PRUNELAB_CACHE", Path.home() / ".cache" / "prunelab"))
 
 
-def gguf_to_folder(path: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors folder keyed by the file's hash; reuse it after."""
+def gguf_to_folder(path: Path, *, trust_remote_code: bool = False) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder keyed by the file's hash; reuse it after.
+
+    ``trust_remote_code`` is passed to transformers explicitly (a GGUF file carries no code, but the
+    folder beside it may hold a config.json with an ``auto_map``): no prompt can ever appear.
+    """
     target = cache_root() / "gguf" / file_sha256(path)[:32]
     if (target / "config.json").is_file():
         return target
@@ -116,25 +121,24 @@ def gguf_to_folder(path: Path) -> Path:
 
     read_gguf_header(path)  # random bytes or a truncated file: one line, before transformers' traceback
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-    try:
+    with staging_folder(target) as staging:  # and a conversion killed half-way is removed on the next
         # The header is whole; what transformers still rejects (an unsupported architecture, a tensor
         # type it cannot dequantize, missing metadata) is about this file's content.
         with warnings.catch_warnings(), reading(path, "cannot convert this GGUF file", extra=(KeyError, IndexError)):
             warnings.simplefilter("ignore")
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                         trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                      trust_remote_code=trust_remote_code)
         # The weights are plain dequantized tensors now; drop the GGUF marker so they save normally.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "source.txt").write_text(f"{path}\n")
-        os.replace(staging, target)  # atomic: a half-written cache is never used
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with writing(target):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            (staging / "source.txt").write_text(f"{path}\n")
+            os.replace(staging, target)  # atomic: a half-written cache is never used
     return target
 
 
@@ -144,23 +148,33 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load model and tokenizer, put them on the chosen device and dtype, and adapt the model."""
+    """Load model and tokenizer, put them on the chosen device and dtype, and adapt the model.
+
+    No code from the model's files runs unless asked: ``trust_remote_code`` is passed to every
+    transformers call (so transformers never asks on a terminal), and weights are read from
+    safetensors only unless ``allow_pickle`` (a pickle-only folder is refused before loading).
+    """
     from transformers import AutoModelForCausalLM
 
     kind, path = classify_source(spec)
     chosen_device = choose_device(device)
     chosen_dtype = choose_dtype(dtype, chosen_device)
-    local_dir = gguf_to_folder(path) if kind == "gguf" else path
+    local_dir = gguf_to_folder(path, trust_remote_code=trust_remote_code) if kind == "gguf" else path
     if local_dir is not None:
-        read_model_config(local_dir)  # every JSON file and safetensors header, before any weight
+        # every JSON file and safetensors header, before any weight
+        read_model_config(local_dir, trust_remote_code=trust_remote_code)
+        if not allow_pickle:
+            refuse_pickle_only(local_dir)
     where = str(local_dir) if local_dir is not None else spec
     tokenizer = load_tokenizer(where, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=chosen_dtype, trust_remote_code=trust_remote_code, use_safetensors=None
+            where, dtype=chosen_dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:  # --allow-pickle: torch's weights-only loader
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PrunelabError(f"could not load model '{spec}': {first}") from exc
     model.to(chosen_device).eval()
@@ -174,18 +188,38 @@ def config_errors() -> tuple[type[BaseException], ...]:
     return (TypeError, LookupError, AttributeError, StrictDataclassError)
 
 
-def read_model_config(folder: str | os.PathLike):
+def read_model_config(folder: str | os.PathLike, *, trust_remote_code: bool = False):
     """The ``PretrainedConfig`` of a local model folder, after checking its files (``check_model_folder``).
 
     transformers builds the config from whatever config.json holds; an unknown ``model_type`` or a
     field of the wrong type surfaces as one of a few exception types, reported here against the file.
+    A config whose class exists only as the folder's own code (``auto_map``, unknown ``model_type``)
+    is refused unless ``trust_remote_code``.
     """
     from transformers import AutoConfig
 
     folder = Path(folder)
-    check_model_folder(folder)
+    config = check_model_folder(folder)
+    if config.get("auto_map") and not trust_remote_code:
+        from transformers import CONFIG_MAPPING
+
+        if config["model_type"] not in CONFIG_MAPPING:
+            raise FileProblem(folder / "config.json", "this model is defined by its own Python code (auto_map) "
+                              "and model_type is not one transformers knows; prunelab runs a model's code only "
+                              "with --trust-remote-code (do that only for code you trust)")
     with reading(folder / "config.json", "invalid model config", extra=config_errors()):
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def refuse_pickle_only(folder: Path) -> None:
+    """A folder whose weights exist only as pickles (``pytorch_model.bin``) is refused: never unpickled."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickles:
+        raise FileProblem(folder / pickles[0], "pickle weights, no safetensors: prunelab never unpickles (loading a "
+                          "pickle can run code); convert the model to safetensors (e.g. save_pretrained with "
+                          "safe_serialization in a sandbox you trust), or pass --allow-pickle (unsafe)")
 
 
 def load_tokenizer(where: str, *, trust_remote_code: bool = False):

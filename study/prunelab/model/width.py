@@ -30,7 +30,6 @@ layer) is refused with one line before any work.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter, as_adapter
+from prunelab.options import Option
 
 AXES = ("mlp", "heads", "hidden")
 #: How ``heads`` removes heads under GQA: whole KV groups (their query heads go with them), or the
@@ -240,33 +240,88 @@ def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hid
     return targets
 
 
-def config_values(targets: WidthTargets) -> dict[str, int]:
-    """The config entries a width result writes (``head_dim`` explicit: hidden/heads no longer gives it)."""
-    return {"intermediate_size": targets.mlp, "num_attention_heads": targets.heads,
-            "num_key_value_heads": targets.kv_heads, "hidden_size": targets.hidden, "head_dim": targets.sizes.head_dim}
+def _config_problem(config, values: Mapping[str, int]) -> str | None:
+    """transformers' own validation of the config with these sizes: its message, or None when it passes.
 
-
-def _check_config(adapter: Adapter, targets: WidthTargets, values: Mapping[str, float]) -> None:
-    """Refuse sizes the model's own config class rejects, before any calibration.
-
-    transformers validates a config when it is saved or loaded (``validate``; e.g. ``LlamaConfig``
-    wants ``hidden_size % num_attention_heads == 0`` even with an explicit ``head_dim``), so such a
-    result could be pruned in memory but never written or read back as a normal checkpoint.
+    Llama's and Gemma3's configs, for one, refuse ``hidden_size % num_attention_heads != 0`` even
+    with an explicit ``head_dim``: a folder saved with such sizes would not load.
     """
-    trial = copy.deepcopy(adapter.text_config)
-    validate = getattr(trial, "validate", None)
-    if validate is None:
-        return
-    for key, value in config_values(targets).items():
-        setattr(trial, key, value)
+    for key, value in values.items():
+        setattr(config, key, value)
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
     try:
         validate()
-    except Exception as exc:  # noqa: BLE001 - whatever the config class raises, said in one line
-        cause = str(exc.__cause__ or exc).strip().splitlines()[-1].strip()
-        given = ", ".join(f"{k}={v:g}" for k, v in values.items() if v)
-        raise PrunelabError(f"width: options {given} on model {model_label(adapter)} give hidden_size {targets.hidden}, "
-                            f"{targets.heads} heads, {targets.kv_heads} KV heads, which {type(trial).__name__} refuses "
-                            f"({cause}): choose other fractions") from None
+    except Exception as exc:  # transformers/huggingface_hub raise their own validation error types
+        cause = exc.__cause__ or exc
+        return " ".join(str(cause).split()).rstrip(".") or type(cause).__name__
+    return None
+
+
+def _new_config_values(targets: WidthTargets, axes: Sequence[str]) -> dict[str, int]:
+    values = {"head_dim": targets.sizes.head_dim}
+    if "heads" in axes:
+        values |= {"num_attention_heads": targets.heads, "num_key_value_heads": targets.kv_heads}
+    if "mlp" in axes:
+        values["intermediate_size"] = targets.mlp
+    if "hidden" in axes:
+        values["hidden_size"] = targets.hidden
+    return values
+
+
+def _check_config(adapter: Adapter, targets: WidthTargets, fractions: Mapping[str, float]) -> None:
+    """Refuse sizes the architecture's config rejects (naming the option), before anything changes."""
+    import copy
+
+    done: list[str] = []
+    for axis in ("heads", "mlp", "hidden"):
+        done.append(axis)
+        config = copy.deepcopy(adapter.text_config)
+        problem = _config_problem(config, _new_config_values(targets, done))
+        if problem is None:
+            continue
+        hint = _valid_hidden_fractions(config, targets) if axis == "hidden" else ""
+        raise _fraction_error(axis, fractions[axis], adapter, f"{type(config).__name__} refuses the result: "
+                              f"{problem}{hint}")
+
+
+def _valid_hidden_fractions(config, targets: WidthTargets) -> str:
+    """The nearest ``hidden`` fractions whose size the config accepts (scanning kept counts around the target)."""
+    total, found = targets.sizes.hidden, []
+    for step in (-1, 1):
+        keep = targets.hidden + step
+        while 0 < keep < total and _config_problem(config, {"hidden_size": keep}) is not None:
+            keep += step
+        if 0 < keep < total:
+            found.append((total - keep) / total)
+    return f"; nearest fractions it accepts: {' or '.join(f'{f:.6g}' for f in sorted(found))}" if found else ""
+
+
+def check_fraction(value: float) -> str | None:
+    """Option check for an axis fraction (``Option(check=...)``), before any model is loaded."""
+    return None if 0 <= value < 1 else "a fraction to remove must be in [0, 1) (0.25 keeps 75 %)"
+
+
+def width_options() -> tuple[Option, ...]:
+    """The options every width strategy shares: one fraction per axis and the GQA mode."""
+    def fraction(axis: str, what: str) -> Option:
+        return Option(axis, float, 0.0, f"fraction of the {what} to remove, in [0, 1) (the same in every layer)",
+                      check=check_fraction)
+    return (
+        fraction("mlp", "MLP intermediate channels"),
+        fraction("heads", "attention (query) heads"),
+        fraction("hidden", "hidden (embedding / residual) channels"),
+        Option("heads_mode", str, "query",
+               "GQA: 'query' removes the same number of query heads from every KV group (KV heads stay), "
+               "'groups' removes whole KV groups with their query heads", choices=HEAD_MODES),
+    )
+
+
+def width_targets_from_options(model_or_adapter, options: Mapping[str, Any]) -> WidthTargets:
+    """``width_targets`` for the options of ``width_options()`` (also a strategy's ``check_model``)."""
+    return width_targets(model_or_adapter, **{axis: options.get(axis) or 0.0 for axis in AXES},
+                         heads_mode=options.get("heads_mode") or "query")
 
 
 def _check_count(adapter: Adapter, option: str, value: float, gone: int, total: int, what: str) -> None:

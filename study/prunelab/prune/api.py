@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from prunelab.model.adapter import Adapter, as_adapter
-from prunelab.prune.masks import MaskSet, validate_options
+from prunelab.prune.masks import MaskSet, check_achieved_sparsity, validate_options
 
 
 @dataclass
@@ -59,8 +59,10 @@ def prune(model_or_loaded, strategy_name: str, *, seed: int = 0, calibration: di
         calibration=calibration,
         source=getattr(model_or_loaded, "source", None),
     )
+    strategy.check_for_model(adapter, validated)  # before any calibration or change
     params_before = sum(p.numel() for p in adapter.model.parameters())
     result = strategy.prune(adapter.model, validated, context) or {}
+    check_achieved_sparsity(strategy, validated, context.masks)  # the variant's name must be what was done
     report = PruneReport(
         strategy=strategy.name,
         options=validated,

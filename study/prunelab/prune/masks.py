@@ -58,9 +58,16 @@ class Percentage(float):
     fraction (``0.5`` -> 50 %), because nobody prunes half a percent by accident; to really ask for
     less than 1 %, write the percent sign (``"0.5%"``). ``1`` means 1 %, ``0`` means dense. The
     range itself is checked by the option (see ``sparsity_option``), so 150 gets a clear message.
+
+    The value is read **once**: a ``Percentage`` passed in again (the CLI validates options, then
+    ``prune`` validates them again and ``resolve_sparsity`` reads them a third time) is returned
+    unchanged. Reading the already-normalised 0.5 (percent) as a fraction again was issue #26's
+    bug: ``"0.5%"`` pruned 50 % and ``0.002`` 20 %.
     """
 
     def __new__(cls, value: Any) -> Percentage:
+        if isinstance(value, Percentage):  # already read: reading it again must not rescale 0.5 % to 50 %
+            return value
         if isinstance(value, bool):
             raise TypeError(value)
         explicit_percent = isinstance(value, str) and value.strip().endswith("%")
@@ -70,6 +77,11 @@ class Percentage(float):
         if not explicit_percent and 0 < number < 1:
             number *= 100
         return super().__new__(cls, number)
+
+    def __getnewargs__(self) -> tuple[str]:
+        """Pickled (Ray, process pools) as ``"0.5%"``: unpickling calls ``__new__`` again, and a bare
+        0.5 would be read as a fraction (50 %)."""
+        return (f"{float(self)!r}%",)
 
     @property
     def fraction(self) -> float:
@@ -159,6 +171,35 @@ def resolve_sparsity(options: Mapping[str, Any]) -> tuple[float, tuple[int, int]
         return 1 - nm[0] / nm[1], nm
     sparsity = options.get("sparsity")
     return (Percentage(50).fraction if sparsity is None else Percentage(sparsity).fraction), None
+
+
+def prunes_to_a_sparsity(strategy) -> bool:
+    """Whether a strategy takes the core's ``sparsity`` option (``sparsity_option``): its own
+    declaration, recognised by the option's type, so a third-party strategy is checked as a built-in."""
+    return any(option.type is Percentage for option in strategy.options)
+
+
+def check_achieved_sparsity(strategy, options: Mapping[str, Any], masks: Mapping[str, torch.Tensor] | None) -> None:
+    """Stop (one line) when the weights a strategy masked are not the share it was asked for.
+
+    Counted on the strategy's masks (so weights that were already zero do not count), against the
+    requested fraction of the masked weights; the tolerance is one weight per row of every masked
+    tensor: a row is the finest group any strategy ranks in (magnitude per layer or row, Wanda per
+    row, SparseGPT per block of columns), and each group rounds its count to the nearest weight.
+    OWL's per-layer allocation averages to the target, so it passes the same check. A strategy
+    without masks or without the ``sparsity`` option is not checked.
+    """
+    if not masks or not prunes_to_a_sparsity(strategy):
+        return
+    fraction, _ = resolve_sparsity(options)
+    total = sum(keep.numel() for keep in masks.values())
+    pruned = sum(int((~keep).sum()) for keep in masks.values())
+    rows = sum(keep.shape[0] if keep.ndim > 1 else 1 for keep in masks.values())
+    requested = fraction * total
+    if abs(pruned - requested) > rows:
+        raise PrunelabError(
+            f"strategy '{strategy.name}': asked for {100 * fraction:g}% sparsity but pruned "
+            f"{100 * pruned / total:.4g}% ({pruned:,} of {total:,} weights; allowed: within {rows:,})")
 
 
 def validate_options(strategy, values: Mapping[str, Any]) -> dict[str, Any]:

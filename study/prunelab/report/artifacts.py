@@ -14,9 +14,7 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,47 +23,23 @@ import polars as pl
 import vl_convert as vlc
 
 from prunelab import versions
-from prunelab.errors import PrunelabError
-from prunelab.readers import atomic_write
+from prunelab.errors import FileProblem, PrunelabError
+from prunelab.readers import LINK_REFUSED, atomic_write, refuse_links, staging_folder
+from prunelab.records import json_digest
 from prunelab.report import fidelity, pages
 from prunelab.report.charts import baseline_history_chart, build_charts
 from prunelab.report.findings import findings, headline
 from prunelab.report.healstats import healing_table
 from prunelab.report.stats import harm_order, statistics_manifest, summarize
+from prunelab.versions import code_version, git_commit
 
 CONTAINER_IMAGE_ENV = "PRUNELAB_CONTAINER_IMAGE"
-# Set in the image at build time (Dockerfile), read when there is no git checkout to ask.
-GIT_COMMIT_ENV = "PRUNELAB_GIT_COMMIT"
 # Manifest field <- environment variable, for runs inside the prunelab image: the image's tag, the
 # base image's reference and its ID (the digest of what the image was built on).
 CONTAINER_FIELDS = {"image_tag": "PRUNELAB_IMAGE_TAG", "base_image": "PRUNELAB_BASE_IMAGE",
                     "base_image_id": "PRUNELAB_BASE_IMAGE_ID"}
 STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 PNG_SCALE = 1
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """SHA-256 of the study configuration as canonical JSON (key order and spacing do not matter)."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def git_commit(repo: str | os.PathLike | None = None) -> str | None:
-    """The short commit of the prunelab checkout, with ``+dirty`` for local edits.
-
-    An installed copy without a checkout (the container image: no git, no .git) answers with the
-    commit baked in at build time, ``$PRUNELAB_GIT_COMMIT``; None when neither is known.
-    """
-    repo = Path(repo) if repo else Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short=7", "HEAD"],
-                              capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        baked = os.environ.get(GIT_COMMIT_ENV, "").strip()
-        return baked if baked and baked != "unknown" else None
-    return f"{head}+dirty" if dirty else head
 
 
 def container_provenance() -> dict[str, str]:
@@ -82,13 +56,6 @@ def version_id(config_digest: str, commit: str | None, now: datetime) -> str:
     head, _, dirty = (commit or "nogit").partition("+")
     short = head[:7] + ("+dirty" if dirty else "")
     return f"{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{short}-{config_digest[:8]}"
-
-
-def code_version(commit: str | None = None) -> dict[str, str | None]:
-    """What the configuration hash records of the code: prunelab's version and git commit."""
-    from prunelab import __version__
-
-    return {"prunelab": __version__, "commit": commit if commit is not None else git_commit()}
 
 
 def machine() -> dict[str, Any]:
@@ -126,7 +93,8 @@ def write_run(
 ) -> Path:
     """Write one run's folder from its per-item table, then regenerate the index; returns the folder.
 
-    ``manifest`` comes from the runner: ``config_hash`` (or ``config`` to hash), and whatever it knows
+    ``manifest`` comes from the runner: ``config_hash`` (the run's identity, ``prunelab.runner.identity``;
+    a caller without one passes ``config``, named by its ``json_digest``), and whatever it knows
     — ``study_file`` (the file's text), ``model``, ``model_hash``, ``device``, ``timings``,
     ``packages``, ``container_image``. Identity fields (study, version, created, git commit) and the
     headline numbers are added here; the container image falls back to ``$PRUNELAB_CONTAINER_IMAGE``.
@@ -135,18 +103,15 @@ def write_run(
     """
     if not STUDY_NAME.match(study):
         raise PrunelabError(f"study name {study!r} is not a plain folder name (letters, digits, . _ -)")
-    digest = manifest.get("config_hash") or (config_hash(manifest["config"]) if "config" in manifest else None)
+    digest = manifest.get("config_hash") or (json_digest(manifest["config"]) if "config" in manifest else None)
     if not digest:
         raise PrunelabError("the run manifest needs a config_hash (or the config to hash)")
     now = now or datetime.now(UTC)
     commit = commit or git_commit()
     version = version_id(digest, commit, now)
-    final = Path(root) / study / version
+    final = refuse_links(Path(root), Path(root) / study / version)
     if final.exists():
         raise PrunelabError(f"artifacts folder {final} already exists; refusing to overwrite a finished run")
-    staging = final.with_name(f".{version}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     identity = {
         **manifest, "study": study, "version": version, "created": f"{now.astimezone(UTC):%Y-%m-%dT%H:%M:%SZ}",
         "config_hash": digest, "git_commit": commit,
@@ -155,8 +120,9 @@ def write_run(
         "packages": manifest.get("packages") or package_versions(),
         "machine": manifest.get("machine") or machine(),
     }
-    render_run(staging, items, identity, summary=summary, bench=bench, write_items=True)
-    os.replace(staging, final)
+    with staging_folder(final) as staging:  # a failed or killed write leaves no .partial folder for long
+        render_run(staging, items, identity, summary=summary, bench=bench, write_items=True)
+        os.replace(staging, final)
     build_index(root)
     return final
 
@@ -174,9 +140,7 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     files = write_tables(folder, items if write_items else None, summary, bench)
     healing = healing_table(items, summary)  # healed variants (``[recovery]``) vs their unhealed selves
     if healing.height:
-        healing.write_parquet(folder / "healing.parquet")
-        healing.write_csv(folder / "healing.csv")
-        files += ["healing.parquet", "healing.csv"]
+        files += write_tables(folder, None, None, extra={"healing": healing})
     extras = fidelity.summary_records(items)
     charts = build_charts(summary, bench=bench, chance=fidelity.chance_levels(items))
     charts.update(extra_charts(extras))
@@ -197,11 +161,13 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     return full_manifest
 
 
-def rebuild_run(run_dir: str | os.PathLike) -> Path:
+def rebuild_run(run_dir: str | os.PathLike, tell: Callable[[str], None] | None = None) -> Path:
     """Rebuild a finished run's summary, charts, manifest and report from its stored items, then the index.
 
     No model is loaded: everything derives from ``items.parquet`` (and ``bench.parquet``) with the
     current statistics. The items and the run's identity stay; the manifest notes the rebuild.
+    A shared run folder is untrusted: only chart files prunelab names (``charts/<name>.<ext>``, inside
+    the folder, not links) are removed, whatever the manifest lists; ``tell`` hears of the others.
     """
     folder = Path(run_dir)
     items_path, manifest_path = folder / "items.parquet", folder / "manifest.json"
@@ -214,17 +180,69 @@ def rebuild_run(run_dir: str | os.PathLike) -> Path:
         bench = pl.read_parquet(folder / "bench.parquet") if (folder / "bench.parquet").is_file() else None
     except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
         raise PrunelabError(f"{folder}: cannot read the stored run ({' '.join(str(exc).split())[:200]})") from None
-    stale = [f for f in (manifest.get("files") or {}) if f.startswith("charts/")]
-    for name in stale:
-        (folder / name).unlink(missing_ok=True)
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    stale = [f for f in listed if isinstance(f, str) and f.startswith("charts/")]
+    refused = [name for name in stale if not remove_own_chart(folder, name)]
+    if refused and tell:
+        tell(f"kept {len(refused)} file(s) the manifest lists that are not chart files inside {folder}: "
+             f"{', '.join(map(repr, refused[:3]))}{' ...' if len(refused) > 3 else ''}")
     manifest["report_rebuilt"] = {"created": f"{datetime.now(UTC):%Y-%m-%dT%H:%M:%SZ}", **code_version()}
-    files = dict(manifest.get("files") or {})
+    manifest["metrics"] = declared_tolerances(manifest.get("metrics") or [])
+    files = dict(listed)
     written = render_run(folder, items, manifest, bench=bench)
     kept = {f: files[f] for f in ("items.parquet", "items.csv") if f in files}
     manifest_out = {**written, "files": {**kept, **written["files"]}}
     _write_text(manifest_path, json.dumps(manifest_out, indent=2, default=str) + "\n")
-    build_index(folder.parent.parent)
+    root = folder.parent.parent
+    if has_prunelab_index(root):
+        build_index(root, tell)
+    elif tell:  # a run folder outside an artifacts root (a download): nothing is written beside it
+        tell(f"index not rebuilt: {root} has no prunelab index (prunelab index --root {root} makes one)")
     return folder
+
+
+def has_prunelab_index(root: Path) -> bool:
+    """Whether ``root`` is an artifacts root: it holds an index prunelab wrote."""
+    index = index_file(root)
+    return index.is_file() and not index.is_symlink() and pages.written_by_prunelab(index)
+
+
+OWN_CHART = re.compile(r"^charts/[A-Za-z0-9_-]+\.(html|svg|png)$")
+
+
+def remove_own_chart(folder: Path, name: str) -> bool:
+    """Remove ``folder/name`` if it is a chart file prunelab writes there; False (kept) for any other name.
+
+    The name must be ``charts/<plain name>.<html|svg|png>`` and resolve inside ``folder/charts``
+    (no ``..``, no link on the way): a manifest listing ``../victim.txt`` deletes nothing.
+    """
+    if not OWN_CHART.match(name):
+        return False
+    path = folder / name
+    try:
+        refuse_links(folder, path)
+    except PrunelabError:
+        return False
+    if path.resolve().parent != (folder / "charts").resolve():
+        return False
+    path.unlink(missing_ok=True)
+    return True
+
+
+def declared_tolerances(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A stored run's metric declarations, with the installed evaluator's tolerance where the run
+    predates tolerances (no ``tolerance`` key): the rebuilt report then tests fidelity against it.
+    A run that recorded one (None included) keeps it; an evaluator not installed changes nothing."""
+    from prunelab.registry import default_registry
+
+    registry = default_registry()
+    out = []
+    for metric in metrics:
+        if "tolerance" not in metric and metric.get("task") in registry.evaluators:
+            declared = {m.name: m.tolerance for m in registry.evaluator(metric["task"]).metrics}
+            metric = {**metric, "tolerance": declared.get(metric.get("name"))}
+        out.append(metric)
+    return out
 
 
 def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -237,31 +255,36 @@ def extra_charts(extras: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {name: chart for name, chart in charts.items() if chart is not None}
 
 
-def write_tables(folder: Path, items: pl.DataFrame | None, summary: pl.DataFrame,
-                 bench: pl.DataFrame | None = None) -> list[str]:
-    """items, summary (and bench) as parquet (exact types) and CSV (for spreadsheets); relative paths.
+def write_tables(folder: Path, items: pl.DataFrame | None, summary: pl.DataFrame | None,
+                 bench: pl.DataFrame | None = None, extra: Mapping[str, pl.DataFrame] | None = None) -> list[str]:
+    """items, summary (and bench, and ``extra``) as parquet (exact types) and CSV (for spreadsheets);
+    relative paths. Each file is written atomically: a link planted in the folder is replaced, never followed.
 
     ``items`` None: a rebuild, the stored items stay as they are.
     """
     written = []
-    tables = ([("items", items)] if items is not None else []) + [("summary", summary)] + (
-        [("bench", bench)] if bench is not None else [])
-    for name, frame in tables:
-        frame.write_parquet(folder / f"{name}.parquet")
-        frame.write_csv(folder / f"{name}.csv")
+    tables = {"items": items, "summary": summary, "bench": bench, **(extra or {})}
+    for name, frame in tables.items():
+        if frame is None:
+            continue
+        atomic_write(folder / f"{name}.parquet", frame.write_parquet)
+        atomic_write(folder / f"{name}.csv", frame.write_csv)
         written += [f"{name}.parquet", f"{name}.csv"]
     return written
 
 
 def write_charts(folder: Path, specs: Mapping[str, dict[str, Any]]) -> list[str]:
     """Each chart as a self-contained HTML page, an SVG and a PNG; returns paths relative to the run."""
+    if folder.is_symlink():
+        raise FileProblem(folder, LINK_REFUSED)
     folder.mkdir(parents=True, exist_ok=True)
     version = pages.vega_lite_version()
     written = []
     for name, spec in specs.items():
         _write_text(folder / f"{name}.html", pages.chart_page(name.replace("_", " "), spec))
         _write_text(folder / f"{name}.svg", vlc.vegalite_to_svg(spec, vl_version=version))
-        (folder / f"{name}.png").write_bytes(vlc.vegalite_to_png(spec, vl_version=version, scale=PNG_SCALE))
+        png = vlc.vegalite_to_png(spec, vl_version=version, scale=PNG_SCALE)
+        atomic_write(folder / f"{name}.png", lambda staging, png=png: staging.write_bytes(png))
         written += [f"charts/{name}.{ext}" for ext in ("html", "svg", "png")]
     return written
 
@@ -271,38 +294,70 @@ def package_versions() -> dict[str, str]:
     return versions.package_versions((*versions.EVALUATION_PACKAGES, *versions.REPORT_PACKAGES))
 
 
-def build_index(root: str | os.PathLike) -> Path:
-    """(Re)write ``<root>/index.html`` listing every ``<study>/<version>`` folder that has a manifest."""
+INDEX = "index.html"
+#: where prunelab's index goes when ``index.html`` is someone else's page (kept, never overwritten)
+OWN_INDEX = "prunelab-index.html"
+
+
+def index_file(root: str | os.PathLike) -> Path:
+    """The file prunelab's index is written to: ``index.html``, unless one exists that prunelab did not
+    write (no ``generator`` meta tag) -- that one is kept and the index goes to ``prunelab-index.html``."""
+    index = Path(root) / INDEX
+    if index.is_symlink() or (index.exists() and not pages.written_by_prunelab(index)):
+        return Path(root) / OWN_INDEX
+    return index
+
+
+def build_index(root: str | os.PathLike, tell: Callable[[str], None] | None = None) -> Path:
+    """(Re)write prunelab's index (``index_file``) listing every ``<study>/<version>`` folder that has a manifest.
+
+    Folders and manifests reached through a symbolic link are not listed (the index describes this
+    folder); every link is a relative, escaped path (``pages.href``). ``tell`` hears of a kept foreign index.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    runs = [_index_entry(root, path) for path in sorted(root.glob("*/*/manifest.json"))
-            if not path.parent.name.startswith(".")]
+    runs = [_index_entry(root, path) for path in sorted(root.glob("*/*/manifest.json")) if _listed(root, path)]
     runs += [_importance_entry(root, path) for path in sorted([*root.glob("*/importance.json"),
                                                                *root.glob("*/*/importance.json")])
-             if not path.parent.name.startswith(".")]
+             if _listed(root, path)]
     runs.sort(key=lambda run: (run["study"], run["version"]), reverse=True)
     runs.sort(key=lambda run: run["study"])  # studies A-Z, newest version first within each
     history = [
         {"study": run["study"], "version": run["version"], "created": run["created"],
          "panel": f"{h['task']} · {h['metric']}", "kind": h["kind"], "value": h["dense"],
          "ci_low": (h["dense_ci"] or [None])[0], "ci_high": (h["dense_ci"] or [None, None])[1]}
-        for run in runs for h in run.get("headline", []) if h.get("dense") is not None
+        for run in runs for h in run.get("headline", []) if isinstance(h, dict) and h.get("dense") is not None
     ]
     chart = baseline_history_chart(history)
     specs = {"dense_history": chart.to_dict()} if chart is not None else {}
-    index = root / "index.html"
+    index = index_file(root)
+    if index.name != INDEX and tell:
+        tell(f"kept {root / INDEX} (prunelab did not write it); prunelab's index is {index}")
     _write_text(index, pages.index_page(runs, specs))
     return index
+
+
+def _listed(root: Path, path: Path) -> bool:
+    """A run or importance file the index lists: not in a hidden (staging) folder, not through a link."""
+    if path.parent.name.startswith("."):
+        return False
+    try:
+        refuse_links(root, path)
+    except PrunelabError:
+        return False
+    return True
 
 
 def _index_entry(root: Path, manifest_path: Path) -> dict[str, Any]:
     study, version = manifest_path.parent.parent.name, manifest_path.parent.name
     entry: dict[str, Any] = {"study": study, "version": version, "created": None,
-                             "report": f"{study}/{version}/report.html"}
+                             "report": pages.href(study, version, "report.html")}
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         return {**entry, "error": f"unreadable manifest.json: {err}"}
+    if not isinstance(manifest, dict):
+        return {**entry, "error": "unreadable manifest.json: not an object"}
     keep = ("created", "model", "strategies", "tasks", "headline")
     return {**entry, **{k: manifest[k] for k in keep if k in manifest}}
 
@@ -315,7 +370,7 @@ def _importance_entry(root: Path, summary_path: Path) -> dict[str, Any]:
     created = datetime.fromtimestamp(summary_path.stat().st_mtime, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     entry: dict[str, Any] = {"study": study, "version": folder.name if nested else "(unversioned)",
                              "created": created, "kind": "importance",
-                             "report": str((folder / "importance.html").relative_to(root))}
+                             "report": pages.href(*(folder / "importance.html").relative_to(root).parts)}
     try:
         summary = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

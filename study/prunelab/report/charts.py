@@ -19,8 +19,8 @@ import polars as pl
 
 from prunelab.errors import PrunelabError
 from prunelab.prune.masks import Percentage, parse_pattern
+from prunelab.records import DENSE
 from prunelab.registry import default_registry
-from prunelab.report.stats import DENSE
 
 SWEPT = {"sparsity", "k"}  # the x axis of a sweep, never part of a series' label
 PANEL_WIDTH = 360
@@ -131,7 +131,8 @@ def verdict(row: dict[str, Any]) -> str:
     decided = row.get("verdict")
     if decided is None or decided == "no dense baseline" or row.get("p_value") is None:
         return NO_BASELINE if row["strategy"] != DENSE else NOT_SIGNIFICANT
-    return {"worse": SIGNIFICANT, "better": BETTER, "underpowered": UNDERPOWERED}.get(decided, NOT_SIGNIFICANT)
+    return {"worse": SIGNIFICANT, "beyond tolerance": SIGNIFICANT, "better": BETTER,
+            "underpowered": UNDERPOWERED}.get(decided, NOT_SIGNIFICANT)
 
 
 def layer_sweep_chart(rows: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
@@ -424,37 +425,38 @@ def fidelity_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
     y = alt.Y("variant:N", sort=order, title=None)
     height = max(PANEL_HEIGHT // 2, 14 * len(order))
     panels = []
-    for field, title, log in (("kl_mean", "mean KL(dense || variant), nats (log)", True),
-                              ("kl_p99", "99th percentile KL, nats (log)", True),
-                              ("top1_agree", "same top token as dense", False)):
-        data = [r for r in pruned if r[field] is not None and (not log or r[field] > 0)]
+    for field, title, log in (("kl_median", "median window's mean KL(dense || variant), nats (log)", True),
+                              ("kl_p99", "99th percentile KL, nats (log; no interval)", True),
+                              ("top1_median", "median window's same top token as dense", False)):
+        data = [r for r in pruned if r.get(field) is not None and (not log or r[field] > 0)]
         if not data:
             continue
         scale = alt.Scale(type="log") if log else alt.Scale(domain=[0, 1])
         x = alt.X(f"{field}:Q", title=title, scale=scale, axis=LOG_AXIS if log else alt.Axis())
         base = alt.Chart(alt.Data(values=data))
-        panels.append(alt.layer(
-            base.mark_rule().encode(y=y, x=alt.X(f"{field}_low:Q", scale=scale, title=title), x2=f"{field}_high:Q"),
-            base.mark_point(filled=True, size=45).encode(y=y, x=x, tooltip=[
-                "variant:N", "windows:Q", alt.Tooltip(f"{field}:Q", format=".4g"),
-                alt.Tooltip(f"{field}_low:Q", format=".4g"), alt.Tooltip(f"{field}_high:Q", format=".4g")]),
-        ).properties(width=PANEL_WIDTH * 2 // 3, height=height))
+        tooltip = ["variant:N", "windows:Q", alt.Tooltip(f"{field}:Q", format=".4g")]
+        layers = [base.mark_point(filled=True, size=45).encode(y=y, x=x, tooltip=tooltip)]
+        if f"{field}_low" in data[0]:
+            layers.insert(0, base.mark_rule().encode(y=y, x=alt.X(f"{field}_low:Q", scale=scale, title=title),
+                                                     x2=f"{field}_high:Q"))
+        panels.append(alt.layer(*layers).properties(width=PANEL_WIDTH * 2 // 3, height=height))
     return alt.hconcat(*panels).properties(
-        title="Fidelity to the dense model on the same WikiText windows (95% intervals over windows)")
+        title="Fidelity to the dense model on the same WikiText windows (median window, 95% intervals over windows)")
 
 
 def fidelity_layer_chart(fidelity: list[dict[str, Any]]) -> alt.TopLevelMixin | None:
     """Mean KL to dense (log scale) and top-1 agreement vs the removed layer, with 95% bands over windows."""
     points = [{**r, "layer": removed_layer(r["strategy"], json.loads(r.get("params") or "{}"))} for r in fidelity]
-    points = [p for p in points if p["layer"] is not None and p["kl_mean"] is not None and p["kl_mean"] > 0]
+    points = [p for p in points if p["layer"] is not None and p.get("kl_median") is not None and p["kl_median"] > 0]
     if not points:
         return None
     x = alt.X("layer:Q", title="removed layer", axis=alt.Axis(tickMinStep=1, format="d"))
     panels = []
-    for field, title, scale in (("kl_mean", "mean KL(dense || variant), nats (log)", alt.Scale(type="log")),
-                                ("top1_agree", "same top token as dense", alt.Scale(domain=[0, 1]))):
+    for field, title, scale in (("kl_median", "median window's mean KL(dense || variant), nats (log)",
+                                 alt.Scale(type="log")),
+                                ("top1_median", "median window's same top token as dense", alt.Scale(domain=[0, 1]))):
         base = alt.Chart(alt.Data(values=points))
-        y = alt.Y(f"{field}:Q", title=title, scale=scale, axis=LOG_AXIS if field == "kl_mean" else alt.Axis())
+        y = alt.Y(f"{field}:Q", title=title, scale=scale, axis=LOG_AXIS if field == "kl_median" else alt.Axis())
         panels.append(alt.layer(
             base.mark_area(opacity=0.18).encode(x=x, y=alt.Y(f"{field}_low:Q", scale=scale, title=title),
                                                 y2=f"{field}_high:Q"),

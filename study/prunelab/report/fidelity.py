@@ -5,10 +5,12 @@ Built from the per-item table alone (no model), so a report can be rebuilt from 
 **Fidelity** (llama.cpp's ``perplexity --kl-divergence``): per WikiText window the evaluator
 records the mean KL(dense || variant) over its scored tokens (``kl_mean``), the share of tokens whose
 most likely next token is dense's (``top1_agree``) and every token's KL (``kl_tokens``). Per variant
-this module reports the mean over windows of the first two with a 95% t-interval over windows (the
-windows are the independent units; tokens within a window are not), and the 99th percentile of the
-KL over all of the variant's tokens with a 95% percentile-bootstrap interval that resamples whole
-windows (B = 2000, seed 0). With 8 windows that interval is rough: it can only recombine 8 windows.
+this module reports the mean over windows of the first two (llama.cpp's numbers; with equal-length
+windows the mean over all tokens), their median window with a 95% distribution-free interval over
+windows (the windows are the independent units; tokens within a window are not), and the 99th
+percentile of the KL over all of the variant's tokens, as a point: no interval over 8-24 windows
+covers a pooled 99th percentile reliably (a percentile bootstrap recombines only those windows),
+so none is printed. The summary's paired tests (``stats``) compare each variant with a tolerance.
 
 **Answers** (multiple choice tasks whose records carry ``prediction``/``target``): how often each
 variant answers each letter (a model at chance often answers one letter to almost everything, which
@@ -25,9 +27,9 @@ import numpy as np
 import polars as pl
 from scipy import stats as scipy_stats
 
-from prunelab.report.stats import DENSE
+from prunelab.records import DENSE
+from prunelab.report.stats import median_interval
 
-BOOTSTRAP_SAMPLES = 2000
 QUANTILE = 0.99
 
 
@@ -40,23 +42,19 @@ def mean_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float
     return mean, mean - half, mean + half
 
 
-def pooled_quantile_interval(token_values: list[np.ndarray], q: float = QUANTILE, samples: int = BOOTSTRAP_SAMPLES,
-                             seed: int = 0) -> tuple[float, float | None, float | None]:
-    """The q-quantile of all tokens pooled, with a percentile bootstrap over windows (whole windows resampled)."""
-    pooled = float(np.quantile(np.concatenate(token_values), q))
-    if len(token_values) < 2:
-        return pooled, None, None
+def pooled_quantile(token_values: list[np.ndarray], q: float = QUANTILE) -> float:
+    """The q-quantile of all tokens pooled (a point estimate; see the module docstring)."""
+    return float(np.quantile(np.concatenate(token_values), q))
 
-    def statistic(index: np.ndarray) -> float:
-        return float(np.quantile(np.concatenate([token_values[int(i)] for i in index]), q))
 
-    result = scipy_stats.bootstrap((np.arange(len(token_values)),), statistic, vectorized=False,
-                                   n_resamples=samples, method="percentile", rng=np.random.default_rng(seed))
-    return pooled, float(result.confidence_interval.low), float(result.confidence_interval.high)
+def median_with_interval(values: np.ndarray) -> tuple[float, float | None, float | None]:
+    """The median and its distribution-free 95% interval (``stats.median_interval``)."""
+    low, high = median_interval(values)
+    return float(np.median(values)), low, high
 
 
 def fidelity_table(items: pl.DataFrame) -> pl.DataFrame | None:
-    """Per variant: windows, mean KL, 99th-percentile KL and top-1 agreement, each with its 95% interval."""
+    """Per variant: windows, mean / median-window KL, 99th-percentile KL and top-1 agreement."""
     if "kl_mean" not in items.columns:
         return None
     rows = items.filter(pl.col("kl_mean").is_not_null() & (pl.col("metric") == "perplexity"))
@@ -65,15 +63,15 @@ def fidelity_table(items: pl.DataFrame) -> pl.DataFrame | None:
         rows = rows.with_columns(pl.lit("{}").alias("params"))
     for (variant, strategy, params, task), group in rows.group_by(["variant", "strategy", "params", "task"],
                                                                   maintain_order=True):
-        kl, kl_low, kl_high = mean_interval(group["kl_mean"].to_numpy())
-        top1, top1_low, top1_high = mean_interval(group["top1_agree"].to_numpy())
+        kl, top1 = group["kl_mean"].to_numpy(), group["top1_agree"].to_numpy()
+        kl_median, kl_low, kl_high = median_with_interval(kl)
+        top1_median, top1_low, top1_high = median_with_interval(top1)
         tokens = [np.asarray(json.loads(t), dtype=float) for t in group["kl_tokens"]] if "kl_tokens" in group.columns else []
-        p99, p99_low, p99_high = pooled_quantile_interval(tokens) if tokens else (None, None, None)
         out.append({"task": task, "variant": variant, "strategy": strategy, "params": params, "windows": group.height,
-                    "tokens": int(group["tokens"].sum()),
-                    "kl_mean": kl, "kl_mean_low": kl_low, "kl_mean_high": kl_high,
-                    "kl_p99": p99, "kl_p99_low": p99_low, "kl_p99_high": p99_high,
-                    "top1_agree": top1, "top1_agree_low": top1_low, "top1_agree_high": top1_high})
+                    "tokens": int(group["tokens"].sum()), "kl_mean": float(kl.mean()),
+                    "kl_median": kl_median, "kl_median_low": kl_low, "kl_median_high": kl_high,
+                    "kl_p99": pooled_quantile(tokens) if tokens else None, "top1_agree": float(top1.mean()),
+                    "top1_median": top1_median, "top1_median_low": top1_low, "top1_median_high": top1_high})
     return pl.DataFrame(out) if out else None
 
 

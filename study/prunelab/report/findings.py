@@ -15,12 +15,14 @@ from typing import Any
 
 import polars as pl
 
+from prunelab.records import DENSE
 from prunelab.report.charts import removed_layer, series_label, sparsity_percent, varying_settings
 from prunelab.report.stats import (
     ALPHA,
     BETTER,
-    DENSE,
+    BEYOND,
     UNDERPOWERED,
+    WITHIN,
     WORSE,
     format_p,
     harm_order,
@@ -46,7 +48,10 @@ def headline(summary: pl.DataFrame) -> list[dict[str, Any]]:
             "significant_drops": tested.filter(pl.col("verdict") == WORSE).height,
             "significant_gains": tested.filter(pl.col("verdict") == BETTER).height,
             "underpowered": bool(tested.height) and bool(tested["underpowered"].all()),
-            "min_p": _min(tested["min_p"]), "mdd": _typical_mdd(tested),
+            "min_p": _min(tested["min_p"]), **_mdd_range(tested),
+            "tolerance": _first(tested["tolerance"]) if "tolerance" in tested.columns else None,
+            "beyond": tested.filter(pl.col("verdict") == BEYOND).height,
+            "within": tested.filter(pl.col("verdict") == WITHIN).height,
         }
         if pruned.height:
             line["worst"] = _extreme(pruned.row(0, named=True))
@@ -61,10 +66,21 @@ def _min(column: pl.Series) -> float | None:
     return float(values.min()) if values.len() else None
 
 
-def _typical_mdd(tested: pl.DataFrame) -> float | None:
-    """The median minimum detectable difference over the family (rows differ only in spread)."""
-    values = tested["mdd"].drop_nulls() if tested.height else pl.Series([], dtype=pl.Float64)
-    return float(values.median()) if values.len() else None
+def _first(column: pl.Series) -> float | None:
+    values = column.drop_nulls()
+    return float(values[0]) if values.len() else None
+
+
+def _mdd_range(tested: pl.DataFrame) -> dict[str, float | None]:
+    """The smallest detectable change of the variants the headline speaks about: those *not* found
+    worse (for them "no detectable change" needs it); each row's own value is in the ranked table.
+    ``mdd`` is the least, ``mdd_max`` the largest of them (they differ by the rows' spread)."""
+    quiet = tested.filter(~pl.col("verdict").is_in([WORSE, BEYOND])) if tested.height else tested
+    values = quiet["mdd"].drop_nulls().abs() if quiet.height else pl.Series([], dtype=pl.Float64)
+    if not values.len():
+        return {"mdd": None, "mdd_max": None}
+    sign = -1.0 if float(quiet["mdd"].drop_nulls()[0]) < 0 else 1.0
+    return {"mdd": sign * float(values.min()), "mdd_max": sign * float(values.max())}
 
 
 def _extreme(row: dict[str, Any]) -> dict[str, Any]:
@@ -93,12 +109,22 @@ def interval_text(row: dict[str, Any]) -> str:
     return change
 
 
-def mdd_text(mdd: float | None, dense: float | None, kind: str) -> str:
-    """The minimum detectable difference, in the units a reader compares with (percent of dense)."""
+def mdd_text(mdd: float | None, dense: float | None, kind: str, mdd_max: float | None = None) -> str:
+    """The minimum detectable difference (with 80 % power, for the test used), in the units a reader
+    compares with (percent of dense); a range when the variants spoken about differ."""
     if mdd is None:
         return "no difference could be detected"
-    rel = mdd / abs(dense) if dense else None
-    return f"only a change of about {change_text(rel, mdd, kind)} or more could be detected"
+    span = detectable_text(mdd, dense, kind)
+    if mdd_max is not None and not math.isclose(mdd, mdd_max):
+        span += f" to {detectable_text(mdd_max, dense, kind)}"
+    return f"only a change of about {span} or more would be detected with 80% power"
+
+
+def detectable_text(mdd: float | None, dense: float | None, kind: str) -> str:
+    """One row's smallest detectable change as text (percent of dense where dense is non-zero)."""
+    if mdd is None:
+        return "none"
+    return change_text(mdd / abs(dense) if dense else None, mdd, kind)
 
 
 def headline_sentence(h: dict[str, Any]) -> str:
@@ -108,7 +134,9 @@ def headline_sentence(h: dict[str, Any]) -> str:
         return f"{h['task']} · {name}: no dense baseline, no comparison"
     dense = f"dense {h['dense']:.4g}"
     if h.get("dense_ci") and h["dense_ci"][0] is not None:
-        dense += f" [{h['dense_ci'][0]:.4g}, {h['dense_ci'][1]:.4g}]"
+        interval = f"[{h['dense_ci'][0]:.4g}, {h['dense_ci'][1]:.4g}]"
+        # a continuous value's interval is of the median item (window): distribution-free, see stats
+        dense += f" {interval}" if h["kind"] == "accuracy" else f" (median window {interval})"
     if not h.get("tested"):
         return f"{h['task']} · {name}: {dense}; no pruned variant"
     if h.get("underpowered"):
@@ -117,6 +145,10 @@ def headline_sentence(h: dict[str, Any]) -> str:
         if h["kind"] == "accuracy":
             return text + mdd_text(h.get("mdd"), h["dense"], h["kind"])
         return text + f"the paired test needs at least {pairs_needed(h['tested'])} windows/items"
+    if h.get("tolerance") is not None:
+        undecided = h["tested"] - h["beyond"] - h["within"]
+        return (f"{h['task']} · {name}: against a tolerance of {h['tolerance']:g}, {h['beyond']} of {h['tested']} "
+                f"variants beyond it, {h['within']} within it, {undecided} undecided (Holm)")
     text = f"{h['task']} · {name}: {dense}; {h['significant_drops']} of {h['tested']} variants worse after Holm"
     if h.get("significant_gains"):
         text += f", {h['significant_gains']} better"
@@ -124,7 +156,7 @@ def headline_sentence(h: dict[str, Any]) -> str:
     if worst and worst.get("verdict") == WORSE:
         text += f" (worst: {worst['variant']}, {change_text(worst['rel_change'], worst['diff'], h['kind'])})"
     if h.get("mdd") is not None and h["significant_drops"] < h["tested"]:
-        text += f"; {mdd_text(h['mdd'], h['dense'], h['kind'])}"
+        text += f"; {mdd_text(h['mdd'], h['dense'], h['kind'], h.get('mdd_max'))}"
     return text
 
 
@@ -148,7 +180,7 @@ def _layer(row: dict[str, Any]) -> int | None:
 
 def safe_layers(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Single-layer removals not detectably harmful after Holm (not underpowered), least harmful first."""
-    return [r for r in ranked if _layer(r) is not None and r["verdict"] not in (WORSE, UNDERPOWERED)][::-1]
+    return [r for r in ranked if _layer(r) is not None and r["verdict"] not in (WORSE, BEYOND, UNDERPOWERED)][::-1]
 
 
 def _sparsity_rows(ranked: list[dict[str, Any]]) -> list[tuple[str, float, dict[str, Any]]]:
@@ -167,7 +199,7 @@ def sparsity_cliffs(ranked: list[dict[str, Any]]) -> list[dict[str, Any]]:
     cliffs = []
     for label, points in series.items():
         points.sort(key=lambda p: p[0])
-        first = next(((s, r) for s, r in points if r["verdict"] == WORSE), None)
+        first = next(((s, r) for s, r in points if r["verdict"] in (WORSE, BEYOND)), None)
         cliffs.append({"method": label, "sparsity": first[0] if first else None, "row": first[1] if first else None,
                        "highest_tried": points[-1][0],
                        "underpowered": all(r["verdict"] == UNDERPOWERED for _, r in points)})

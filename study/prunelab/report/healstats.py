@@ -13,7 +13,8 @@ from typing import Any
 
 import polars as pl
 
-from prunelab.report.stats import DENSE, holm_adjust, summarize
+from prunelab.records import DENSE
+from prunelab.report.stats import holm_adjust, summarize
 
 HEALING_SCHEMA = {
     "task": pl.String, "metric": pl.String, "kind": pl.String, "variant": pl.String, "unhealed": pl.String,

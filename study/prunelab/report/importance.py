@@ -162,11 +162,13 @@ def _importance_manifest(facts: Mapping[str, Any] | None) -> dict[str, Any]:
     """When and with which code the scores were made: the artifacts index lists it by this version."""
     from datetime import UTC, datetime
 
-    from prunelab.report.artifacts import code_version, config_hash, version_id
+    from prunelab.records import json_digest
+    from prunelab.report.artifacts import version_id
+    from prunelab.versions import code_version
 
     now = datetime.now(UTC)
     code = code_version()
-    return {"version": version_id(config_hash(dict(facts or {})), code["commit"], now),
+    return {"version": version_id(json_digest(dict(facts or {})), code["commit"], now),
             "created": f"{now:%Y-%m-%dT%H:%M:%SZ}", **code}
 
 
@@ -182,19 +184,18 @@ def write_importance(importance: Importance, out_dir, *, correlations: pl.DataFr
 
     folder = check_output(out_dir, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
-    table = importance.table()
-    table.write_parquet(folder / "importance.parquet")
-    table.write_csv(folder / "importance.csv")
-    written = ["importance.parquet", "importance.csv"]
+    from prunelab.report.artifacts import write_tables
+
+    written = write_tables(folder, None, None, extra={"importance": importance.table(),
+                                                      **({"correlation": correlations} if correlations is not None else {})})
     summary = {**dict(facts or {}), **importance.summary(), "manifest": _importance_manifest(facts)}
     if correlations is not None:
-        correlations.write_parquet(folder / "correlation.parquet")
-        correlations.write_csv(folder / "correlation.csv")
-        written += ["correlation.parquet", "correlation.csv"]
         summary["spearman_vs_sweep"] = correlations.to_dicts()
     atomic_write(folder / "importance.json",
                  lambda staging: staging.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8"))
     spec = importance_chart(importance, title).to_dict()
-    (folder / "importance.html").write_text(pages.chart_page(title or "Layer importance", spec), encoding="utf-8")
-    (folder / "importance.png").write_bytes(vlc.vegalite_to_png(spec, vl_version=pages.vega_lite_version()))
+    page = pages.chart_page(title or "Layer importance", spec)
+    png = vlc.vegalite_to_png(spec, vl_version=pages.vega_lite_version())
+    atomic_write(folder / "importance.html", lambda staging: staging.write_text(page, encoding="utf-8"))
+    atomic_write(folder / "importance.png", lambda staging: staging.write_bytes(png))
     return [*written, "importance.json", "importance.html", "importance.png"]

@@ -13,11 +13,14 @@ from __future__ import annotations
 import html
 import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import altair as alt
 import vl_convert as vlc
 
+from prunelab.records import DENSE, STRATEGY
 from prunelab.report.stats import format_p
 
 LIBRARIES_ID = "prunelab-vega-libraries"
@@ -78,9 +81,32 @@ def chart_div(chart_id: str) -> str:
     return f'<div class="chart" id="{html.escape(chart_id)}"></div>'
 
 
+GENERATOR = '<meta name="generator" content="prunelab">'
+LEGACY_INDEX_TITLE = "<title>prunelab artifacts</title>"  # indexes written before the generator tag
+
+
+def written_by_prunelab(path: Path) -> bool:
+    """Whether an HTML file is one of prunelab's pages (its ``generator`` meta tag, in the head)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return GENERATOR in head or LEGACY_INDEX_TITLE in head
+
+
+def href(*segments: str) -> str:
+    """A relative link from escaped path segments: ``./javascript%3Aalert%281%29/v/report.html``.
+
+    Every segment is percent-encoded whole (``/``, ``:``, ``?``, ``#`` included) and the link starts
+    with ``./``, so no folder name can become a scheme, a query or a path outside the page's folder.
+    """
+    return "./" + "/".join(quote(segment, safe="") for segment in segments)
+
+
 def page(title: str, body: str, charts: dict[str, dict[str, Any]] | None = None) -> str:
     """A complete HTML document; ``charts`` maps the id of a ``chart_div`` in ``body`` to its spec."""
-    head = f'<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n'
+    head = f'<meta charset="utf-8">\n{GENERATOR}\n<title>{html.escape(title)}</title>\n<style>{STYLE}</style>\n'
     scripts = ""
     if charts:
         head += f'<script id="{LIBRARIES_ID}">\n{vega_libraries()}\n</script>\n'
@@ -124,9 +150,11 @@ def fmt(value: Any, spec: str = ".4g") -> str:
 METHODS_NOTE = (
     "Every variant is compared with dense on the same items. Accuracy: 95% Wilson interval; exact McNemar "
     "test (lost = dense right and variant wrong, gained = the reverse); Newcombe interval of the difference. "
-    "Perplexity: exp(sum NLL / sum tokens); exact sign-flip permutation test on per-window differences of "
-    "mean NLL per token (Monte-Carlo above 20 windows); t interval on per-window log-perplexity. Other "
-    "per-item metrics: the same sign-flip test, t intervals. p (Holm): adjusted over the variants of the "
+    "Perplexity: exp(sum NLL / sum tokens); exact sign test on per-window differences of mean NLL per token "
+    "(is a window as likely to get worse as better?); the change shown is the median per-window change, with "
+    "its distribution-free interval (interpolated order statistics). Other per-item metrics: the same sign "
+    "test and median interval; fidelity metrics (KL, same top token) are tested against a declared tolerance: "
+    "within / beyond / undecided. p (Holm): adjusted over the variants of the "
     "task and metric; it alone decides the verdict (red: worse, green: better). Underpowered: even the most "
     "extreme outcome could not reach p &lt; 0.05 after Holm. p-values are never shown below their "
     "resolution. See docs/statistics.md."
@@ -170,7 +198,7 @@ RANKED_SHOWN = 8  # per task and metric, the most and least harmful variants; th
 
 def findings_html(blocks: list[dict[str, Any]]) -> str:
     """The findings block: per task and metric what the paired tests support, in sentences and a ranking."""
-    from prunelab.report.findings import interval_text, mdd_text
+    from prunelab.report.findings import detectable_text, interval_text
 
     parts = []
     for block in blocks:
@@ -181,10 +209,13 @@ def findings_html(blocks: list[dict[str, Any]]) -> str:
             if h.get("underpowered"):
                 items.append("Layers whose removal is not detectably harmful: cannot tell, the test is underpowered.")
             elif safe:
-                listed = ", ".join(f"{_layer_name(r)} ({interval_text(r)})" for r in safe)
-                caveat = f" — {mdd_text(h['mdd'], h['dense'], h['kind'])}" if h.get("mdd") is not None else ""
+                listed = ", ".join(f"{_layer_name(r)} ({interval_text(r)}; detectable with 80% power: "
+                                   f"{detectable_text(r['mdd'], r['dense_value'], r['kind'])})" for r in safe)
                 items.append(f"Layers whose removal is not detectably harmful (Holm, {len(safe)} of "
-                             f"{block['layers_tested']}{html.escape(caveat)}): {html.escape(listed)}")
+                             f"{block['layers_tested']}): {html.escape(listed)}")
+            elif h.get("tolerance") is not None:
+                items.append(f"No single-layer removal is within the tolerance of {h['tolerance']:g} (Holm): "
+                             f"{h['beyond']} of {block['layers_tested']} are beyond it, the rest undecided.")
             else:
                 items.append(f"Removing any one of the {block['layers_tested']} layers is detectably harmful (Holm).")
         for cliff in block["cliffs"]:
@@ -196,7 +227,8 @@ def findings_html(blocks: list[dict[str, Any]]) -> str:
                 text = f"first significant loss at {cliff['sparsity']:g}% ({interval_text(cliff['row'])})"
             items.append(f"{html.escape(cliff['method'])}: {html.escape(text)}")
         for best in block["best_by_sparsity"]:
-            items.append(f"Best at {best['sparsity']:g}% sparsity (of {best['of']} methods): "
+            items.append(f"Least change at {best['sparsity']:g}% sparsity (point estimates of {best['of']} methods; "
+                         "each is tested against dense, not against the others): "
                          f"{html.escape(best['method'])} ({html.escape(interval_text(best['row']))}, "
                          f"{html.escape(best['row']['verdict'])})")
         ranked = block["ranked"]
@@ -270,13 +302,13 @@ def _with_interval(value: Any, low: Any, high: Any, spec: str = ".4g") -> str:
 
 
 def fidelity_html(rows: list[dict[str, Any]]) -> str:
-    header = ["task", "variant", "windows", "tokens", "mean KL [95% CI]", "99th pct KL [95% CI]",
-              "same top token [95% CI]"]
+    header = ["task", "variant", "windows", "tokens", "mean KL", "median window KL [95% CI]", "99th pct KL",
+              "same top token", "median window same top token [95% CI]"]
     cells = [[html.escape(r["task"]), html.escape(r["variant"]), fmt(r["windows"]), fmt(r["tokens"]),
-              _with_interval(r["kl_mean"], r["kl_mean_low"], r["kl_mean_high"]),
-              _with_interval(r["kl_p99"], r["kl_p99_low"], r["kl_p99_high"]),
-              _with_interval(r["top1_agree"], r["top1_agree_low"], r["top1_agree_high"], ".3f")] for r in rows]
-    return table(header, cells, numeric={2, 3, 4, 5, 6})
+              fmt(r["kl_mean"], ".4g"), _with_interval(r["kl_median"], r["kl_median_low"], r["kl_median_high"]),
+              fmt(r["kl_p99"], ".4g"), fmt(r["top1_agree"], ".3f"),
+              _with_interval(r["top1_median"], r["top1_median_low"], r["top1_median_high"], ".3f")] for r in rows]
+    return table(header, cells, numeric={2, 3, 4, 5, 6, 7, 8})
 
 
 def answer_letters_html(rows: list[dict[str, Any]]) -> str:
@@ -357,7 +389,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         cells.append([
             html.escape(r["task"]), html.escape(r["metric"]), html.escape(r["variant"]), fmt(r["n"]),
             f"{fmt(value)} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", fmt(r["dense_value"]),
-            html.escape(interval_text(r)) if r.get("p_value") is not None and r["strategy"] != "dense" else "—",
+            html.escape(interval_text(r)) if r.get("p_value") is not None and r[STRATEGY] != DENSE else "—",
             discordant, html.escape(test), format_p(r["p_value"], _at_floor(r)),
             format_p(r["p_holm"], _at_floor(r)) if r["p_holm"] is not None else "—", html.escape(verdict),
         ])
@@ -432,4 +464,4 @@ def _run_facts(manifest: dict[str, Any]) -> str:
 
 
 def _links(paths: list[str]) -> str:
-    return " · ".join(f'<a href="{html.escape(p)}">{html.escape(p)}</a>' for p in paths)
+    return " · ".join(f'<a href="{html.escape(href(*p.split("/")))}">{html.escape(p)}</a>' for p in paths)

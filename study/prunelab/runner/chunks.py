@@ -1,4 +1,7 @@
 """Chunks of a task (items, or a deferred-subset task's windows) and the per-item rows of one chunk.
+
+A ``Chunk`` is the runner's unit of work and of resumption: one variant's rows of one slice of one
+task, written as one file of the work folder.
 """
 
 from __future__ import annotations
@@ -13,8 +16,37 @@ from prunelab.errors import PrunelabError
 from prunelab.evaluate.data import Subset
 from prunelab.evaluate.run import PreparedTask
 from prunelab.plugin import Item, MetricSpec, Scorer, TaskResult
-from prunelab.runner.studyfile import CORE_COLUMNS
+from prunelab.records import (
+    CORRECT,
+    ITEM_ID,
+    ITEM_SCHEMA,
+    METRIC,
+    NLL_SUM,
+    PARAMS,
+    STRATEGY,
+    TASK,
+    TOKENS,
+    VALUE,
+    VARIANT,
+)
 from prunelab.runner.variants import Variant
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One variant's evaluation of items (or a deferred-subset task's units) ``start:stop`` of a task:
+    the task's chunk number ``index``, whose rows are one file of the work folder."""
+
+    variant: Variant
+    task: str
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        """How many items (or units) the chunk evaluates: what progress and the event log count."""
+        return self.stop - self.start
 
 
 @dataclass(frozen=True)
@@ -59,24 +91,24 @@ def item_rows(variant: Variant, task: str, result: TaskResult, metrics: tuple[Me
     if not metrics:
         raise PrunelabError(f"task {task}: its evaluator declares no metrics (Evaluator.metrics)")
     if not result.records:
-        return pl.DataFrame(schema=CORE_COLUMNS)
+        return pl.DataFrame(schema=ITEM_SCHEMA)
     specs = metrics
     fields = {spec.field for spec in specs if spec.field}
     rows = []
     for record in result.records:
         extras = {k: _flat(v) for k, v in record.items()
-                  if k not in CORE_COLUMNS and k not in fields and not k.startswith("correct")}
+                  if k not in ITEM_SCHEMA and k not in fields and not k.startswith(CORRECT)}
         for spec in specs:
             per_item = record.get(spec.field) if spec.field else None
-            rows.append({**extras, "variant": variant.name, "strategy": variant.strategy,
-                         "params": variant.params_json, "task": task, "metric": spec.name,
-                         "item_id": str(record["item_id"]),
-                         "correct": per_item if spec.kind == "accuracy" else None,
-                         "value": float(per_item) if spec.kind == "mean" and per_item is not None else None,
-                         "nll_sum": record.get("nll_sum") if spec.kind == "perplexity" else None,
-                         "tokens": record.get("tokens") if spec.kind == "perplexity" else None})
-    frame = pl.DataFrame(rows, infer_schema_length=None, schema_overrides=CORE_COLUMNS)
-    return frame.select(*CORE_COLUMNS, pl.exclude(*CORE_COLUMNS))
+            rows.append({**extras, VARIANT: variant.name, STRATEGY: variant.strategy,
+                         PARAMS: variant.params_json, TASK: task, METRIC: spec.name,
+                         ITEM_ID: str(record["item_id"]),
+                         CORRECT: per_item if spec.kind == "accuracy" else None,
+                         VALUE: float(per_item) if spec.kind == "mean" and per_item is not None else None,
+                         NLL_SUM: record.get("nll_sum") if spec.kind == "perplexity" else None,
+                         TOKENS: record.get("tokens") if spec.kind == "perplexity" else None})
+    frame = pl.DataFrame(rows, infer_schema_length=None, schema_overrides=ITEM_SCHEMA)
+    return frame.select(*ITEM_SCHEMA, pl.exclude(*ITEM_SCHEMA))
 
 
 def _flat(value: Any) -> Any:

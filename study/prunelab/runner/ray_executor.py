@@ -27,8 +27,12 @@ chunks (as measured): then both finish sooner; otherwise it waits for other work
 BENCHMARKS.md "Studies on Ray" for the measured costs behind this choice.
 
 Faults: the driver, not Ray, retries units. A lost worker (its process or its node) fails its one
-unit in flight; the unit goes back to the queue for any other worker, and Ray restarts the actor
-(``max_restarts``) wherever the resources are. Finished chunks are files in the shared work folder,
+unit in flight; the unit goes back to the front of the queue for the first free worker, and Ray
+restarts the actor (``max_restarts``) wherever the resources are. While Ray restarts it, the driver
+asks it again every ``REPROBE_S`` (Ray answers "temporarily unavailable" until it is back) for up
+to ``wait_s``; only an actor Ray reports dead for good leaves the pool. A unit that was lost with
+its worker ``UNIT_LOSS_LIMIT`` times stops the run with one line naming it: it kills its workers,
+and evaluating it again would only kill more. Finished chunks are files in the shared work folder,
 so a killed driver resumes from them when started again (its actors die with it).
 """
 
@@ -41,24 +45,29 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from prunelab.errors import PrunelabError
+from prunelab.evaluate.engine import Engine
 from prunelab.evaluate.layersweep import LayerSweep
-from prunelab.runner.executors import ExecutorSettings
+from prunelab.model.loading import choose_device
+from prunelab.records import DENSE
+from prunelab.registry import default_registry
+from prunelab.runner.chunks import Chunk
+from prunelab.runner.session import Reporter, Session, model_revision, prepare_study_tasks, removed_layer
+from prunelab.runner.studyfile import ExecutorSettings, Study
+from prunelab.runner.variants import Variant
+from prunelab.runner.workfolder import Plan, WorkFolder
 
-if TYPE_CHECKING:
-    from prunelab.evaluate.engine import Engine
-    from prunelab.runner.run import Session
-    from prunelab.runner.studyfile import Study
-    from prunelab.runner.variants import Variant
-    from prunelab.runner.workfolder import Plan
-
-Pair = tuple["Variant", str, int, tuple[int, int]]
 CONNECT_TIMEOUT_S = 5.0
+#: a unit whose worker process dies this many times stops the run, naming it (it kills workers: out of
+#: memory, a crash); any other lost unit is evaluated again by a restarted or another worker
+UNIT_LOSS_LIMIT = 3
+#: how long the driver waits before asking a worker Ray is restarting again whether it is up
+REPROBE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -66,30 +75,28 @@ class Unit:
     """What one worker call evaluates; ``variant`` is the model it needs (None: the dense model)."""
 
     kind: str  # "chunk", "sweep", "bench" or "prune"
-    pairs: tuple[Pair, ...]
+    chunks: tuple[Chunk, ...]
     variant: Variant | None
     #: (task, chunk index) of the dense chunks whose reference this unit reads: it runs after them
     waits_for: frozenset[tuple[str, int]] = frozenset()
 
     @property
     def items(self) -> int:
-        return sum(stop - start for *_, (start, stop) in self.pairs)
+        return sum(chunk.size for chunk in self.chunks)
 
     @property
     def provides(self) -> set[tuple[str, int]]:
         """The dense chunks this unit evaluates (and so the references it writes)."""
-        from prunelab.report.stats import DENSE
-
-        return {(task, index) for variant, task, index, _ in self.pairs if variant.strategy == DENSE}
+        return {(chunk.task, chunk.index) for chunk in self.chunks if chunk.variant.strategy == DENSE}
 
     def describe(self) -> str:
         if self.kind == "sweep":
-            _, task, index, _ = self.pairs[0]
-            return f"layer sweep of {task} chunk {index} ({len(self.pairs)} variants)"
+            first = self.chunks[0]
+            return f"layer sweep of {first.task} chunk {first.index} ({len(self.chunks)} variants)"
         if self.kind in ("bench", "prune"):
             return f"{self.kind} of {self.variant.name}"
-        variant, task, index, _ = self.pairs[0]
-        return f"{variant.name} {task} chunk {index}"
+        first = self.chunks[0]
+        return f"{first.variant.name} {first.task} chunk {first.index}"
 
 
 @dataclass(frozen=True)
@@ -107,10 +114,6 @@ class StudyWorker:
 
     def __init__(self, study: Study, work_root: str, layer_sweep: bool, threads: int | None) -> None:
         import torch
-
-        from prunelab.model.loading import choose_device
-        from prunelab.runner.run import Reporter, Session, prepare_study_tasks
-        from prunelab.runner.workfolder import WorkFolder
 
         if threads:
             torch.set_num_threads(threads)
@@ -130,14 +133,12 @@ class StudyWorker:
         return self.session.plan()
 
     def describe(self) -> dict[str, Any]:
-        from prunelab.runner.run import model_revision
-
         loaded = self.session.load()
         return {"sweep": LayerSweep.supports(loaded.adapter), "revision": model_revision(loaded)}
 
     def run(self, unit: Unit) -> Done:
         """Evaluate the unit's chunks that have no file yet (another attempt may have written them)."""
-        todo = [p for p in unit.pairs if not self.work.chunk(p[0], p[1], p[2]).is_file()]
+        todo = [chunk for chunk in unit.chunks if not self.work.chunk(chunk).is_file()]
         if unit.kind == "sweep":
             began = time.perf_counter()
             if todo:
@@ -145,8 +146,8 @@ class StudyWorker:
             return Done(unit.items, 0.0, time.perf_counter() - began)
         prune_s = self.hold(unit.variant)
         began = time.perf_counter()
-        for variant, task, index, (start, stop) in todo:
-            self.session.run_chunk(self.held[1], variant, task, index, start, stop)
+        for chunk in todo:
+            self.session.run_chunk(self.held[1], chunk)
         return Done(unit.items, prune_s, time.perf_counter() - began)
 
     def hold(self, variant: Variant) -> float:
@@ -227,9 +228,7 @@ class RayExecutor:
 
     def evaluate(self, session: Session, plan: Plan) -> None:
         self.connect()
-        pending = [p for p in plan.pairs() if not session.work.finished_chunk(session.work.chunk(p[0], p[1], p[2]))]
-        total = sum(b[1] - b[0] for *_, b in plan.pairs())
-        session.reporter.start(total, total - sum(b[1] - b[0] for *_, b in pending))
+        pending = session.pending(plan)
         pool = self.pool(session)
         try:
             if pending:
@@ -258,31 +257,27 @@ class RayExecutor:
             self._pool = None
 
 
-def units(session: Session, pending: list[Pair], *, sweep: bool) -> list[Unit]:
+def units(session: Session, pending: list[Chunk], *, sweep: bool) -> list[Unit]:
     """Sweep units (one per task chunk shared by dense and single-layer removals) first, then chunks,
     the slowest variants to prepare first (``preparation_rank``).
 
     A chunk unit of a task that ``compares_with_dense`` waits for dense's pending chunk of the same
     task and index (a finished one has left its reference already).
     """
-    from prunelab.report.stats import DENSE
-    from prunelab.runner.run import removed_layer
+    swept: dict[tuple[str, int], list[Chunk]] = {}
+    if sweep and any(removed_layer(chunk.variant) is not None for chunk in pending):
+        for chunk in pending:
+            if session.sweepable(chunk.variant, chunk.task):
+                swept.setdefault((chunk.task, chunk.index), []).append(chunk)
+    taken = {id(chunk) for group in swept.values() for chunk in group}
+    dense_pending = {(c.task, c.index) for c in pending if c.variant.strategy == DENSE}  # in a sweep unit or not
 
-    swept: dict[tuple[str, int], list[Pair]] = {}
-    if sweep and any(removed_layer(p[0]) is not None for p in pending):
-        for pair in pending:
-            if session.sweepable(pair[0], pair[1]):
-                swept.setdefault((pair[1], pair[2]), []).append(pair)
-    taken = {id(p) for group in swept.values() for p in group}
-    dense_pending = {(p[1], p[2]) for p in pending if p[0].strategy == DENSE}  # in a sweep unit or not
+    def waits_for(chunk: Chunk) -> frozenset[tuple[str, int]]:
+        compares = session.tasks[chunk.task].evaluator.compares_with_dense
+        needed = compares and chunk.variant.strategy != DENSE and (chunk.task, chunk.index) in dense_pending
+        return frozenset({(chunk.task, chunk.index)}) if needed else frozenset()
 
-    def waits_for(pair: Pair) -> frozenset[tuple[str, int]]:
-        variant, task, index, _ = pair
-        compares = session.tasks[task].evaluator.compares_with_dense
-        needed = compares and variant.strategy != DENSE and (task, index) in dense_pending
-        return frozenset({(task, index)}) if needed else frozenset()
-
-    chunks = [Unit("chunk", (p,), p[0], waits_for(p)) for p in pending if id(p) not in taken]
+    chunks = [Unit("chunk", (c,), c.variant, waits_for(c)) for c in pending if id(c) not in taken]
     chunks.sort(key=lambda u: -preparation_rank(u.variant))  # stable: plan order within a rank
     return [Unit("sweep", tuple(group), None) for group in swept.values()] + chunks
 
@@ -296,8 +291,6 @@ def preparation_rank(variant: Variant) -> int:
     variants that any worker can prepare in a moment and so share (longest-processing-time first).
     Measured on the quick smoke study: Wanda's prune, queued last, left one worker idle at the end.
     """
-    from prunelab.registry import default_registry
-
     if variant.recovery:
         return 2
     return int(default_registry().calibrates(variant.pruned_by, variant.params))
@@ -319,6 +312,8 @@ class WorkerPool:
         self.workers = [remote.remote(session.study, str(session.work.root), session.layer_sweep, threads)
                         for _ in range(count)]
         self.starting = {w.ready.remote(): w for w in self.workers}  # not yet known to be up
+        self.lost_at: dict[Any, float] = {}  # worker -> when it was lost (while Ray restarts it)
+        self.unit_losses: dict[str, int] = {}  # unit -> how often a worker died running it
         self.free: list[Any] = []
         self.holds: dict[Any, str | None] = {}  # worker -> the variant it holds
         self.prune_s: dict[str, float] = {}  # variant -> seconds one worker took to prune it
@@ -339,8 +334,8 @@ class WorkerPool:
         """Wait for a worker to come up or a unit to finish; fail when nothing can run for ``wait_s``."""
         refs = [*inflight, *self.starting]
         if not refs:
-            raise PrunelabError("every Ray worker was lost (finished chunks are kept: run the study again "
-                                "to resume)")
+            raise PrunelabError(f"every Ray worker was lost, each after {self.settings.max_restarts} restart(s) "
+                                "([executor] max_restarts; finished chunks are kept: run the study again to resume)")
         done, _ = ray.wait(refs, num_returns=1, timeout=None if inflight else self.settings.wait_s)
         if not done:
             raise PrunelabError(
@@ -351,14 +346,27 @@ class WorkerPool:
                 worker = self.starting.pop(ref)
                 try:
                     ray.get(ref)
-                except RayActorError as exc:  # restarts used up, or it cannot be placed any more
+                except RayActorError as exc:
                     if exc.actor_init_failed:  # the same on every node: say why, now
                         raise PrunelabError(f"a Ray worker could not start: {cause_line(exc)}") from None
-                    self.workers.remove(worker)
+                    self.not_up(worker, exc)
                     continue
+                self.lost_at.pop(worker, None)
                 self.free.append(worker)
                 self.holds.setdefault(worker, None)
         return [ref for ref in done if ref in inflight]
+
+    def not_up(self, worker: Any, exc: RayActorError) -> None:
+        """A worker that did not answer: ask again while Ray restarts it (``ActorUnavailableError``, for
+        up to ``wait_s``); one that Ray reports dead for good (restarts used up, no node) leaves the pool."""
+        lost_at = self.lost_at.setdefault(worker, time.monotonic())
+        if isinstance(exc, ActorUnavailableError) and time.monotonic() - lost_at < self.settings.wait_s:
+            time.sleep(REPROBE_S)
+            self.starting[worker.ready.remote()] = worker
+            return
+        self.workers.remove(worker)
+        self.holds.pop(worker, None)
+        self.session.work.log(event="worker_gone", error=" ".join(str(exc).split())[:200])
 
     def drain(self, queue: list[Unit]) -> None:
         """Evaluate every unit, each once the dense chunks it waits for are done; a unit whose worker
@@ -397,7 +405,7 @@ class WorkerPool:
             self.prune_s[unit.variant.name] = result.prune_s
         if unit.kind == "chunk":
             self.unit_s.setdefault(unit.variant.name, []).append(result.eval_s)
-            self.task_s.setdefault(unit.pairs[0][1], []).append(result.eval_s)
+            self.task_s.setdefault(unit.chunks[0].task, []).append(result.eval_s)
 
     def choose(self, queue: list[Unit], ready: list[int], worker: Any, *, may_wait: bool) -> int | None:
         """The queue position (one of ``ready``) for ``worker``: its held variant, else a sweep, else
@@ -426,7 +434,7 @@ class WorkerPool:
         same = [p for p in ready if queue[p].kind == "chunk" and queue[p].variant == unit.variant]
 
         def expected_s(position: int) -> float:
-            seconds = self.task_s.get(queue[position].pairs[0][1])
+            seconds = self.task_s.get(queue[position].chunks[0].task)
             return sum(seconds) / len(seconds) if seconds else math.inf
 
         return max(same, key=expected_s)
@@ -452,12 +460,20 @@ class WorkerPool:
 
     def lost(self, worker: Any, unit: Unit, queue: list[Unit], exc: Exception) -> None:
         """Re-queue the unit (a prune unit is only a head start); the worker counts again once Ray has
-        restarted it (if it can)."""
+        restarted it (if it can). The ``UNIT_LOSS_LIMIT``-th loss of the same unit stops the run."""
+        what = unit.describe()
+        losses = self.unit_losses[what] = self.unit_losses.get(what, 0) + 1
+        self.holds[worker] = None
+        self.lost_at[worker] = time.monotonic()
+        self.session.work.log(event="lost", unit=what, losses=losses, error=" ".join(str(exc).split())[:200])
+        if losses >= UNIT_LOSS_LIMIT:
+            raise PrunelabError(
+                f"{what}: its Ray worker process died {losses} times while running it (out of memory? a crash?); "
+                f"stopped instead of losing more workers (the finished chunks are kept in {self.session.work.root}: "
+                "run the study again to resume)")
         if unit.kind != "prune":
             queue.insert(0, unit)
-        self.holds[worker] = None
-        self.session.work.log(event="lost", unit=unit.describe(), error=" ".join(str(exc).split())[:200])
-        self.session.reporter.message(f"a Ray worker was lost during {unit.describe()}: evaluating it again")
+        self.session.reporter.message(f"a Ray worker was lost during {what}: evaluating it again")
         self.starting[worker.ready.remote()] = worker
 
     def close(self) -> None:

@@ -1,103 +1,35 @@
-"""The run driver: ``run_study`` and the session that loads, prunes and evaluates.
+"""The run driver: ``run_study`` identifies a study's results, reuses a finished run of them or
+hands the pending chunks to an executor, and writes the run's artifacts.
+
+The run's identity (``prunelab.runner.identity``), the session that loads, prunes and evaluates
+(``prunelab.runner.session``) and where its chunks run (``prunelab.runner.executors``) each have
+their own module; this one imports them and none of them imports it.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
-import itertools
-import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from prunelab.evaluate.data import DataSource
-from prunelab.evaluate.engine import Engine
-from prunelab.evaluate.layersweep import LayerSweep
-from prunelab.evaluate.reference import ReferenceStore
-from prunelab.evaluate.run import PreparedTask, prepare_tasks, run_task
-from prunelab.model.adapter import adapt
-from prunelab.model.bench import bench_rows, measure, parameter_count
-from prunelab.model.loading import LoadedModel, load_model, source_fingerprint
-from prunelab.prune.api import prune
-from prunelab.prune.masks import MaskSet
-from prunelab.prune.recovery import check_disjoint, heal
-from prunelab.readers import atomic_write, read_json
+from prunelab.evaluate.run import PreparedTask
+from prunelab.model.bench import bench_rows
+from prunelab.prune.recovery import check_disjoint
+from prunelab.readers import read_json
 from prunelab.registry import default_registry
 from prunelab.report import artifacts
-from prunelab.report.stats import DENSE
-from prunelab.runner.chunks import chunk_ranges, chunk_task, item_rows
 from prunelab.runner.executors import Executor, LocalExecutor
+from prunelab.runner.identity import finished_run, identify, run_of_other_code
+from prunelab.runner.session import Reporter, Session, prepare_study_tasks
 from prunelab.runner.studyfile import WORK, Study, common_task_options
-from prunelab.runner.variants import Variant, expand_variants
-from prunelab.runner.workfolder import Plan, WorkFolder, config_without_code
-
-
-class Reporter:
-    """What the runner tells its caller (the CLI draws progress bars); every method may be ignored."""
-
-    def message(self, text: str) -> None: ...
-    def start(self, total: int, done: int) -> None: ...
-    def pair(self, variant: str, task: str, units: int) -> None: ...
-    def advance(self, units: int) -> None: ...
-
-
-def study_config(study: Study, tasks: list[PreparedTask]) -> dict[str, Any]:
-    """What identifies the results: the settings, the model's weights and the evaluated items."""
-    data = {}
-    for task in tasks:
-        digest = hashlib.sha256()
-        for item in task.items:
-            digest.update(json.dumps([item.id, item.group, item.data], sort_keys=True, default=str).encode())
-        data[task.evaluator.name] = digest.hexdigest()[:16]
-    return {**study.settings, "model_hash": source_fingerprint(study.model), "data": data,
-            "calibration_text": calibration_fingerprint(study.calibration), "code": artifacts.code_version()}
-
-
-def calibration_fingerprint(calibration: dict[str, Any] | None) -> str | None:
-    """SHA-256 of a local calibration file's bytes (an edited file is another configuration); a Hub
-    source by name (its text is fixed by the dataset revision the loader pins)."""
-    source = (calibration or {}).get("source")
-    if not source:
-        return None
-    path = Path(source)
-    if not path.is_file():
-        return f"hub:{source}"
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
-
-
-def finished_run(study_dir: Path, digest: str) -> Path | None:
-    """The newest finished run folder of this configuration, if any."""
-    for folder in sorted(study_dir.glob(f"*-{digest[:8]}"), reverse=True):
-        try:
-            if json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("config_hash") == digest:
-                return folder
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def run_of_other_code(study_dir: Path, config: dict[str, Any]) -> tuple[Path, dict[str, Any]] | None:
-    """The newest finished run with these settings, model and items but another prunelab version or commit."""
-    wanted = artifacts.config_hash(config_without_code(config))
-    for manifest_path in sorted(study_dir.glob("*/manifest.json"), reverse=True):
-        try:
-            stored = json.loads(manifest_path.read_text(encoding="utf-8")).get("config") or {}
-        except (OSError, ValueError):
-            continue
-        if artifacts.config_hash(config_without_code(stored)) == wanted:
-            return manifest_path.parent, stored.get("code") or {}
-    return None
+from prunelab.runner.workfolder import Plan, WorkFolder
 
 
 def decoding_settings(study: Study) -> dict[str, Any]:
@@ -109,13 +41,13 @@ def decoding_settings(study: Study) -> dict[str, Any]:
                       for t, options in evaluation["tasks"].items()}}
 
 
-def declared_metrics(tasks: list[PreparedTask]) -> list[dict[str, Any]]:
-    """Each task's declared metrics as the manifest stores them (the report reads them back)."""
-    return [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
-def prepare_study_tasks(study: Study) -> list[PreparedTask]:
-    """Each task's items as the study selects them (the driver and every Ray worker prepare the same)."""
-    data = DataSource.resolve(study.data_dir)
-    return [prepare_tasks([name], data, study.subsets[name], study.task_options[name])[0] for name in study.tasks]
+def declared_metrics(tasks: list[PreparedTask], tolerances: Mapping[tuple[str, str], float] | None = None
+                     ) -> list[dict[str, Any]]:
+    """Each task's declared metrics as the manifest stores them (the report reads them back), with
+    the study's own tolerances (``[tolerance]``) in place of the declared ones."""
+    tolerances = tolerances or {}
+    declared = [{"task": t.evaluator.name, **dataclasses.asdict(m)} for t in tasks for m in t.evaluator.metrics]
+    return [{**m, "tolerance": tolerances.get((m["task"], m["name"]), m["tolerance"])} for m in declared]
 
 
 def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool = False,
@@ -133,8 +65,8 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
     tasks = prepare_study_tasks(study)
     if study.recovery and isinstance(study.recovery["options"].get("data"), str):
         reporter.message(f"healing data: {check_disjoint(study.recovery['options']['data'], tasks)}")
-    config = study_config(study, tasks)
-    digest = artifacts.config_hash(config)
+    identity = identify(study, tasks)
+    config, digest = identity.config(), identity.digest
     study_dir = Path(out) / study.name
     work = WorkFolder(study_dir / WORK)
     if not rerun and (done := finished_run(study_dir, digest)):
@@ -161,156 +93,11 @@ def run_study(study: Study, out: str | os.PathLike = "artifacts", *, rerun: bool
             "device": config["device"], "dtype": config["dtype"],
             "timings": timings(work.events(), time.perf_counter() - started),
             "variants": prune_reports(work.events()),
-            "metrics": declared_metrics(tasks), "decoding": decoding_settings(study), "machine": artifacts.machine(),
+            "metrics": declared_metrics(tasks, study.tolerances), "decoding": decoding_settings(study), "machine": artifacts.machine(),
         }
         run = artifacts.write_run(out, study.name, items, manifest, bench=collect_bench(work, plan))
     shutil.rmtree(work.root, ignore_errors=True)
     return run
-
-
-class Session:
-    """One invocation's model and engine: loads the dense model only if something is left to compute."""
-
-    def __init__(self, study: Study, tasks: list[PreparedTask], work: WorkFolder, reporter: Reporter,
-                 layer_sweep: bool = True) -> None:
-        self.study, self.tasks, self.work, self.reporter = study, {t.evaluator.name: t for t in tasks}, work, reporter
-        self.layer_sweep = layer_sweep
-        self.dense: LoadedModel | None = None
-
-    def load(self) -> LoadedModel:
-        if self.dense is None:
-            self.reporter.message(f"loading {self.study.model}")
-            start = time.perf_counter()
-            self.dense = load_model(self.study.model, device=self.study.device, dtype=self.study.dtype,
-                                    trust_remote_code=self.study.trust_remote_code)
-            self.work.log(event="load", seconds=round(time.perf_counter() - start, 3))
-        return self.dense
-
-    def engine(self, loaded: LoadedModel) -> Engine:
-        options = self.study.settings["evaluation"]
-        return Engine(loaded.model, loaded.tokenizer, loaded.adapter, batch_tokens=options["batch_tokens"],
-                      chat_template=options["chat_template"], enable_thinking=options["enable_thinking"])
-
-    def plan(self) -> Plan:
-        dense = self.load()
-        engine = self.engine(dense)
-        size = self.study.settings["evaluation"]["chunk_items"]
-        plan = Plan(expand_variants(self.study, dense.adapter.num_layers),
-                    {name: chunk_ranges(task, engine, size) for name, task in self.tasks.items()})
-        self.work.save_plan(plan)
-        return plan
-
-    def evaluate(self, plan: Plan) -> None:
-        pending = [(v, t, i, b) for v, t, i, b in plan.pairs() if not self.work.finished_chunk(self.work.chunk(v, t, i))]
-        if self.work.damaged:
-            self.reporter.message(f"recomputing {len(self.work.damaged)} damaged chunk(s) (moved aside as *.damaged)")
-        units = sum(b[1] - b[0] for *_, b in plan.pairs())
-        self.reporter.start(units, units - sum(b[1] - b[0] for *_, b in pending))
-        if pending and self.layer_sweep and any(removed_layer(v) is not None for v in plan.variants):
-            swept = [p for p in pending if self.sweepable(p[0], p[1])]
-            if swept and LayerSweep.supports(self.load().adapter):
-                self.evaluate_sweep(swept)
-                pending = [p for p in pending if p not in swept]
-        for variant, group in itertools.groupby(pending, key=lambda p: p[0]):
-            chunks = list(group)
-            loaded = self.variant_model(variant)
-            self.bench(variant, loaded)
-            engine = self.engine(loaded)
-            for task, task_chunks in itertools.groupby(chunks, key=lambda p: p[1]):
-                task_chunks = list(task_chunks)
-                self.reporter.pair(variant.name, task, sum(b[1] - b[0] for *_, b in task_chunks))
-                for _, _, index, (start, stop) in task_chunks:
-                    self.run_chunk(engine, variant, task, index, start, stop)
-            del loaded, engine
-        for variant in plan.variants:  # swept variants, and any killed between evaluation and bench
-            if self.study.bench and not self.work.bench(variant).is_file():
-                self.bench(variant, self.variant_model(variant))
-
-    def bench(self, variant: Variant, loaded: LoadedModel) -> None:
-        """Measure the variant's size and speed once (``[bench]``), before evaluating it."""
-        path = self.work.bench(variant)
-        if not self.study.bench or path.is_file():
-            return
-        self.reporter.message(f"benchmarking: {variant.name}")
-        result = {"parameters": parameter_count(loaded.model), "decoder_layers": loaded.adapter.num_layers,
-                  **measure(loaded.adapter, **self.study.bench)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda staging: staging.write_text(json.dumps(result, default=str), encoding="utf-8"))
-        self.work.log(event="bench", variant=variant.name)
-
-    def sweepable(self, variant: Variant, task: str) -> bool:
-        """Can this pair share a layer sweep: dense or one removed layer, on a scoring task."""
-        if self.tasks[task].evaluator.generates:
-            return False
-        return variant.strategy == DENSE or removed_layer(variant) is not None
-
-    def evaluate_sweep(self, pairs: list[tuple[Variant, str, int, tuple[int, int]]]) -> None:
-        """Single-layer removals (and the dense model) chunk by chunk through one ``LayerSweep``.
-
-        Layers below the removed one compute what the dense model computes, so each chunk is run
-        once through the dense model, recording every layer's input, and each variant runs only
-        the layers after its removed one. Every variant's rows of a chunk are written when the
-        chunk is done: a kill loses that chunk, nothing finished.
-        """
-        engine = self.engine(self.load())
-        self.reporter.message(f"layer sweep: {len({p[0].name for p in pairs})} variants share the layers "
-                              "below each removed one")
-        by_chunk = sorted(pairs, key=lambda p: (p[1], p[2]))
-        for (task, index), group in itertools.groupby(by_chunk, key=lambda p: (p[1], p[2])):
-            group = list(group)
-            layers = sorted({layer for v, *_ in group if (layer := removed_layer(v)) is not None})
-            sweep = LayerSweep(engine, layers)
-            for variant, _, _, (start, stop) in group:
-                self.reporter.pair(variant.name, task, stop - start)
-                self.run_chunk(sweep.view(removed_layer(variant)), variant, task, index, start, stop, swept=True)
-
-    def variant_model(self, variant: Variant) -> LoadedModel:
-        """The dense model itself, or a pruned deep copy of it (the dense one is never changed)."""
-        dense = self.load()
-        if variant.strategy == DENSE:
-            return dense
-        self.reporter.message(f"pruning: {variant.name}")
-        start = time.perf_counter()
-        model = copy.deepcopy(dense.model)
-        loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
-        report = prune(loaded, variant.pruned_by, seed=self.study.prune_seed, calibration=self.study.calibration,
-                       **variant.params)
-        compact = compact_report(report)
-        if variant.recovery:
-            self.reporter.message(f"healing: {variant.name}")
-            healed = heal(loaded, variant.recovery, masks=report.masks or MaskSet(), seed=self.study.prune_seed,
-                          **self.study.recovery["options"])
-            compact["recovery"] = compact_report(healed)
-        self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
-                      report=compact)
-        return loaded
-
-    def run_chunk(self, engine: Engine, variant: Variant, task: str, index: int, start: int, stop: int,
-                  swept: bool = False) -> None:
-        begun = time.perf_counter()
-        reference = (ReferenceStore(self.work.reference(task, index), is_dense=variant.strategy == DENSE)
-                     if self.tasks[task].evaluator.compares_with_dense else None)
-        result = run_task(engine, chunk_task(self.tasks[task], start, stop), self.reporter.advance, reference)
-        path = self.work.chunk(variant, task, index)
-        self.work.write_chunk(path, item_rows(variant, task, result, self.tasks[task].evaluator.metrics))
-        self.work.log(event="chunk", variant=variant.name, task=task, chunk=index, items=stop - start,
-                      seconds=round(time.perf_counter() - begun, 3), swept=swept)
-
-
-def removed_layer(variant: Variant) -> int | None:
-    """The one layer a variant removes, as its strategy declares it; None for any other variant."""
-    if variant.recovery:  # a healed twin is trained after the removal: not the sweep's model
-        return None
-    return default_registry().removed_layer(variant.strategy, variant.params)
-
-
-def model_revision(loaded: LoadedModel | None) -> str | None:
-    """The Hub commit the weights came from (transformers records it on the config); None otherwise.
-
-    A Hub id alone does not pin the weights (``model_hash`` is ``hub:<id>``), so the manifest keeps
-    the commit of the snapshot this session loaded.
-    """
-    return getattr(loaded.model.config, "_commit_hash", None) if loaded is not None else None
 
 
 def model_label(model: str) -> str:
@@ -330,16 +117,8 @@ def collect_bench(work: WorkFolder, plan: Plan) -> pl.DataFrame | None:
 
 def collect_items(work: WorkFolder, plan: Plan) -> pl.DataFrame:
     """Every chunk's rows, in plan order: the run's per-item table."""
-    frames = [work.read_chunk(work.chunk(v, t, i)) for v, t, i, _ in plan.pairs()]
+    frames = [work.read_chunk(work.chunk(chunk)) for chunk in plan.every_chunk()]
     return pl.concat(frames, how="diagonal_relaxed")
-
-
-def compact_report(report: dict[str, Any]) -> dict[str, Any]:
-    """A prune report without its per-tensor and per-layer detail (the manifest keeps the totals)."""
-    compact = dict(report)
-    if isinstance(compact.get("sparsity"), dict):
-        compact["sparsity"] = {"total": compact["sparsity"].get("total")}
-    return json.loads(json.dumps(compact, default=str))
 
 
 def prune_reports(events: list[dict[str, Any]]) -> dict[str, Any]:

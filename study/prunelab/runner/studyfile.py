@@ -23,7 +23,9 @@ study file's folder; ``${VAR}`` and ``${VAR:-default}`` are expanded, then ``~``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -31,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import yaml
 
 from prunelab.errors import PrunelabError
@@ -42,21 +43,79 @@ from prunelab.prune.recovery import study_recovery
 from prunelab.readers import read_utf8, reading
 from prunelab.registry import Registry, default_registry
 from prunelab.report import artifacts
-from prunelab.runner.executors import ExecutorSettings
 
 EACH_LAYER = "each"  # ``layers = "each"``: one variant per decoder layer, known once the model is
 CHUNK_ITEMS = 32
+# Bounds checked before anything is expanded or allocated (docs/errors.md, "bounds"): a real study
+# has tens to a few hundred variants and a study file a few kilobytes.
+MAX_VARIANTS = 10_000
+MAX_STUDY_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # after expanding aliases
 WORK = ".work"
-TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "prune_seed", "evaluation", "calibration",
-            "strategies", "bench", "recovery", "executor"}
+KINDS = ("local", "ray")  # [executor] kind
+TOP_KEYS = {"name", "model", "device", "dtype", "trust_remote_code", "allow_pickle", "prune_seed", "evaluation",
+            "calibration", "strategies", "bench", "recovery", "executor", "tolerance"}
 BENCH_DEFAULTS = {"prompt_lengths": [128], "batches": [1], "new_tokens": 16, "repeats": 3}
 SUBSET_KEYS = {"fraction", "sample", "limit", "seed"}
 EVALUATION_KEYS = SUBSET_KEYS | {"tasks", "chat_template", "enable_thinking", "batch_tokens",
                                                     "data_dir", "chunk_items"}
-CORE_COLUMNS = {"variant": pl.String, "strategy": pl.String, "params": pl.String, "task": pl.String,
-                "metric": pl.String, "item_id": pl.String, "correct": pl.Boolean, "value": pl.Float64,
-                "nll_sum": pl.Float64, "tokens": pl.Int64}
 
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """``[executor]`` of a study file, overridden by ``prunelab study run --executor/--address/--workers``.
+
+    ``address``: None starts a Ray instance on this machine (or joins ``$RAY_ADDRESS``), ``auto``
+    joins the cluster this machine is a node of, ``ray://HOST:PORT`` a remote one through Ray Client.
+    ``workers``: Ray actors (default: as many as the cluster has GPUs, or CPUs / ``cpus_per_worker``).
+    ``gpus_per_worker``: default 1 when the study runs on CUDA, else 0 (then ``cpus_per_worker``
+    torch threads). ``wait_s``: how long to wait for a worker to be placed before failing.
+    ``max_restarts``: how often Ray restarts a lost worker (on any node with the resources).
+    """
+
+    kind: str = "local"
+    address: str | None = None
+    workers: int | None = None
+    cpus_per_worker: int = 1
+    gpus_per_worker: float | None = None
+    wait_s: float = 600.0
+    max_restarts: int = 3
+
+    @classmethod
+    def from_table(cls, table: Any, where: str) -> ExecutorSettings:
+        if table is None:
+            return cls()
+        if not isinstance(table, dict):
+            raise PrunelabError(f"{where}: expected a table (e.g. kind = \"ray\")")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - set(fields))
+        if unknown:
+            raise PrunelabError(f"{where}: unknown key(s) {', '.join(unknown)} (known: {', '.join(fields)})")
+        return cls().replace(where, **table)
+
+    def replace(self, where: str, **changes: Any) -> ExecutorSettings:
+        """These settings with ``changes`` (None: keep), each checked; a bad value is a one-line error."""
+        kinds = {"kind": str, "address": str, "workers": int, "cpus_per_worker": int,
+                 "gpus_per_worker": float, "wait_s": float, "max_restarts": int}
+        checked = {}
+        for key, value in changes.items():
+            if value is None:
+                continue
+            kind = kinds[key]
+            allowed = (int, float) if kind is float else (kind,)
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                raise PrunelabError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+            checked[key] = kind(value)
+        settings = dataclasses.replace(self, **checked)
+        if settings.kind not in KINDS:
+            raise PrunelabError(f"{where}: kind must be one of {', '.join(KINDS)}, got {settings.kind!r}")
+        for key in ("workers", "cpus_per_worker"):
+            if getattr(settings, key) is not None and getattr(settings, key) < 1:
+                raise PrunelabError(f"{where}: {key} must be at least 1, got {getattr(settings, key)!r}")
+        for key in ("gpus_per_worker", "wait_s", "max_restarts"):
+            if getattr(settings, key) is not None and getattr(settings, key) < 0:
+                raise PrunelabError(f"{where}: {key} must not be negative, got {getattr(settings, key)!r}")
+        return settings
 
 
 @dataclass(frozen=True)
@@ -89,9 +148,14 @@ class Study:
     settings: dict[str, Any] = field(default_factory=dict)
     bench: dict[str, Any] | None = None  # ``[bench]``: measure each variant's speed (prunelab.model.bench)
     recovery: dict[str, Any] | None = None  # ``[recovery]``: heal variants (prunelab.prune.recovery.study_recovery)
+    #: ``[tolerance.<task>] <metric> = x``: the study's own tolerance for a metric that declares one
+    tolerances: dict[tuple[str, str], float] = field(default_factory=dict)
     # ``[executor]``: where the pairs run (local, ray); not in the configuration hash -- every executor
     # writes the same chunk files, so a Ray run resumes a local one and the other way round
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    # ``allow_pickle = true``: read pickle weights (unsafe); not in the hash -- it changes no result
+    allow_pickle: bool = False
+    notes: tuple[str, ...] = ()  # what was chosen for the user (a study name made from the file name)
 
 
 def load_study(path: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
@@ -117,9 +181,7 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     if strays:
         raise PrunelabError(f"{path}: [evaluation.{strays[0]}] is given but {strays[0]} is not in tasks")
     where = path.resolve().parent
-    name = _typed(raw, "name", str, path.stem, f"{path}")
-    if not artifacts.STUDY_NAME.match(name):
-        raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
+    name, notes = _study_name(raw, path)
     if "model" not in raw:
         raise PrunelabError(f"{path}: no model (e.g. model = \"Qwen/Qwen3-0.6B\")")
     if not isinstance(raw["model"], str) or not raw["model"].strip():
@@ -129,10 +191,13 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
     chunk = _typed(evaluation, "chunk_items", int, CHUNK_ITEMS, f"{path} [evaluation]")
     if chunk < 1:
         raise PrunelabError(f"{path} [evaluation] chunk_items must be a positive integer, got {chunk!r}")
-    strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(_blocks(raw, path))]
+    blocks = _blocks(raw, path)
+    check_variant_count(sum(grid_size(block) for block in blocks), f"{path}", "its [[strategies]] grids")
+    strategies = [_strategy_grid(block, i, registry, path) for i, block in enumerate(blocks)]
     calibration = _calibration(raw.get("calibration"), strategies, registry, where, path)
     bench = _bench_settings(raw.get("bench"), path)
     recovery = study_recovery(raw.get("recovery"), [s.name for s in strategies], registry, where, path)
+    tolerances = _tolerances(raw.get("tolerance"), tasks, registry, path)
     chosen_data = Path(data_dir).expanduser() if data_dir else (
         _resolve_path(evaluation["data_dir"], where) if "data_dir" in evaluation else None)
     device = _typed(raw, "device", str, "auto", f"{path}")
@@ -152,28 +217,121 @@ def _load_study(path: Path, data_dir: str | os.PathLike | None, registry: Regist
         "strategies": [{"name": s.name, **s.grid} for s in strategies],
         **({"bench": bench} if bench else {}),
         **({"recovery": raw["recovery"]} if recovery else {}),
+        **({"tolerance": raw["tolerance"]} if tolerances else {}),
     }
     return Study(
         name=name, path=path, text=text, model=_model_path(str(raw["model"]), where),
         device=device, dtype=dtype, trust_remote_code=settings["trust_remote_code"],
         prune_seed=settings["prune_seed"], tasks=tasks, subsets={t: s for t, (s, _) in per_task.items()},
         task_options={t: o for t, (_, o) in per_task.items()}, data_dir=chosen_data, calibration=calibration,
-        strategies=strategies, settings=settings, bench=bench, recovery=recovery,
+        strategies=strategies, settings=settings, bench=bench, recovery=recovery, tolerances=tolerances,
         executor=ExecutorSettings.from_table(raw.get("executor"), f"{path} [executor]"),
+        allow_pickle=_typed(raw, "allow_pickle", bool, False, f"{path}"), notes=tuple(notes),
     )
+
+
+def _study_name(raw: dict[str, Any], path: Path) -> tuple[str, list[str]]:
+    """The study's folder name: ``name``, else the file's name -- made plain (and said so) when it is not one.
+
+    A ``name`` written in the file must be a plain folder name (letters, digits, . _ -); the file's
+    own name is the user's filesystem's business, so ``mon étude.toml`` becomes ``mon-etude``.
+    """
+    if "name" in raw:
+        name = _typed(raw, "name", str, "", f"{path}")
+        if not artifacts.STUDY_NAME.match(name):
+            raise PrunelabError(f"{path}: study name {name!r} is not a plain folder name (letters, digits, . _ -)")
+        return name, []
+    if artifacts.STUDY_NAME.match(path.stem):
+        return path.stem, []
+    name = slugify(path.stem)
+    return name, [f"study name: {name} (the file name {path.stem!r} is not a plain folder name; set name = ... "
+                  "to choose another)"]
+
+
+def slugify(text: str, default: str = "study") -> str:
+    """A plain folder name from any text: accents dropped, every other run of characters one '-'."""
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", ascii_text).strip("-._")[:80].strip("-._")
+    return slug if artifacts.STUDY_NAME.match(slug) else default
+
+
+def _tolerances(value: Any, tasks: list[str], registry: Registry, path: Path) -> dict[tuple[str, str], float]:
+    """``[tolerance.<task>] <metric> = x``: only for metrics whose evaluator declares a tolerance."""
+    if value is None:
+        return {}
+    where = f"{path} [tolerance]"
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise PrunelabError(f"{where}: expected [tolerance.<task>] tables of <metric> = number")
+    found = {}
+    for task, metrics in value.items():
+        if task not in tasks:
+            raise PrunelabError(f"{where}: task {task!r} is not in the study's tasks ({', '.join(tasks)})")
+        declared = {m.name for m in registry.evaluator(task).metrics if m.tolerance is not None}
+        for metric, number in metrics.items():
+            if metric not in declared:
+                raise PrunelabError(f"{where}: {task} metric {metric!r} takes no tolerance "
+                                    f"(those that do: {', '.join(sorted(declared)) or 'none'})")
+            if isinstance(number, bool) or not isinstance(number, int | float) or not 0 <= number < math.inf:
+                raise PrunelabError(f"{where}: {task}.{metric} must be a non-negative number, got {number!r}")
+            found[(task, metric)] = float(number)
+    return found
 
 
 def _read_study_file(path: Path) -> tuple[str, dict[str, Any]]:
     """The file's text and its table: YAML for ``.yaml``/``.yml``, TOML otherwise (same keys either way)."""
+    with reading(path, "cannot read study file"):
+        size = path.stat().st_size
+    if size > MAX_STUDY_BYTES:
+        raise PrunelabError(f"{path}: a study file of {size:,} bytes, more than prunelab's limit of "
+                            f"{MAX_STUDY_BYTES:,}")
     text = read_utf8(path, "cannot read study file")
     if path.suffix.lower() in {".yaml", ".yml"}:
         with reading(path, "invalid YAML"):
-            raw = yaml.safe_load(text)  # plain data only: no tags that construct objects
+            raw = yaml.load(text, Loader=BoundedLoader)  # plain data only: no tags that construct objects
         if not isinstance(raw, dict):
             raise PrunelabError(f"{path}: a study file is a mapping of settings (model, evaluation, strategies)")
         return text, raw
     with reading(path, "invalid TOML"):
         return text, tomllib.loads(text)
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a document whose nodes, with every alias expanded, exceed
+    ``MAX_YAML_NODES``, and a recursive alias -- before anything is constructed.
+
+    An alias is one node shared by reference, so a few lines of nested aliases (a "billion laughs")
+    make a structure whose expanded size is exponential: every later walk of it (validation, the
+    configuration hash) would take minutes and gigabytes. The expanded size is counted on the
+    composed node graph, each distinct node once (memoized), so the check itself is linear.
+    """
+
+    def compose_document(self):
+        node = super().compose_document()
+        expanded_size(node, {}, set())
+        return node
+
+
+def expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes under ``node`` with aliases expanded; a ``yaml.YAMLError`` past the limit or on a cycle."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise yaml.YAMLError("a recursive alias (a node that contains itself)")
+    open_nodes.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode)
+                else [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+    total = 1
+    for child in children:
+        total += expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            raise yaml.YAMLError(f"more than {MAX_YAML_NODES:,} nodes once aliases are expanded (an alias bomb?); "
+                                 "prunelab's limit")
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
 
 
 def _task_settings(registry: Registry, task: str, evaluation: dict[str, Any], path: Path):
@@ -259,6 +417,18 @@ def _strategy_grid(block: dict[str, Any], index: int, registry: Registry, path: 
         except PrunelabError as exc:
             raise PrunelabError(f"{path}: {exc}") from None
     return StrategyGrid(strategy.name, grid, strategy.each_layer)
+
+
+def grid_size(block: dict[str, Any]) -> int:
+    """How many variants a ``[[strategies]]`` block expands to, from its list lengths (the product),
+    without expanding it; ``"each"`` counts as one here (``expand_variants`` checks it with the layers)."""
+    return math.prod(len(value) if isinstance(value, list) else 1 for key, value in block.items() if key != "name")
+
+
+def check_variant_count(count: int, where: str, what: str) -> None:
+    if count > MAX_VARIANTS:
+        raise PrunelabError(f"{where}: {what} expand to {count:,} variants, more than prunelab's limit of "
+                            f"{MAX_VARIANTS:,}")
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

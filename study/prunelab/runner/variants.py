@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from prunelab.errors import PrunelabError
 from prunelab.model.surgery import parse_layer_indices
 from prunelab.prune.recovery import healed_name
-from prunelab.report.stats import DENSE
-from prunelab.runner.studyfile import EACH_LAYER, Study, grid_points
+from prunelab.records import DENSE
+from prunelab.runner.studyfile import EACH_LAYER, Study, check_variant_count, grid_points
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,12 @@ def expand_variants(study: Study, num_layers: int) -> list[Variant]:
     (``<variant>+lora``), so every statistic compares it with dense like any other variant.
     """
     variants = [DENSE_VARIANT]
-    for block in study.strategies:
-        grid = {k: [layer for value in values for layer in (range(num_layers) if value == EACH_LAYER else [value])]
-                if k in block.each_layer else values for k, values in block.grid.items()}
+    grids = [{k: [layer for value in values for layer in (range(num_layers) if value == EACH_LAYER else [value])]
+              if k in block.each_layer else values for k, values in block.grid.items()} for block in study.strategies]
+    healed = [bool(study.recovery and block.name in study.recovery["strategies"]) for block in study.strategies]
+    check_variant_count(sum(math.prod(map(len, grid.values())) * (1 + twin) for grid, twin in zip(grids, healed, strict=True)),
+                        f"{study.path}", f"its [[strategies]] grids (\"each\" = {num_layers} layers)")
+    for block, grid in zip(study.strategies, grids, strict=True):
         for point in grid_points(grid):
             _check_layers(block.name, point, num_layers)
             settings = ",".join(f"{k}={v}" for k, v in point.items())

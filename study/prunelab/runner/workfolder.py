@@ -18,9 +18,19 @@ from typing import Any
 import polars as pl
 
 from prunelab.errors import FileProblem, PrunelabError
-from prunelab.readers import atomic_write, describe, read_json, read_parquet
-from prunelab.report import artifacts
-from prunelab.runner.studyfile import CORE_COLUMNS
+from prunelab.readers import (
+    LINK_REFUSED,
+    atomic_write,
+    describe,
+    open_no_follow,
+    read_json,
+    read_parquet,
+    refuse_links,
+    writing,
+)
+from prunelab.records import ITEM_SCHEMA
+from prunelab.runner.chunks import Chunk
+from prunelab.runner.identity import same_settings
 from prunelab.runner.variants import Variant
 
 
@@ -34,6 +44,7 @@ class WorkFolder:
 
     def config_hash(self) -> str | None:
         """The configuration this folder's chunks belong to; a damaged marker is refused, never guessed."""
+        self.check_links()  # before anything in it is read or written
         marker = self.root / "config.json"
         if not marker.is_file():
             return None
@@ -53,7 +64,7 @@ class WorkFolder:
                 stored = json.loads((self.root / "config.json").read_text(encoding="utf-8")).get("config") or {}
                 what = ("the same settings computed by other code or with another calibration text "
                         f"(code then: {stored.get('code')}, now: {config.get('code')})"
-                        if artifacts.config_hash(config_without_code(stored)) == artifacts.config_hash(config_without_code(config))
+                        if same_settings(stored, config)
                         else "a different configuration")
                 raise PrunelabError(
                     f"{self.root} holds unfinished results of {what} of study "
@@ -63,15 +74,28 @@ class WorkFolder:
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.root / "config.json", lambda p: p.write_text(json.dumps({"config_hash": digest, "config": config}, indent=2)))
 
+    def check_links(self) -> None:
+        """No symbolic link in the work folder, in it, or as the study folder above it (inside the
+        artifacts root): a link planted there (a shared folder) would send a write elsewhere, so the
+        run is refused in one line naming it. Checked when a run claims the folder, before any write."""
+        refuse_links(self.root.parent.parent, self.root)
+        for folder, subfolders, files in os.walk(self.root):  # never descends into a link
+            for name in (*subfolders, *files):
+                if os.path.islink(os.path.join(folder, name)):
+                    raise FileProblem(Path(folder) / name, LINK_REFUSED)
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """One process per work folder: a second one would evaluate the same chunks."""
+        """One process per work folder: a second one would evaluate the same chunks.
+
+        The lock file is opened without following a link and never truncated.
+        """
         try:
             import fcntl
         except ImportError:  # not on POSIX: no lock
             yield
             return
-        with open(self.root / "lock", "w") as handle:
+        with os.fdopen(open_no_follow(self.root / "lock", os.O_WRONLY | os.O_CREAT), "w") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -82,8 +106,14 @@ class WorkFolder:
         slug = re.sub(r"[^\w.=,-]+", "_", variant.name)[:80]
         return self.root / f"{slug}-{hashlib.sha1(variant.name.encode()).hexdigest()[:8]}"
 
-    def chunk(self, variant: Variant, task: str, index: int) -> Path:
-        return self.variant_folder(variant) / f"{task}-{index:04d}.parquet"
+    def make_folder(self, folder: Path) -> None:
+        """Create a folder inside the work folder; one that is a link (planted) is refused."""
+        folder.mkdir(parents=True, exist_ok=True)
+        refuse_links(self.root, folder)
+
+    def chunk(self, chunk: Chunk) -> Path:
+        """The file of a chunk's rows (its bounds are in the plan, not in the name)."""
+        return self.variant_folder(chunk.variant) / f"{chunk.task}-{chunk.index:04d}.parquet"
 
     def bench(self, variant: Variant) -> Path:
         return self.variant_folder(variant) / "bench.json"
@@ -103,8 +133,8 @@ class WorkFolder:
             digest = file_digest(staging)
             atomic_write(checksum_path(path), lambda p: p.write_text(digest + "\n", encoding="utf-8"))
 
+        self.make_folder(path.parent)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, write)
         except (OSError, pl.exceptions.PolarsError) as exc:
             raise FileProblem(path, f"cannot write this chunk: {describe(exc)}; the finished chunks are kept in "
@@ -123,7 +153,7 @@ class WorkFolder:
             return f"unreadable checksum ({describe(exc)})"
         except FileProblem as exc:  # the parquet file
             return f"unreadable ({exc.problem})"
-        wrong = [name for name, kind in CORE_COLUMNS.items() if schema.get(name) not in (kind, pl.Null)]
+        wrong = [name for name, kind in ITEM_SCHEMA.items() if schema.get(name) not in (kind, pl.Null)]
         return f"wrong columns {', '.join(wrong)}" if wrong else None
 
     def finished_chunk(self, path: Path) -> bool:
@@ -163,7 +193,8 @@ class WorkFolder:
 
     def log(self, **event: Any) -> None:
         """Append one event (a chunk evaluated, a variant pruned); a torn last line is skipped on reading."""
-        with open(self.root / "log.jsonl", "a", encoding="utf-8") as f:
+        fd = open_no_follow(self.root / "log.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        with writing(self.root / "log.jsonl"), os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(json.dumps({"time": time.time(), "session": self.session, **event}, default=str) + "\n")
 
     def events(self) -> list[dict[str, Any]]:
@@ -201,11 +232,12 @@ class Plan:
     variants: list[Variant]
     chunks: dict[str, list[tuple[int, int]]]
 
-    def pairs(self) -> Iterator[tuple[Variant, str, int, tuple[int, int]]]:
+    def every_chunk(self) -> Iterator[Chunk]:
+        """Each variant's chunks of each task, in plan order (variant, then task, then index)."""
         for variant in self.variants:
             for task, ranges in self.chunks.items():
-                for index, bounds in enumerate(ranges):
-                    yield variant, task, index, bounds
+                for index, (start, stop) in enumerate(ranges):
+                    yield Chunk(variant, task, index, start, stop)
 
 
 
@@ -216,6 +248,3 @@ def checksum_path(chunk: Path) -> Path:
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
-
-def config_without_code(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in {"code", "calibration_text"}}
