@@ -329,4 +329,3 @@ def test_unknown_layout_is_refused():
     gpt2 = random_model(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
     with pytest.raises(PrunelabError, match="GPT2LMHeadModel"):
         width_targets(gpt2, mlp=0.25)
-
