@@ -648,14 +648,12 @@ def parameter_shapes(adapter: Adapter) -> dict[str, list[int]]:
     return shapes
 
 
-def width_summary(sizes: WidthSizes, targets: WidthTargets) -> dict[str, dict[str, float | int]]:
-    """Per axis: the size before and after and the fraction actually removed (after rounding)."""
+def width_summary(before: WidthSizes, after: WidthSizes) -> dict[str, dict[str, float | int]]:
+    """Per axis: the size before and after (read from the modules) and the fraction removed."""
     rows = {}
-    for axis, before in (("mlp", sizes.intermediate), ("heads", sizes.heads), ("hidden", sizes.hidden)):
-        after = getattr(targets, axis)
-        rows[axis] = {"before": before, "after": after, "removed_fraction": round(1 - after / before, 6)}
-    rows["kv_heads"] = {"before": sizes.kv_heads, "after": targets.kv_heads,
-                        "removed_fraction": round(1 - targets.kv_heads / sizes.kv_heads, 6)}
+    for axis, attr in (("mlp", "intermediate"), ("heads", "heads"), ("kv_heads", "kv_heads"), ("hidden", "hidden")):
+        old, new = getattr(before, attr), getattr(after, attr)
+        rows[axis] = {"before": old, "after": new, "removed_fraction": round(1 - new / old, 6)}
     return rows
 
 
@@ -667,4 +665,9 @@ def prune_width(model_or_adapter, targets: WidthTargets, scores: WidthScores) ->
     adapter = as_adapter(model_or_adapter)
     plan = plan_width(targets, scores)
     record = apply_width(adapter, plan)
-    return {"width": {"axes": width_summary(targets.sizes, targets), "heads_mode": targets.heads_mode, **record}}
+    after = width_sizes(adapter)  # measured: the variant's name must be what was done
+    wanted = (targets.mlp, targets.heads, targets.kv_heads, targets.hidden)
+    if (after.intermediate, after.heads, after.kv_heads, after.hidden) != wanted:
+        raise PrunelabError(f"width: asked for (mlp, heads, kv_heads, hidden) = {wanted}, the model has "
+                            f"{(after.intermediate, after.heads, after.kv_heads, after.hidden)}")
+    return {"width": {"axes": width_summary(targets.sizes, after), "heads_mode": targets.heads_mode, **record}}
