@@ -169,18 +169,23 @@ def main() -> None:
     for round_index in range(args.rounds):
         shift = (round_index * 2) % max(len(runnable), 1)
         for name, quant in runnable[shift:] + runnable[:shift]:
-            models[name]["rounds"][quant].append(bench_once(binaries, models[name][quant], args.threads, args.new_tokens))
+            result = bench_once(binaries, models[name][quant], args.threads, args.new_tokens)
+            models[name]["rounds"][quant].append(result)
+            print(f"{name} {quant}: {result}", flush=True)  # kept in the log if a later step fails
         print(f"round {round_index + 1}/{args.rounds} done", flush=True)
     if args.ppl_chunks:
         for name, quant in runnable:
             if quant == "f16":
                 models[name]["perplexity_f16"] = perplexity(binaries, models[name]["f16"], args.threads, args.ppl_ctx, args.ppl_chunks)
-    summarize(models, dense)
     if args.json:
         machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg()}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"llama_cpp": str(tree), "args": vars(args), "machine": machine,
                                                "models": models}, indent=2) + "\n")
+    summarize(models, dense)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"llama_cpp": str(tree), "args": vars(args), "machine": machine,
+                                               "models": models}, indent=2) + "\n")  # again, with the summary
 
 
 def summarize(models: dict[str, dict[str, Any]], dense: str) -> None:
@@ -206,7 +211,8 @@ def summarize(models: dict[str, dict[str, Any]], dense: str) -> None:
             print(f"| {name} | — | — | {model['error']} | | | |")
             continue
         for quant, rows in model["summary"].items():
-            cells = [f"{r['tokens_per_s']:.1f} ({r['speedup']:.2f})" for t, r in sorted(rows.items(), key=lambda kv: (kv[0][:2] == "tg", kv[0]))]
+            cells = [f"{r['tokens_per_s']:.1f} ({r['speedup']:.2f})" if r["speedup"] is not None else f"{r['tokens_per_s']:.1f} (no dense)"
+                     for t, r in sorted(rows.items(), key=lambda kv: (kv[0][:2] == "tg", kv[0]))]
             ppl = model.get("perplexity_f16", "") if quant == "f16" else ""
             ppl = f"{ppl:.2f}" if isinstance(ppl, float) else ppl
             print(f"| {name} | {quant} | {model[quant + '_bytes'] / 1e6:.0f} | " + " | ".join(cells) + f" | {ppl} |")
