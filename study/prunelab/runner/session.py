@@ -254,7 +254,7 @@ def check_variants(variants: list[Variant], dense: LoadedModel) -> None:
     """Every variant's options against the loaded model (its strategy's ``check_model``), before any is pruned."""
     registry = default_registry()
     for variant in variants:
-        if variant.strategy == DENSE:
+        if DENSE in (variant.strategy, variant.pruned_by):  # dense, or the healed-dense control: nothing pruned
             continue
         strategy = registry.strategy(variant.pruned_by)
         try:
