@@ -146,7 +146,8 @@ def run_sizes(manifest: Mapping[str, Any], variants: Sequence[tuple[str, str, st
     missing = [v for v in variants if v[0] not in sizes]
     if missing:
         reports = manifest.get("variants") or {}
-        sizes.update({name: legacy_size(strategy, json.loads(params or "{}"), reports.get(name) or {})
+        num_layers = manifest.get("model_layers")
+        sizes.update({name: legacy_size(strategy, json.loads(params or "{}"), reports.get(name) or {}, num_layers)
                       for name, strategy, params in missing})
     return sizes
 

@@ -200,7 +200,7 @@ class Session:
         pruned_by = None if variant.pruned_by == DENSE else default_registry().strategy(variant.pruned_by)
         size = variant_size(pruned_by, report.get("options", {}), removed_layers=report.get("removed_layers", ()),
                             healed=bool(variant.recovery), counts=parameter_counts(loaded.adapter),
-                            num_layers=self.load().adapter.num_layers)
+                            num_layers=dense.adapter.num_layers)
         self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
                       report=compact, size=size.to_json())
         return loaded
@@ -254,7 +254,7 @@ def check_variants(variants: list[Variant], dense: LoadedModel) -> None:
     """Every variant's options against the loaded model (its strategy's ``check_model``), before any is pruned."""
     registry = default_registry()
     for variant in variants:
-        if DENSE in (variant.strategy, variant.pruned_by):  # dense, or the healed-dense control: nothing pruned
+        if variant.pruned_by == DENSE:  # dense, or the healed-dense control: nothing pruned
             continue
         strategy = registry.strategy(variant.pruned_by)
         try:
