@@ -43,7 +43,7 @@ from torch import nn
 from prunelab.errors import PrunelabError
 from prunelab.evaluate import KL_ROWS, kl_from_logits
 from prunelab.model import Adapter, layer_output
-from prunelab.plugin import Option, Recovery, hookimpl
+from prunelab.plugin import Option, Recovery, at_least, hookimpl
 from prunelab.prune import RecoveryContext
 from prunelab_plugins.lora import (
     fraction,
@@ -283,10 +283,6 @@ def recover(model: nn.Module, options: dict[str, Any], context: RecoveryContext)
             "masked_update_modules": masked, "teacher_layers": teacher.num_layers, "layer_map": layer_map}
 
 
-def _at_least(low: int):
-    return lambda v: None if v >= low else f"must be >= {low}, got {v}"
-
-
 @hookimpl
 def prunelab_recoveries() -> list[Recovery]:
     return [Recovery(
@@ -299,7 +295,7 @@ def prunelab_recoveries() -> list[Recovery]:
         planned_steps=planned_steps,
         options=(
             Option("tokens", int, 2_000_000, "training budget in tokens (whole optimizer steps of it)",
-                   check=_at_least(1)),
+                   check=at_least(1)),
             Option("temperature", float, 1.0, "softmax temperature T of teacher and student (loss scaled by T^2)",
                    check=positive),
             Option("alpha", float, 0.0, "weight of next-token cross-entropy (1 - alpha on the KL term)",
@@ -317,15 +313,15 @@ def prunelab_recoveries() -> list[Recovery]:
             Option("weight_decay", float, 0.0, "AdamW weight decay",
                    check=lambda v: None if v >= 0 else f"must be >= 0, got {v:g}"),
             Option("max_grad_norm", float, 1.0, "gradient norm clip", check=positive),
-            Option("batch", int, 4, "windows per micro-batch", check=_at_least(1)),
+            Option("batch", int, 4, "windows per micro-batch", check=at_least(1)),
             Option("accumulate", int, 1, "micro-batches per optimizer step (gradient accumulation)",
-                   check=_at_least(1)),
-            Option("seqlen", int, 512, "tokens per window", check=_at_least(2)),
-            Option("kl_chunk", int, KL_ROWS, "positions per chunk of the full-vocabulary KL", check=_at_least(1)),
+                   check=at_least(1)),
+            Option("seqlen", int, 512, "tokens per window", check=at_least(2)),
+            Option("kl_chunk", int, KL_ROWS, "positions per chunk of the full-vocabulary KL", check=at_least(1)),
             Option("dtype", str, "model", "compute dtype: model (the weights' own) or autocast to bfloat16/float16",
                    choices=("model", "bfloat16", "float16")),
             Option("data", str, "wikitext2", "wikitext2 (Hub train split), c4 (Hub), or a local text / .jsonl file"),
-            Option("rank", int, 8, "LoRA rank r (train = lora)", check=_at_least(1)),
+            Option("rank", int, 8, "LoRA rank r (train = lora)", check=at_least(1)),
             Option("lora_alpha", float, 16.0, "LoRA alpha (train = lora)", check=positive),
             Option("dropout", float, 0.05, "LoRA dropout (train = lora)", check=fraction),
             Option("target_modules", str, "", "Linear names to adapt (train = lora); empty = every decoder Linear"),

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import PrunelabError
-from prunelab.plugin import Option, Recovery, hookimpl
+from prunelab.plugin import Option, Recovery, at_least, hookimpl
 from prunelab.prune import RecoveryContext
 
 
@@ -168,16 +168,16 @@ def prunelab_recoveries() -> list[Recovery]:
         recover=recover,
         planned_steps=lambda options: options["steps"],
         options=(
-            Option("rank", int, 8, "LoRA rank r", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
+            Option("rank", int, 8, "LoRA rank r", check=at_least(1)),
             Option("alpha", float, 16.0, "LoRA alpha (the update is scaled by alpha / rank)", check=positive),
             Option("dropout", float, 0.05, "dropout on the LoRA input", check=fraction),
             Option("target_modules", str, "",
                    "comma-separated Linear names to adapt (e.g. q_proj,v_proj); empty = every decoder Linear"),
-            Option("steps", int, 100, "optimizer steps", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
+            Option("steps", int, 100, "optimizer steps", check=at_least(1)),
             Option("lr", float, 2e-4, "AdamW learning rate (constant)", check=positive),
-            Option("batch", int, 4, "windows per step", check=lambda v: None if v >= 1 else f"must be >= 1, got {v}"),
+            Option("batch", int, 4, "windows per step", check=at_least(1)),
             Option("seqlen", int, 512, "tokens per window",
-                   check=lambda v: None if v >= 2 else f"must be >= 2, got {v}"),
+                   check=at_least(2)),
             Option("data", str, "wikitext2",
                    "wikitext2 (Hub train split), c4 (Hub), or a local text / .jsonl file"),
             Option("gradient_checkpointing", bool, False, "recompute activations in backward (less memory)"),

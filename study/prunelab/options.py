@@ -13,6 +13,11 @@ from typing import Any
 from prunelab.errors import PrunelabError
 
 
+def at_least(low: int) -> Callable[[Any], str | None]:
+    """An ``Option.check`` for an integer option with a lower bound (steps, batch, rank, ...)."""
+    return lambda value: None if value >= low else f"must be >= {low}, got {value}"
+
+
 @dataclass(frozen=True)
 class Option:
     """One named option of a plugin."""

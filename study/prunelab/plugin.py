@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import pluggy
 
 from prunelab.errors import PrunelabError
-from prunelab.options import Option, OptionSet
+from prunelab.options import Option, OptionSet, at_least
 
 __all__ = [
     "AnswerFields", "DataSource", "DenseReference", "Evaluator", "GenerationRequest", "Item", "LoglikelihoodRequest",
     "MetricSpec", "Option", "OptionSet", "Progress", "Recovery", "RecoveryContext", "ReferenceStore", "Scorer",
-    "SizeAxis", "Strategy", "Subset", "TaskResult", "WindowScores", "hookimpl", "hookspec", "mean_and_stderr",
+    "SizeAxis", "Strategy", "Subset", "TaskResult", "WindowScores", "at_least", "hookimpl", "hookspec", "mean_and_stderr",
 ]
 
 if TYPE_CHECKING:  # a third-party package, for annotations only (nothing of prunelab's stages)
