@@ -30,6 +30,12 @@ VALUE = "value"  # a mean metric's per-item value
 NLL_SUM = "nll_sum"  # a perplexity metric's summed negative log-likelihood of one window
 TOKENS = "tokens"  # ... and the number of tokens it sums over
 
+# ---- the bench table's columns (``bench.parquet``, a study's ``[bench]``: ``prunelab.model.bench.bench_rows``)
+PREFILL_RATE = "prefill_tokens_per_s_len"  # + a prompt length: prefill tokens/s of one prompt (batch 1)
+DECODE_RATE = "decode_tokens_per_s_batch"  # + a batch size: decode tokens/s
+PREFILL_SPEEDUP = "prefill_speedup"  # prefill tokens/s at the longest prompt over dense's
+DECODE_SPEEDUP = "decode_speedup"  # decode tokens/s at the first batch size over dense's
+
 #: Every row has these columns, of these types; a task's own record fields follow them.
 ITEM_SCHEMA: dict[str, pl.DataType] = {
     VARIANT: pl.String, STRATEGY: pl.String, PARAMS: pl.String, TASK: pl.String, METRIC: pl.String,

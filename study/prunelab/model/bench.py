@@ -37,7 +37,16 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter
-from prunelab.records import DENSE, PARAMS, STRATEGY, VARIANT
+from prunelab.records import (
+    DECODE_RATE,
+    DECODE_SPEEDUP,
+    DENSE,
+    PARAMS,
+    PREFILL_RATE,
+    PREFILL_SPEEDUP,
+    STRATEGY,
+    VARIANT,
+)
 
 DEFAULT_PROMPT_LENGTHS = (128, 512)
 DEFAULT_BATCHES = (1, 8)
@@ -385,14 +394,15 @@ def bench_rows(measured: Sequence[tuple[str, str, str, dict[str, Any]]]):
         row = {VARIANT: variant, STRATEGY: strategy, PARAMS: params, "parameters": result["parameters"],
                "decoder_layers": result["decoder_layers"],
                "peak_memory_mib": result["peak_memory_bytes"] / 2**20 if result.get("peak_memory_bytes") else None}
-        row |= {f"prefill_tokens_per_s_len{r['prompt_length']}": r["tokens_per_s"] for r in result["prefill"]}
-        row |= {f"decode_tokens_per_s_batch{r['batch']}": r["tokens_per_s"] for r in result["decode"]}
+        row |= {f"{PREFILL_RATE}{r['prompt_length']}": r["tokens_per_s"] for r in result["prefill"]}
+        row |= {f"{DECODE_RATE}{r['batch']}": r["tokens_per_s"] for r in result["decode"]}
         rows.append(row)
     frame = pl.DataFrame(rows, infer_schema_length=None)
-    prefill = max((c for c in frame.columns if c.startswith("prefill_")), key=lambda c: int(c.rsplit("len", 1)[1]))
-    decode = next(c for c in frame.columns if c.startswith("decode_"))
+    prefill = max((c for c in frame.columns if c.startswith(PREFILL_RATE)),
+                  key=lambda c: int(c.removeprefix(PREFILL_RATE)))
+    decode = next(c for c in frame.columns if c.startswith(DECODE_RATE))
     dense = frame.filter(pl.col(STRATEGY) == DENSE)
-    for name, column in (("prefill_speedup", prefill), ("decode_speedup", decode)):
+    for name, column in ((PREFILL_SPEEDUP, prefill), (DECODE_SPEEDUP, decode)):
         base = dense[column][0] if len(dense) else None
         # Divided in Python, not as a Polars expression: Polars multiplies by 1/base, which leaves
         # the dense row at 0.9999999999999999 instead of exactly 1.

@@ -28,7 +28,7 @@ from prunelab.readers import LINK_REFUSED, atomic_write, refuse_links, staging_f
 from prunelab.records import json_digest
 from prunelab.report import fidelity, pages
 from prunelab.report.charts import baseline_history_chart, build_charts
-from prunelab.report.equalsize import equal_size_table
+from prunelab.report.equalsize import equal_size_table, equal_speed_table
 from prunelab.report.findings import findings, headline
 from prunelab.report.healstats import healing_table
 from prunelab.report.sizes import VariantSize, run_sizes
@@ -100,8 +100,8 @@ def write_run(
     — ``study_file`` (the file's text), ``model``, ``model_hash``, ``device``, ``timings``,
     ``packages``, ``container_image``. Identity fields (study, version, created, git commit) and the
     headline numbers are added here; the container image falls back to ``$PRUNELAB_CONTAINER_IMAGE``.
-    ``bench`` (``benchmodel.bench_rows``): each variant's measured size and speed, written as a table
-    and charted against its accuracy.
+    ``bench`` (``benchmodel.bench_rows``): each variant's measured size and speed, written as a table,
+    charted against its accuracy and the basis of the equal-speed comparison (``equal_speed``).
     """
     if not STUDY_NAME.match(study):
         raise PrunelabError(f"study name {study!r} is not a plain folder name (letters, digits, . _ -)")
@@ -149,6 +149,9 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     equal_size = equal_size_table(items, summary, sizes, bench)
     if equal_size.height:
         files += write_tables(folder, None, None, extra={"equal_size": equal_size})
+    equal_speed = equal_speed_table(items, summary, sizes, bench)
+    if equal_speed.height:
+        files += write_tables(folder, None, None, extra={"equal_speed": equal_speed})
     extras = fidelity.summary_records(items, metric_specs, manifest.get("answers") or {})
     charts = build_charts(summary, bench=bench, chance=extras.get("chance"), sizes=sizes)
     charts.update(extra_charts(extras, sizes))
@@ -164,7 +167,7 @@ def render_run(folder: Path, items: pl.DataFrame, manifest: Mapping[str, Any], *
     report = pages.report_page(full_manifest, harm_order(summary).to_dicts(), specs, [*files, "manifest.json"],
                                bench.to_dicts() if bench is not None else None, findings=findings(summary, sizes),
                                extra_sections=pages.sensitive_sections(extras),
-                               equal_size=equal_size.to_dicts(),
+                               equal_size=equal_size.to_dicts(), equal_speed=equal_speed.to_dicts(),
                                healing_rows=healing.to_dicts() if healing.height else None)
     _write_text(folder / "report.html", report)
     return full_manifest

@@ -19,7 +19,7 @@ from typing import Any
 import altair as alt
 import polars as pl
 
-from prunelab.records import DENSE
+from prunelab.records import DECODE_RATE, DECODE_SPEEDUP, DENSE, PREFILL_RATE, PREFILL_SPEEDUP
 from prunelab.report.sizes import VariantSize, slug, summary_sizes
 
 PANEL_WIDTH = 360
@@ -323,6 +323,17 @@ def size_comparison_chart(rows: list[dict[str, Any]], sizes: dict[str, VariantSi
         title="At equal size: each method's quality against the parameters it keeps (95% CI bands, dashed = dense)")
 
 
+def speedup_label(bench: pl.DataFrame, column: str) -> str:
+    """What a bench table's speedup column measures, read off the table's own rate columns: decode
+    at the first batch size it measured, prefill (batch 1) at its longest prompt (``bench_rows``)."""
+    if column == DECODE_SPEEDUP:
+        batches = [c.removeprefix(DECODE_RATE) for c in bench.columns if c.startswith(DECODE_RATE)]
+        return f"decode speedup vs dense (batch {batches[0]})" if batches else "decode speedup vs dense"
+    lengths = [int(c.removeprefix(PREFILL_RATE)) for c in bench.columns
+               if c.startswith(PREFILL_RATE) and c.removeprefix(PREFILL_RATE).isdigit()]
+    return f"prefill speedup vs dense (batch 1, {max(lengths)}-token prompt)" if lengths else "prefill speedup vs dense"
+
+
 def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | None,
                            methods: dict[str, str] | None = None) -> alt.TopLevelMixin | None:
     """Each task's value against the variant's measured decode speedup over dense (x = 1 is dense),
@@ -331,21 +342,21 @@ def quality_vs_speed_chart(rows: list[dict[str, Any]], bench: pl.DataFrame | Non
     What a deployer weighs: a variant up and to the right is both faster and as good. Unstructured
     sparsity sits at x ~ 1 (zeros in dense matrices cost the same); layer removal moves right.
     """
-    if bench is None or bench["decode_speedup"].null_count() == len(bench):
+    if bench is None or bench[DECODE_SPEEDUP].null_count() == len(bench):
         return None
-    speed = {r["variant"]: r for r in bench.select("variant", "decode_speedup", "prefill_speedup", "parameters")
+    speed = {r["variant"]: r for r in bench.select("variant", DECODE_SPEEDUP, PREFILL_SPEEDUP, "parameters")
              .iter_rows(named=True)}
     methods = methods or {}
     points = [{**r, **speed[r["variant"]], "method": methods.get(r["variant"], r["series"])}
               for r in rows if r["variant"] in speed]
     if not points:
         return None
-    x = alt.X("decode_speedup:Q", title="decode speedup vs dense (batch 1)", scale=alt.Scale(zero=False))
-    tooltip = [*_tooltip(), alt.Tooltip("decode_speedup:Q", format=".3f"), alt.Tooltip("prefill_speedup:Q", format=".3f"),
-               alt.Tooltip("parameters:Q", format=",")]
+    x = alt.X(f"{DECODE_SPEEDUP}:Q", title=speedup_label(bench, DECODE_SPEEDUP), scale=alt.Scale(zero=False))
+    tooltip = [*_tooltip(), alt.Tooltip(f"{DECODE_SPEEDUP}:Q", format=".3f"),
+               alt.Tooltip(f"{PREFILL_SPEEDUP}:Q", format=".3f"), alt.Tooltip("parameters:Q", format=",")]
     panels = []
     for panel in dict.fromkeys(r["panel"] for r in points):
-        data = sorted((r for r in points if r["panel"] == panel), key=lambda r: r["decode_speedup"] or 0.0)
+        data = sorted((r for r in points if r["panel"] == panel), key=lambda r: r[DECODE_SPEEDUP] or 0.0)
         kind = data[0]["kind"]
         title = f"{panel} (log scale)" if kind == "perplexity" else panel
         color = alt.Color("method:N", legend=alt.Legend(orient="bottom", columns=1))

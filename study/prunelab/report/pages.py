@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import html
 import json
+import math
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -165,7 +167,8 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
                 files: list[str], bench_rows: list[dict[str, Any]] | None = None,
                 findings: list[dict[str, Any]] | None = None, extra_sections: str = "",
                 healing_rows: list[dict[str, Any]] | None = None,
-                equal_size: list[dict[str, Any]] | None = None) -> str:
+                equal_size: list[dict[str, Any]] | None = None,
+                equal_speed: list[dict[str, Any]] | None = None) -> str:
     """The page of one run: what ran, what it found, the charts, the summary by harm, the files."""
     title = f"{manifest['study']} — {manifest['version']}"
     charts_html = "\n".join(
@@ -182,6 +185,7 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
         "<h2>Headline</h2>", headline_list(manifest.get("headline", [])),
         *(["<h2>Findings</h2>", findings_html(findings)] if findings else []),
         *(["<h2>At equal size</h2>", equal_size_html(equal_size)] if equal_size else []),
+        *(["<h2>At equal speed</h2>", equal_speed_html(equal_speed)] if equal_speed else []),
         "<h2>Charts</h2>", charts_html or '<p class="muted">no chart has data in this run</p>',
         "<h2>Summary (most harmful first)</h2>", f'<p class="muted">{METHODS_NOTE}</p>', summary_table(summary_rows),
         *(["<h2>Healing</h2>", f'<p class="muted">{HEALING_NOTE}</p>', healing_table(healing_rows)]
@@ -198,7 +202,6 @@ def report_page(manifest: dict[str, Any], summary_rows: list[dict[str, Any]], ch
 def equal_size_html(rows: list[dict[str, Any]]) -> str:
     """Per task and metric, per size bin: the best method, the runner-up and their paired test."""
     from prunelab.report.equalsize import BIN_POINTS
-    from prunelab.report.findings import change_text
 
     note = (f"Same size = the same bin of {BIN_POINTS:g} percentage points of dense's parameter count. Each variant "
             "sits at the parameters it keeps; weight pruning (zeros stored in dense tensors, dense's size and speed) "
@@ -206,11 +209,51 @@ def equal_size_html(rows: list[dict[str, Any]]) -> str:
             "Methods are ranked by their change vs dense; the best is tested against the runner-up on the items both "
             "were scored on (the test each variant gets against dense), Holm over the bins of the task and metric.")
     speed = any(r.get("best_decode_speedup") is not None for r in rows)
-    header = ["task · metric", "parameters kept", "best", "runner-up", "best − runner-up", "test", "p", "p (Holm)",
+
+    def member(row: dict[str, Any], prefix: str) -> str:
+        faster = row.get(f"{prefix}_decode_speedup")
+        return _member(row, prefix, f"{row[f'{prefix}_kept']:.1f}% kept",
+                       f", decode ×{faster:.3g}" if speed and faster is not None else "")
+
+    return f'<p class="muted">{note}</p>' + _comparison_table(
+        rows, "parameters kept", lambda r: f"{r['kept_low']:g}–{r['kept_high']:g}%", member)
+
+
+def equal_speed_html(rows: list[dict[str, Any]]) -> str:
+    """Per task and metric, per bin of measured speedup: the best method, the runner-up and their paired test."""
+    from prunelab.report.equalsize import SPEED_STEP
+
+    measure = rows[0]["speed_label"]
+    note = (f"Same speed = the same bin of ×{SPEED_STEP:g} of the measured {html.escape(measure)}, centred on its "
+            f"multiples (×1.3 = 1.25–1.35×), as [bench] measured it on this run's machine. Each variant sits at its "
+            "measured speedup. Weight pruning stores zeros in dense tensors and runs at dense's speed (about ×1) unless "
+            "the bench converted it to 2:4 sparse kernels. A method is represented in a bin by its fastest variant there. "
+            "Methods are ranked by their change vs dense; the best is tested against the runner-up on the items both "
+            "were scored on (the test each variant gets against dense), Holm over the bins of the task and metric.")
+
+    def member(row: dict[str, Any], prefix: str) -> str:
+        kept = row[f"{prefix}_kept"]
+        return _member(row, prefix, f"×{row[f'{prefix}_speedup']:.3g}",
+                       f", {kept:.1f}% kept" if kept is not None else "")
+
+    decimals = max(1, -math.floor(math.log10(SPEED_STEP)))  # a bin's centre as written: x1.0, x1.3
+
+    def bin_cell(row: dict[str, Any]) -> str:
+        return f"×{(row['speed_low'] + row['speed_high']) / 2:.{decimals}f} ({row['speed_low']:g}–{row['speed_high']:g}×)"
+
+    return f'<p class="muted">{note}</p>' + _comparison_table(rows, html.escape(measure), bin_cell, member)
+
+
+def _comparison_table(rows: list[dict[str, Any]], bin_header: str, bin_cell: Callable[[dict[str, Any]], str],
+                      member: Callable[[dict[str, Any], str], str]) -> str:
+    """An equal-size or equal-speed table: per row its bin, both methods, their difference and test.
+    ``bin_header`` and what ``bin_cell`` and ``member`` return are already-escaped HTML."""
+    from prunelab.report.findings import change_text
+
+    header = ["task · metric", bin_header, "best", "runner-up", "best − runner-up", "test", "p", "p (Holm)",
               "verdict", "other methods"]
     body, classes = [], []
     for r in rows:
-        cells = [_size_member(r, prefix, speed) for prefix in ("best", "runner")]
         diff = "—" if r["diff"] is None else (f"{r['diff'] * 100:+.3g} points" if r["kind"] == "accuracy"
                                                else f"{r['diff']:+.4g}")
         if r["diff_ci_low"] is not None and r["kind"] != "perplexity":
@@ -218,23 +261,23 @@ def equal_size_html(rows: list[dict[str, Any]]) -> str:
             diff += f" [{r['diff_ci_low'] * scale:+.3g}, {r['diff_ci_high'] * scale:+.3g}]"
         if r["kind"] == "perplexity" and r["rel_diff"] is not None:
             diff += f" ({change_text(r['rel_diff'], None, r['kind'])})"
-        body.append([f"{html.escape(r['task'])} · {html.escape(r['label'] or r['metric'])}",
-                     f"{r['kept_low']:g}–{r['kept_high']:g}%", *cells, diff, fmt(r["test"]),
-                     format_p(r["p_value"]), format_p(r["p_holm"]), html.escape(r["verdict"]),
+        body.append([f"{html.escape(r['task'])} · {html.escape(r['label'] or r['metric'])}", bin_cell(r),
+                     member(r, "best"), member(r, "runner"), html.escape(diff), fmt(r["test"]),
+                     html.escape(format_p(r["p_value"])), html.escape(format_p(r["p_holm"])), html.escape(r["verdict"]),
                      html.escape(r["others"]) or "—"])
         classes.append("gain" if r["verdict"].startswith("best") else "")
-    return f'<p class="muted">{note}</p>' + table(header, body, classes, numeric={4, 6, 7})
+    return table(header, body, classes, numeric={4, 6, 7})
 
 
-def _size_member(row: dict[str, Any], prefix: str, speed: bool) -> str:
-    """One method of an equal-size bin: its line, variant, size, value and change vs dense."""
+def _member(row: dict[str, Any], prefix: str, position: str, extra: str) -> str:
+    """One method of a comparison bin: its line, variant, where it stands (``position``), its value
+    and change vs dense, then ``extra`` (both plain text, escaped here)."""
     from prunelab.report.findings import change_text
 
     change = change_text(row[f"{prefix}_rel_change"], None, row["kind"])
-    faster = row.get(f"{prefix}_decode_speedup")
-    speed_text = f", decode ×{faster:.3g}" if speed and faster is not None else ""
     return (f"{html.escape(row[f'{prefix}_method'])}<br><span class=\"muted\">{html.escape(row[f'{prefix}_variant'])}: "
-            f"{row[f'{prefix}_kept']:.1f}% kept, {fmt(row[f'{prefix}_value'])} ({change} vs dense){speed_text}</span>")
+            f"{html.escape(position)}, {fmt(row[f'{prefix}_value'])} ({html.escape(change)} vs dense)"
+            f"{html.escape(extra)}</span>")
 
 
 RANKED_SHOWN = 8  # per task and metric, the most and least harmful variants; the rest behind "show all"
