@@ -31,7 +31,7 @@ layer) is refused with one line before any work.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -317,7 +317,7 @@ def _check_config(adapter: Adapter, targets: WidthTargets, fractions: Mapping[st
         if problem is None:
             continue
         hint = _valid_hidden_fractions(config, targets) if axis == "hidden" else ""
-        rounded = targets.round_to if axis in ROUNDED_AXES else 1
+        rounded = targets.round_to if axis in ROUNDED_AXES and fractions[axis] else 1
         raise _fraction_error(axis, fractions[axis], adapter, f"{type(config).__name__} refuses the result: "
                               f"{problem}{hint}", rounded)
 
@@ -362,7 +362,7 @@ def width_options() -> tuple[Option, ...]:
 AXIS_LABELS = {"mlp": "MLP channels", "heads": "attention heads", "hidden": "hidden channels"}
 
 
-def achieved_fraction(axis: str):
+def achieved_fraction(axis: str) -> Callable[[Mapping[str, Any]], float | None]:
     """``SizeAxis.achieved`` of one width axis: the fraction ``prune_width`` reports it removed
     (measured on the pruned modules), which rounding and ``round_to`` make differ from the option."""
     def read(report: Mapping[str, Any]) -> float | None:
