@@ -24,6 +24,7 @@ import pytest
 from scipy.stats import binomtest
 
 from .conftest import ENV, ROOT, install_example, study_text
+from .report.test_artifacts import inline_values
 
 EXAMPLES = ("every-kth-plugin", "mlp-channels-plugin", "jsonl-choice-plugin")
 TOPICS = {"biology": ["heart", "leaf", "cell", "blood", "bone", "root"], "algebra": ["2", "4", "x", "9", "7", "1"]}
@@ -38,7 +39,7 @@ layers = [3, "1,3"]
 
 [[strategies]]
 name = "mlp-channels"
-fraction = [0.5]
+fraction = [0.3]
 """
 TWINS = {"every-kth[k=4]": "drop-layers[layers=3]", "every-kth[k=2]": "drop-layers[layers=1,3]"}
 SCRIPT = "import sys\nfrom prunelab.runner import load_study, run_study\nprint(run_study(load_study(sys.argv[1]), sys.argv[2]))\n"
@@ -103,14 +104,20 @@ def test_the_depth_plugin_gets_the_built_ins_rows_statistics_and_layer_chart(run
     layer_chart = json.dumps(_chart_specs(run)["chart-layer_sweep"])
     for variant in ("every-kth[k=4]", "drop-layers[layers=3]"):
         assert variant in layer_chart
-    for variant in ("every-kth[k=2]", "drop-layers[layers=1,3]", "mlp-channels[fraction=0.5]"):
+    for variant in ("every-kth[k=2]", "drop-layers[layers=1,3]", "mlp-channels[fraction=0.3]"):
         assert variant not in layer_chart  # not a single removed layer
 
 
 def test_the_width_plugin_really_shrinks_and_gets_the_statistics(run):
-    report = _manifest(run)["variants"]["mlp-channels[fraction=0.5]"]
-    assert report["intermediate_size"] == {"before": 128, "after": 64}
-    assert report["parameters"]["after"] == report["parameters"]["before"] - 4 * 3 * 64 * 64
+    report = _manifest(run)["variants"]["mlp-channels[fraction=0.3]"]
+    assert report["intermediate_size"] == {"before": 128, "after": 90}  # round(0.7 x 128 = 89.6)
+    assert report["parameters"]["after"] == report["parameters"]["before"] - 4 * 3 * 64 * 38
+    # its declared `achieved` reads its own report: recorded and drawn at 38 / 128 removed, not at 0.3
+    (axis,) = _manifest(run)["sizes"]["mlp-channels[fraction=0.3]"]["axes"]
+    assert (axis["amount"], axis["requested"]) == (38 / 128, 0.3)
+    chart = _chart_specs(run)["chart-width_sweep_mlp_channels"]
+    points = {(r["variant"], r["width"]) for r in inline_values(chart) if r.get("strategy") not in (None, "dense")}
+    assert points == {("mlp-channels[fraction=0.3]", 100 * 38 / 128)}
 
 
 def test_every_variant_gets_the_same_paired_statistics_by_hand(run):

@@ -71,6 +71,17 @@ def test_the_core_checks_its_fractions_against_the_model(plugin_env, tiny_qwen3,
     assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_round_to_and_the_achieved_fraction_come_with_the_shared_options(plugin_env, tiny_qwen3, tmp_path):
+    """``round_to`` and the recorded achieved fraction reach a third-party width strategy through
+    ``width_options()`` / ``prune_width``: 128 - round(38.4) = 90 MLP channels to keep -> 96 (of 32)."""
+    out = tmp_path / "rounded"
+    done = run(plugin_env, "-m", "prunelab.cli", "prune", "--model", str(tiny_qwen3), "--method", "random-width",
+               "--option", "mlp=0.3", "--option", "round_to=32", "--dtype", "float32", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    mlp = json.loads((out / RECIPE_FILE).read_text())["width"]["axes"]["mlp"]
+    assert (mlp["after"], mlp["requested_fraction"], mlp["removed_fraction"]) == (96, 0.3, 0.25)
+
+
 def test_study_variants(plugin_env, tiny_qwen3, small_data, tmp_path):
     strategies = '[[strategies]]\nname = "random-width"\nmlp = [0.25]\nheads = [0.0, 0.5]\n'
     study = tmp_path / "tiny.toml"

@@ -2,9 +2,11 @@
 
 Each axis option is the fraction of that axis to remove (``mlp=0.25`` keeps 75 % of the MLP
 channels), the same in every layer, so the pruned folder is a standard checkpoint with smaller
-``intermediate_size`` / ``num_attention_heads`` / ``num_key_value_heads`` / ``hidden_size``. The
-surgery, the GQA modes and the checks live in ``prunelab.model`` (``width_targets``,
-``prune_width``); this module holds the importance scores:
+``intermediate_size`` / ``num_attention_heads`` / ``num_key_value_heads`` / ``hidden_size``;
+``round_to`` keeps MLP and hidden counts a multiple of it (llama.cpp's block-quantized types). The
+surgery, the GQA modes, the rounding and the checks live in ``prunelab.model`` (``width_targets``,
+``prune_width``; the size axes, drawn at the achieved fraction, ``width_axes``); this module holds
+the importance scores:
 
 * ``activation`` (default; Minitron, Muralidharan et al. 2024): one pass over calibration text with
   forward hooks. Per sample, the mean over tokens of |activation| of each channel; over samples,

@@ -59,32 +59,60 @@ class SizeAxis:
       "attention heads"); the tensors and the config shrink;
     * ``"parameters"`` -- the variant's parameter count itself (a strategy that targets a size).
 
-    For ``weights`` and ``width`` the amount is ``amount(options)`` (the strategy reads its own
-    validated options, e.g. an N:M pattern fixing the sparsity), by default the value of ``option``
-    as a fraction in [0, 1]. ``option`` names the option that sets the amount: the report keeps it
-    out of a line's label (it is the x axis, not a setting). A strategy with several width axes
-    declares one ``SizeAxis`` each; a variant that removes along more than one is "combined".
+    For ``weights`` and ``width`` the amount asked for is ``amount(options)`` (the strategy reads its
+    own validated options, e.g. an N:M pattern fixing the sparsity), by default the value of
+    ``option`` as a fraction in [0, 1]. What the variant achieved can differ (a count rounded to
+    whole channels, or to a multiple a runtime needs): ``achieved(report)``, when declared, reads it
+    from the strategy's prune report after pruning (the JSON-able dict ``prune()`` returns: the
+    strategy's own report with ``options`` and ``parameters``; also what ``prunelab.json`` and the
+    run's manifest keep), and the report draws the variant there. The core reads only what the
+    function returns, never a field of the report itself. ``option`` names the option that sets the
+    amount: the report keeps it out of a line's label (it is the x axis, not a setting). A strategy
+    with several width axes declares one ``SizeAxis`` each; a variant that removes along more than
+    one is "combined".
     """
 
     kind: SizeKind
     option: str | None = None
     label: str = ""
     amount: Callable[[Mapping[str, Any]], float | None] | None = None
+    achieved: Callable[[Mapping[str, Any]], float | None] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SIZE_KINDS:
             raise PrunelabError(f"size axis kind {self.kind!r} is not one of {', '.join(SIZE_KINDS)}")
 
     def fraction(self, options: Mapping[str, Any]) -> float | None:
-        """The fraction of this axis a variant with these (validated) options removes; None for the
-        kinds measured on the model (layers, parameters) or an option that is not a number."""
+        """The fraction of this axis a variant with these (validated) options asks to remove; None for
+        the kinds measured on the model (layers, parameters) or an option that is not a number."""
         if self.kind in ("layers", "parameters"):
             return None
         try:
             value = self.amount(options) if self.amount is not None else options.get(self.option or "")
-            return None if value is None or isinstance(value, bool) else float(value)
         except (KeyError, TypeError, ValueError, PrunelabError):
             return None
+        return _number(value)
+
+    def achieved_fraction(self, report: Mapping[str, Any] | None) -> float | None:
+        """The fraction a pruned variant removed, read from its prune report by the declared
+        ``achieved``; None when not declared, no report, or the report does not hold it (an older run)."""
+        if self.kind in ("layers", "parameters") or self.achieved is None or report is None:
+            return None
+        try:
+            value = self.achieved(report)
+        except (KeyError, IndexError, TypeError, ValueError, PrunelabError):
+            return None
+        return _number(value)
+
+
+def _number(value: Any) -> float | None:
+    """A declared amount as a float; None for a missing or non-numeric one (a bool is not an amount)."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -470,7 +498,8 @@ def _describe(value: Any) -> str:
     """A declaration's value as one line: a dataclass by its set fields (``MetricSpec``, ``AnswerFields``)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return ", ".join(f"{k}={v!r}" for k, v in fields.items() if v not in (None, "", ()))
+        return ", ".join(f"{k}=declared" if callable(v) else f"{k}={v!r}"
+                         for k, v in fields.items() if v not in (None, "", ()))
     return ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 

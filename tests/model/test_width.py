@@ -273,7 +273,7 @@ def test_saved_folder_reloads_in_a_fresh_process(arch, heads_mode, tmp_path):
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"],
             config["num_key_value_heads"], config["head_dim"]) == (48, 96, 2, kv, sizes.head_dim)
     assert int(fresh["parameters"]) == hand_count(config, arch) == sum(p.numel() for p in model.parameters())
-    assert report["width"]["axes"]["mlp"] == {"before": 128, "after": 96, "removed_fraction": 0.25}
+    assert report["width"]["axes"]["mlp"] == {"before": 128, "after": 96, "removed_fraction": 0.25, "requested_fraction": 0.25}
 
 
 # ---------------------------------------------------------------------------- what is refused
@@ -329,3 +329,87 @@ def test_unknown_layout_is_refused():
     gpt2 = random_model(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4))
     with pytest.raises(PrunelabError, match="GPT2LMHeadModel"):
         width_targets(gpt2, mlp=0.25)
+
+
+# ---------------------------------------------------------------------------- round_to: kept counts a runtime can block
+def llama(hidden: int = 64, intermediate: int = 200, heads: int = 4):
+    """A tiny random Llama with an MLP of 200 channels (not a multiple of 32) and the given hidden size."""
+    from transformers import LlamaConfig
+
+    return random_model(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                                    num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=heads,
+                                    tie_word_embeddings=True))
+
+
+def nearest_multiple_by_hand(count: int, step: int) -> int:
+    """The reference: list the multiples of ``step`` around ``count`` and take the closest; on a tie the smaller."""
+    below = count // step * step
+    return min((below, below + step), key=lambda m: (abs(m - count), m))
+
+
+def test_kept_count_is_the_nearest_multiple_and_round_to_1_is_the_old_half_up_count():
+    from prunelab.model import kept_count
+
+    assert kept_count(200, 0.25, 32) == 160  # 150 to keep: 160 is 10 away, 128 is 22
+    assert kept_count(200, 0.28, 32) == 128  # 144 to keep: a tie between 128 and 160 keeps the smaller
+    assert kept_count(96, 0.4, 32) == 64  # 96 - round(38.4) = 58: 64 is 6 away, 32 is 26
+    assert kept_count(200, 0.5, 256) == 0 and kept_count(200, 0.01, 8) == 200  # the caller refuses these
+    for total in (7, 64, 128, 200, 576, 3072):
+        for step in range(1, 400):
+            fraction = step / 400
+            old = total - min(total, math.floor(fraction * total + 0.5))  # the count before round_to existed
+            assert kept_count(total, fraction) == old, (total, fraction)
+            for multiple in (8, 32, 256):
+                assert kept_count(total, fraction, multiple) == nearest_multiple_by_hand(old, multiple)
+
+
+def test_round_to_keeps_the_nearest_multiple_and_the_folder_loads_in_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prunelab.model import WidthScores, prune_width
+
+    model = llama(hidden=96)
+    targets = width_targets(model, mlp=0.25, hidden=0.4, round_to=32)
+    assert (targets.mlp, targets.hidden, targets.heads) == (160, 64, 4)  # 150 -> 160, 57.6 -> 64; heads untouched
+    g = torch.Generator().manual_seed(0)
+    report = prune_width(model, targets, WidthScores(mlp=[torch.rand(200, generator=g) for _ in range(2)],
+                                                     hidden=torch.rand(96, generator=g)))
+    axes = report["width"]["axes"]
+    assert axes["mlp"] == {"before": 200, "after": 160, "removed_fraction": 0.2, "requested_fraction": 0.25}
+    assert axes["hidden"] == {"before": 96, "after": 64, "removed_fraction": round(1 - 64 / 96, 6),
+                              "requested_fraction": 0.4}
+    assert report["width"]["round_to"] == 32
+    model.save_pretrained(tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert (reloaded.config.intermediate_size, reloaded.config.hidden_size) == (160, 64)
+    assert reloaded.model.layers[1].mlp.down_proj.weight.shape == (64, 160)
+    assert close(logits(reloaded), logits(model), 1e-6)
+
+
+def test_round_to_refusals_name_the_option_and_the_model():
+    model = llama()
+    for kwargs, message in [
+        (dict(mlp=0.95, round_to=32), r"^width: option 'round_to' = 32 with 'mlp' = 0.95 on model LlamaForCausalLM: "
+                                      r"the multiple of 32 nearest to the 10 channels it keeps is 0 of its 200 MLP "
+                                      r"channels: would leave none$"),
+        (dict(mlp=0.01, round_to=8), r"option 'round_to' = 8 with 'mlp' = 0.01 .* is 200 of its 200 MLP channels: "
+                                     r"removes none$"),
+        (dict(hidden=0.6, round_to=64), r"option 'round_to' = 64 with 'hidden' = 0.6 .*is 0 of its 64 hidden"),
+        (dict(mlp=0.25, round_to=0), r"option 'round_to' must be an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(PrunelabError, match=message) as caught:
+            width_targets(model, **kwargs)
+        assert "\n" not in str(caught.value)
+    kept = width_targets(model, heads=0.5, heads_mode="groups", round_to=256)  # heads are never rounded
+    assert (kept.heads, kept.kv_heads, kept.mlp, kept.hidden) == (2, 2, 200, 64)  # axes not pruned are not rounded
+
+
+def test_round_to_that_breaks_the_config_is_refused_with_fractions_that_round_and_load():
+    """LlamaConfig needs hidden_size % num_attention_heads == 0: 192 channels over 3 heads minus 40 %
+    rounds to 128 (115.2 -> 128), not a multiple of 3; of the multiples of 32 only 96 divides (0.5)."""
+    model = llama(hidden=192, heads=3)
+    with pytest.raises(PrunelabError, match=r"^width: option 'round_to' = 32 with 'hidden' = 0.4 on model "
+                                            r"LlamaForCausalLM: LlamaConfig refuses .*\(128\).*\(3\); nearest "
+                                            r"fractions it accepts: 0.5$"):
+        width_targets(model, hidden=0.4, round_to=32)
+    assert width_targets(model, hidden=0.5, round_to=32).hidden == 96

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -130,6 +131,67 @@ def test_unknown_architecture_exits_2_before_calibration(tmp_path, capsys):
                       "--dtype", "float32", "--out", str(tmp_path / "x"))
     assert status == 2 and "Phi3ForCausalLM" in err and "q_proj/k_proj/v_proj/o_proj" in err
     assert len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- round_to
+@pytest.fixture(scope="module")
+def llama_200(tmp_path_factory):
+    """A tiny random Llama folder whose MLP has 200 channels (not a multiple of 32), with a real tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("llama-200") / "m"
+    config = LlamaConfig(vocab_size=151936, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    random_model(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(QWEN3_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+def test_cli_round_to_keeps_a_multiple_and_records_requested_and_achieved(llama_200, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "w"
+    status, err = cli(capsys, "prune", "--model", str(llama_200), "--method", "width", "--option", "mlp=0.25",
+                      "--option", "hidden=0.4", "--option", "round_to=32", "--option", "importance=magnitude",
+                      "--dtype", "float32", "--out", str(out))
+    assert status == 0, err
+    recipe = json.loads((out / RECIPE_FILE).read_text())
+    assert recipe["options"]["round_to"] == 32 and recipe["options"]["mlp"] == 0.25
+    # by hand: 200 - round(50) = 150 -> 160 (10 away; 128 is 22); 96 - round(38.4) = 58 -> 64 (6; 32 is 26)
+    axes = recipe["width"]["axes"]
+    assert (axes["mlp"]["after"], axes["mlp"]["requested_fraction"], axes["mlp"]["removed_fraction"]) == (160, 0.25, 0.2)
+    assert (axes["hidden"]["after"], axes["hidden"]["requested_fraction"]) == (64, 0.4)
+    assert axes["hidden"]["removed_fraction"] == round(1 - 64 / 96, 6)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (model.config.intermediate_size, model.config.hidden_size) == (160, 64)
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == (160, 64)
+
+
+@pytest.mark.parametrize("options,message", [
+    (("mlp=0.95", "round_to=32"), "option 'round_to' = 32 with 'mlp' = 0.95 on model"),  # 10 -> 0: none left
+    (("mlp=0.01", "round_to=8"), "is 200 of its 200 MLP channels: removes none"),  # 198 -> 200
+    (("hidden=0.9", "round_to=64"), "is 0 of its 96 hidden channels: would leave none"),  # 10 -> 0
+    (("mlp=0.25", "round_to=0"), "option 'round_to': must be >= 1, got 0"),
+])
+def test_cli_round_to_refusals_exit_2_with_one_line_before_calibration(llama_200, tmp_path, capsys, options, message):
+    """Activation importance reads the default calibration (the Hub's C4, out of reach offline): read
+    first, it would fail differently."""
+    args = [a for option in options for a in ("--option", option)]
+    status, err = cli(capsys, "prune", "--model", str(llama_200), "--method", "width", *args,
+                      "--dtype", "float32", "--out", str(tmp_path / "x"))
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "LlamaForCausalLM" in err or "must be >= 1" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_plugins_width_shows_round_to_and_the_achieved_declaration(capsys, monkeypatch):
+    from prunelab.cli import main
+
+    monkeypatch.setenv("COLUMNS", "250")  # one table row per line
+    assert main(["plugins", "width"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(re.match(r"│ round_to +│ int +│ 1 +│ checked +│ keep a multiple", line) for line in lines)
+    assert sum("achieved=declared" in line for line in lines if "kind='width'" in line) == 3
 
 
 # ---------------------------------------------------------------------------- healing and studies

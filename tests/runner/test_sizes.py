@@ -46,7 +46,8 @@ def _fraction_zero(model, options: dict[str, Any], context) -> dict[str, Any]:
 
 def _shrink_mlp(model, options: dict[str, Any], context, update_config: bool = True) -> dict[str, Any]:
     config = context.adapter.text_config
-    keep = round(config.intermediate_size * (1 - options["cut"]))
+    total = config.intermediate_size
+    keep = round(total * (1 - options["cut"]))
     for layer in context.adapter.layers:
         mlp = layer.mlp
         for name in ("gate_proj", "up_proj"):
@@ -59,7 +60,13 @@ def _shrink_mlp(model, options: dict[str, Any], context, update_config: bool = T
         mlp.down_proj = down
     if update_config:
         config.intermediate_size = keep
-    return {}
+    return {"shrunk": {"channels": [total, keep]}}  # a field of its own: the core reads it only through `achieved`
+
+
+def _shrunk(report: dict[str, Any]) -> float:
+    """``SizeAxis.achieved`` of mlp-shrink: the fraction it reports it removed (whole channels)."""
+    total, keep = report["shrunk"]["channels"]
+    return 1 - keep / total
 
 
 def _fraction(name: str) -> Option:
@@ -73,7 +80,7 @@ TEST_STRATEGIES = [
     Strategy("fraction-zero", "zeroes the first columns", _fraction_zero, (_fraction("share"),),
              size=(SizeAxis("weights", option="share", label="sparsity"),)),
     Strategy("mlp-shrink", "cuts MLP channels", _shrink_mlp, (_fraction("cut"),),
-             size=(SizeAxis("width", option="cut", label="MLP channels"),)),
+             size=(SizeAxis("width", option="cut", label="MLP channels", achieved=_shrunk),)),
     Strategy("broken-shrink", "cuts MLP channels, forgets the config",
              lambda m, o, c: _shrink_mlp(m, o, c, update_config=False), (_fraction("cut"),),
              size=(SizeAxis("width", option="cut", label="MLP channels"),)),
@@ -111,7 +118,7 @@ share = [0.5]
 
 [[strategies]]
 name = "mlp-shrink"
-cut = [0.25, 0.5]
+cut = [0.25, 0.3]
 
 [[strategies]]
 name = "magnitude"
@@ -127,9 +134,16 @@ name = "width"
 mlp = [0.5]
 heads = [0.5]
 importance = "magnitude"
+
+[[strategies]]
+name = "width"
+mlp = [0.3]
+round_to = 32
+importance = "magnitude"
 """
 WIDTH_MLP = "width[mlp=0.5,importance=magnitude]"
 WIDTH_COMBINED = "width[mlp=0.5,heads=0.5,importance=magnitude]"
+WIDTH_ROUNDED = "width[mlp=0.3,round_to=32,importance=magnitude]"
 
 
 def hand_count(config) -> dict[str, int]:
@@ -175,12 +189,14 @@ def test_recorded_sizes_equal_the_hand_count_and_what_each_variant_did(run, tiny
         plan = sizes[f"odd-k[k={k}]"]
         assert plan["removed_layers"] == list(range(k + 1))  # read from the model, not from k
         assert plan["parameters"] == count["total"] - (k + 1) * count["layer"]
-        assert plan["axes"] == [{"kind": "layers", "option": "k", "label": "layers removed", "amount": k + 1}]
-    for cut in (0.25, 0.5):
+        assert plan["axes"] == [{"kind": "layers", "option": "k", "label": "layers removed", "amount": k + 1,
+                                 "requested": None}]
+    for cut, kept in ((0.25, 96), (0.3, 90)):  # by hand: 128 x 0.75 = 96; round(128 x 0.7 = 89.6) = 90
         width = sizes[f"mlp-shrink[cut={cut}]"]
-        removed = round(config.intermediate_size * cut) * 4 * count["mlp_channel"]
+        removed = (config.intermediate_size - kept) * 4 * count["mlp_channel"]
         assert width["parameters"] == count["total"] - removed and width["removed_layers"] == []
-        assert width["axes"][0]["amount"] == cut
+        # drawn at what its own report says it removed (its declared `achieved`), the option beside it
+        assert width["axes"][0]["amount"] == 1 - kept / 128 and width["axes"][0]["requested"] == cut
     zeroed = sizes["fraction-zero[share=0.5]"]
     assert zeroed["parameters"] == count["total"]  # zeros are stored
     assert zeroed["zero_parameters"] - dense["zero_parameters"] == 4 * (count["layer"] - 2 * 64 - 2 * 32) // 2
@@ -192,6 +208,10 @@ def test_recorded_sizes_equal_the_hand_count_and_what_each_variant_did(run, tiny
     assert sizes[WIDTH_MLP]["parameters"] == count["total"] - mlp_gone
     assert sizes[WIDTH_COMBINED]["parameters"] == count["total"] - mlp_gone - heads_gone
     assert [a["amount"] for a in sizes[WIDTH_COMBINED]["axes"]] == [0.5, 0.5, 0.0]
+    # round_to = 32: 128 - round(38.4) = 90 channels to keep -> 96 (6 away; 64 is 26): 0.25 achieved of 0.3 asked
+    rounded = sizes[WIDTH_ROUNDED]
+    assert rounded["parameters"] == count["total"] - 4 * 32 * count["mlp_channel"]
+    assert [(a["amount"], a["requested"]) for a in rounded["axes"]] == [(1 - 96 / 128, 0.3), (0.0, 0.0), (0.0, 0.0)]
 
 
 def test_charts_follow_the_declarations_and_what_was_done(run):
@@ -201,7 +221,8 @@ def test_charts_follow_the_declarations_and_what_was_done(run):
     sparsity = {(r["series"], r["sparsity"]) for r in chart_values(run, "sparsity_sweep") if r.get("strategy") not in (None, "dense")}
     assert sparsity == {("fraction-zero", 50.0), ("magnitude", 50.0)}  # a fraction not named `sparsity` is charted
     width = {(r["variant"], r["width"]) for r in chart_values(run, "width_sweep_mlp_channels") if r.get("strategy") not in (None, "dense")}
-    assert width == {("mlp-shrink[cut=0.25]", 25.0), ("mlp-shrink[cut=0.5]", 50.0), (WIDTH_MLP, 50.0)}  # not combined
+    assert width == {("mlp-shrink[cut=0.25]", 25.0), ("mlp-shrink[cut=0.3]", 100 * (1 - 90 / 128)), (WIDTH_MLP, 50.0),
+                     (WIDTH_ROUNDED, 25.0)}  # not combined; at the achieved fraction, not the option's
     layers = {r["layer"] for r in chart_values(run, "layer_sweep") if r.get("strategy") not in (None, "dense")}
     assert layers == {0, 1, 2, 3}  # only the one-layer sweep: not odd-k[k=0], which also removes one layer
     comparison = [r for r in chart_values(run, "size_comparison") if r.get("strategy") not in (None, "dense")]
@@ -225,6 +246,28 @@ def test_report_of_an_archived_run_needs_no_plugin(run, test_strategies):
         installed(test_strategies)
     after = {p.name: p.read_bytes() for p in (run / "charts").glob("*.html")}
     assert after == before
+
+
+def test_older_records_are_drawn_at_what_they_recorded_and_an_older_run_reads_its_reports():
+    """A size record made before ``requested`` existed: its amount was the options', so that is its
+    requested amount too. A run made before size records: the achieved fraction comes from the prune
+    report its manifest kept, through the strategy's declaration; without one the option stands."""
+    from prunelab.report.sizes import VariantSize, legacy_size, run_sizes
+
+    old = VariantSize.from_json({"removed_layers": [], "axes": [
+        {"kind": "width", "option": "mlp", "label": "MLP channels", "amount": 0.3},
+        {"kind": "layers", "option": "k", "label": "layers removed", "amount": 2.0}]})
+    assert [(a.amount, a.requested) for a in old.axes] == [(0.3, 0.3), (2.0, None)]
+    assert old.width_axes[0].percent == 30.0
+    report = {"strategy": "width", "width": {"axes": {"mlp": {"before": 200, "after": 160, "removed_fraction": 0.2},
+                                                      "heads": {"before": 4, "after": 4, "removed_fraction": 0.0},
+                                                      "hidden": {"before": 96, "after": 96, "removed_fraction": 0.0}}}}
+    params = {"mlp": 0.25, "round_to": 32, "importance": "magnitude"}
+    manifest = {"variants": {"w": report}}
+    sizes = run_sizes(manifest, [("w", "width", json.dumps(params)), ("v", "width", json.dumps(params))])
+    assert (sizes["w"].width_axes[0].amount, sizes["w"].width_axes[0].requested) == (0.2, 0.25)
+    assert (sizes["v"].width_axes[0].amount, sizes["v"].width_axes[0].requested) == (0.25, 0.25)  # no report kept
+    assert legacy_size("width", params, {"width": {"axes": {}}}).width_axes[0].amount == 0.25  # not in the report
 
 
 def test_a_shrunk_tensor_without_its_config_is_refused_naming_it(test_strategies, tiny_qwen3, tmp_path, capsys):

@@ -32,7 +32,7 @@ def prunelab_strategies() -> list[Strategy]:
         name="random-width",
         description="remove a seeded random choice of MLP channels, heads and hidden channels (a width baseline)",
         prune=prune,
-        options=width_options(),  # mlp, heads, hidden, heads_mode: the same as the built-in width's
+        options=width_options(),  # mlp, heads, hidden, heads_mode, round_to: the same as the built-in width's
         check_model=width_targets_from_options,  # checked against the model before any variant is pruned
-        size=width_axes(),  # a width chart per axis; the size comparison places it by its parameters
+        size=width_axes(),  # a width chart per axis, at the achieved fraction; the size comparison by parameters
     )]

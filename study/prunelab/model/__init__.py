@@ -23,6 +23,7 @@ from prunelab.model.width import (
     keep_hidden_channels,
     keep_mlp_channels,
     keep_rows,
+    kept_count,
     layer_parts,
     plan_width,
     prune_width,
@@ -38,7 +39,7 @@ from prunelab.model.windows import consecutive_windows, text_width, window_bos, 
 
 __all__ = [
     "AXES", "HEAD_MODES", "LayerParts", "WidthPlan", "WidthScores", "WidthSizes", "WidthTargets", "apply_width",
-    "keep_columns", "keep_heads", "keep_hidden_channels", "keep_mlp_channels", "keep_rows", "layer_parts",
+    "keep_columns", "keep_heads", "keep_hidden_channels", "keep_mlp_channels", "keep_rows", "kept_count", "layer_parts",
     "plan_width", "prune_width", "stream_norms", "top_indices", "width_axes", "width_options", "width_sizes", "width_targets",
     "width_targets_from_options",
     "Adapter", "LoadedModel", "adapt", "as_adapter", "check_layer_spec", "consecutive_windows", "drop_layers",

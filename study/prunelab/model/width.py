@@ -31,8 +31,8 @@ layer) is refused with one line before any work.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,10 +40,13 @@ from torch import nn
 
 from prunelab.errors import PrunelabError
 from prunelab.model.adapter import Adapter, as_adapter
-from prunelab.options import Option
+from prunelab.options import Option, at_least
 from prunelab.plugin import SizeAxis
 
 AXES = ("mlp", "heads", "hidden")
+#: The axes whose kept count ``round_to`` rounds: they set row lengths (``intermediate_size``,
+#: ``hidden_size``). Heads are not: a head count changes how many ``head_dim`` rows there are, not their length.
+ROUNDED_AXES = ("mlp", "hidden")
 #: How ``heads`` removes heads under GQA: whole KV groups (their query heads go with them), or the
 #: same number of query heads from every group (KV heads all stay; Minitron's choice).
 HEAD_MODES = ("query", "groups")
@@ -187,7 +190,11 @@ def _check_outer_parameters(adapter: Adapter, hidden: int) -> None:
 # ---------------------------------------------------------------------------- how many to keep
 @dataclass(frozen=True)
 class WidthTargets:
-    """How many channels of each axis every layer keeps, from fractions to remove (checked)."""
+    """How many channels of each axis every layer keeps, from fractions to remove (checked).
+
+    ``requested``: the fractions asked for, by axis (what the prune report sets beside the achieved
+    ones); ``round_to``: the multiple the kept MLP and hidden counts were rounded to.
+    """
 
     sizes: WidthSizes
     mlp: int
@@ -195,14 +202,33 @@ class WidthTargets:
     kv_heads: int  # KV heads kept per layer
     hidden: int
     heads_mode: str = "query"
+    requested: Mapping[str, float] = field(default_factory=dict)
+    round_to: int = 1
 
     def removes(self, axis: str) -> bool:
         before = {"mlp": self.sizes.intermediate, "heads": self.sizes.heads, "hidden": self.sizes.hidden}[axis]
         return getattr(self, axis) < before
 
 
-def _fraction_error(option: str, value: float, adapter: Adapter, problem: str) -> PrunelabError:
+def _fraction_error(option: str, value: float, adapter: Adapter, problem: str, round_to: int = 1) -> PrunelabError:
+    """The one-line refusal of an axis fraction; one whose count was rounded names ``round_to`` first."""
+    if round_to > 1:
+        return PrunelabError(f"width: option 'round_to' = {round_to} with '{option}' = {value:g} on model "
+                             f"{model_label(adapter)}: {problem}")
     return PrunelabError(f"width: option '{option}' = {value:g} on model {model_label(adapter)}: {problem}")
+
+
+def kept_count(total: int, fraction: float, round_to: int = 1) -> int:
+    """Channels kept when ``fraction`` of ``total`` goes, as a multiple of ``round_to``.
+
+    First the count without rounding, ``total - round(fraction x total)`` (half up, as weight
+    sparsity counts: |error| <= 0.5 channel); then the multiple of ``round_to`` nearest to it, a tie
+    keeping the smaller multiple (removing more, as the half-up count does). Integer arithmetic
+    after the first step, so a tie is a tie (``round_to = 32``: 144 -> 128). The result may be 0
+    or ``total`` (nothing removed): the caller refuses those.
+    """
+    multiples, rest = divmod(total - _removed(total, fraction), round_to)
+    return (multiples + (2 * rest > round_to)) * round_to
 
 
 def _removed(total: int, fraction: float) -> int:
@@ -211,12 +237,16 @@ def _removed(total: int, fraction: float) -> int:
 
 
 def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hidden: float = 0.0,
-                  heads_mode: str = "query") -> WidthTargets:
+                  heads_mode: str = "query", round_to: int = 1) -> WidthTargets:
     """The counts to keep for fractions to remove, or a one-line error naming the option and the model.
 
     Raised before any calibration: a fraction outside [0, 1), one that removes nothing or leaves
     nothing, a head fraction the GQA mode cannot realise exactly (``query``: the same number of
     query heads from every KV group; ``groups``: whole groups), or an unknown layout.
+    ``round_to``: the kept MLP and hidden counts of an axis that is pruned are a multiple of it
+    (``kept_count``; block-quantized GGUF types need rows of a multiple of 32 or 256); refused when
+    the multiple keeps none, keeps all, or gives sizes the config rejects. Heads are never
+    rounded: ``head_dim`` stays, so the head count does not set any row length.
     """
     adapter = as_adapter(model_or_adapter)
     values = {"mlp": mlp, "heads": heads, "hidden": hidden}
@@ -225,6 +255,8 @@ def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hid
             raise _fraction_error(option, value, adapter, "a fraction to remove must be in [0, 1)")
     if heads_mode not in HEAD_MODES:
         raise PrunelabError(f"width: option 'heads_mode' must be one of {', '.join(HEAD_MODES)}, got {heads_mode!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise PrunelabError(f"width: option 'round_to' must be an integer >= 1, got {round_to!r}")
     if not any(values.values()):
         raise PrunelabError(f"width: model {model_label(adapter)}: nothing to remove (give mlp, heads or hidden > 0)")
     sizes = width_sizes(adapter)
@@ -232,11 +264,13 @@ def width_targets(model_or_adapter, *, mlp: float = 0.0, heads: float = 0.0, hid
         _check_outer_parameters(adapter, sizes.hidden)
     kept = {}
     for option, total, what in (("mlp", sizes.intermediate, "MLP channels"), ("hidden", sizes.hidden, "hidden channels")):
-        gone = _removed(total, values[option])
-        _check_count(adapter, option, values[option], gone, total, what)
-        kept[option] = total - gone
+        value = values[option]
+        kept[option] = kept_count(total, value, round_to) if value else total
+        if value:
+            _check_count(adapter, option, value, total - kept[option], total, what, round_to)
     query, kv = _head_targets(adapter, sizes, heads, heads_mode)
-    targets = WidthTargets(sizes, kept["mlp"], query, kv, kept["hidden"], heads_mode)
+    targets = WidthTargets(sizes, kept["mlp"], query, kv, kept["hidden"], heads_mode,
+                           requested=dict(values), round_to=round_to)
     _check_config(adapter, targets, values)
     return targets
 
@@ -283,17 +317,19 @@ def _check_config(adapter: Adapter, targets: WidthTargets, fractions: Mapping[st
         if problem is None:
             continue
         hint = _valid_hidden_fractions(config, targets) if axis == "hidden" else ""
+        rounded = targets.round_to if axis in ROUNDED_AXES and fractions[axis] else 1
         raise _fraction_error(axis, fractions[axis], adapter, f"{type(config).__name__} refuses the result: "
-                              f"{problem}{hint}")
+                              f"{problem}{hint}", rounded)
 
 
 def _valid_hidden_fractions(config, targets: WidthTargets) -> str:
-    """The nearest ``hidden`` fractions whose size the config accepts (scanning kept counts around the target)."""
-    total, found = targets.sizes.hidden, []
-    for step in (-1, 1):
-        keep = targets.hidden + step
+    """The nearest ``hidden`` fractions whose size the config accepts (scanning kept counts around the
+    target, in steps of ``round_to``: every count it scans is one the rounding can give)."""
+    total, found, step = targets.sizes.hidden, [], targets.round_to
+    for direction in (-step, step):
+        keep = targets.hidden + direction
         while 0 < keep < total and _config_problem(config, {"hidden_size": keep}) is not None:
-            keep += step
+            keep += direction
         if 0 < keep < total:
             found.append((total - keep) / total)
     return f"; nearest fractions it accepts: {' or '.join(f'{f:.6g}' for f in sorted(found))}" if found else ""
@@ -305,7 +341,7 @@ def check_fraction(value: float) -> str | None:
 
 
 def width_options() -> tuple[Option, ...]:
-    """The options every width strategy shares: one fraction per axis and the GQA mode."""
+    """The options every width strategy shares: one fraction per axis, the GQA mode and ``round_to``."""
     def fraction(axis: str, what: str) -> Option:
         return Option(axis, float, 0.0, f"fraction of the {what} to remove, in [0, 1) (the same in every layer)",
                       check=check_fraction)
@@ -316,25 +352,46 @@ def width_options() -> tuple[Option, ...]:
         Option("heads_mode", str, "query",
                "GQA: 'query' removes the same number of query heads from every KV group (KV heads stay), "
                "'groups' removes whole KV groups with their query heads", choices=HEAD_MODES),
+        Option("round_to", int, 1,
+               "keep a multiple of this many MLP and hidden channels (the nearest to the fraction's count; a tie "
+               "keeps fewer): 32 for llama.cpp's q8_0/q4_0/q5_x, 256 for its k-quants; heads are never rounded",
+               check=at_least(1)),
     )
 
 
 AXIS_LABELS = {"mlp": "MLP channels", "heads": "attention heads", "hidden": "hidden channels"}
 
 
+def achieved_fraction(axis: str) -> Callable[[Mapping[str, Any]], float | None]:
+    """``SizeAxis.achieved`` of one width axis: the fraction ``prune_width`` reports it removed
+    (measured on the pruned modules), which rounding and ``round_to`` make differ from the option."""
+    def read(report: Mapping[str, Any]) -> float | None:
+        return report["width"]["axes"][axis]["removed_fraction"]
+    return read
+
+
 def width_axes() -> tuple[SizeAxis, ...]:
     """The size axes of the options of ``width_options()`` (``Strategy.size``): one width chart each,
-    and a variant removing along several at once is "combined width" in the size comparison."""
-    return tuple(SizeAxis("width", option=axis, label=AXIS_LABELS[axis]) for axis in AXES)
+    drawn at the fraction achieved, and a variant removing along several at once is "combined width"
+    in the size comparison."""
+    return tuple(SizeAxis("width", option=axis, label=AXIS_LABELS[axis], achieved=achieved_fraction(axis))
+                 for axis in AXES)
 
 
 def width_targets_from_options(model_or_adapter, options: Mapping[str, Any]) -> WidthTargets:
     """``width_targets`` for the options of ``width_options()`` (also a strategy's ``check_model``)."""
     return width_targets(model_or_adapter, **{axis: options.get(axis) or 0.0 for axis in AXES},
-                         heads_mode=options.get("heads_mode") or "query")
+                         heads_mode=options.get("heads_mode") or "query", round_to=options.get("round_to") or 1)
 
 
-def _check_count(adapter: Adapter, option: str, value: float, gone: int, total: int, what: str) -> None:
+def _check_count(adapter: Adapter, option: str, value: float, gone: int, total: int, what: str,
+                 round_to: int = 1) -> None:
+    """Refuse a count that removes none or leaves none (a rounded one names ``round_to`` and the multiple)."""
+    if round_to > 1 and not 0 < gone < total:
+        result = "removes none" if gone <= 0 else "would leave none"
+        raise _fraction_error(option, value, adapter, f"the multiple of {round_to} nearest to the "
+                              f"{total - _removed(total, value)} channels it keeps is {total - gone} of its {total} "
+                              f"{what}: {result}", round_to)
     if value and gone == 0:
         raise _fraction_error(option, value, adapter, f"removes none of its {total} {what} (round(fraction x {total}) = 0)")
     if gone >= total:
@@ -658,12 +715,16 @@ def parameter_shapes(adapter: Adapter) -> dict[str, list[int]]:
     return shapes
 
 
-def width_summary(before: WidthSizes, after: WidthSizes) -> dict[str, dict[str, float | int]]:
-    """Per axis: the size before and after (read from the modules) and the fraction removed."""
+def width_summary(before: WidthSizes, after: WidthSizes,
+                  requested: Mapping[str, float] | None = None) -> dict[str, dict[str, float | int]]:
+    """Per axis: the size before and after (read from the modules), the fraction removed (achieved)
+    and, for an axis an option sets, the fraction asked for (``requested_fraction``)."""
     rows = {}
     for axis, attr in (("mlp", "intermediate"), ("heads", "heads"), ("kv_heads", "kv_heads"), ("hidden", "hidden")):
         old, new = getattr(before, attr), getattr(after, attr)
         rows[axis] = {"before": old, "after": new, "removed_fraction": round(1 - new / old, 6)}
+        if requested is not None and axis in requested:
+            rows[axis]["requested_fraction"] = float(requested[axis])
     return rows
 
 
@@ -680,4 +741,5 @@ def prune_width(model_or_adapter, targets: WidthTargets, scores: WidthScores) ->
     if (after.intermediate, after.heads, after.kv_heads, after.hidden) != wanted:
         raise PrunelabError(f"width: asked for (mlp, heads, kv_heads, hidden) = {wanted}, the model has "
                             f"{(after.intermediate, after.heads, after.kv_heads, after.hidden)}")
-    return {"width": {"axes": width_summary(targets.sizes, after), "heads_mode": targets.heads_mode, **record}}
+    return {"width": {"axes": width_summary(targets.sizes, after, targets.requested), "heads_mode": targets.heads_mode,
+                      "round_to": targets.round_to, **record}}

@@ -235,7 +235,8 @@ def _series_sweep(rows: list[dict[str, Any]], field: str, x: alt.X, title: str) 
 
 def width_charts(rows: list[dict[str, Any]], sizes: dict[str, VariantSize]) -> dict[str, alt.TopLevelMixin | None]:
     """One sweep chart per declared width axis (by its label): the variants that remove along that
-    axis alone, against the fraction removed. A variant shrinking several axes at once (combined
+    axis alone, against the fraction removed (the achieved one where the strategy declares how to read
+    it, ``SizeAxis.achieved``: rounding to whole channels or ``round_to`` moves it off the option). A variant shrinking several axes at once (combined
     width) is on none of these: the size comparison sets it beside the others."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for row in rows:

@@ -29,19 +29,44 @@ RECOVERY_SEPARATOR = "+"  # a healed twin's strategy is ``<strategy>+<method>`` 
 class AxisAmount:
     """One declared size axis of a variant and how much of it the variant removed.
 
-    ``amount``: a fraction in [0, 1] for ``weights`` and ``width``, the number of removed layers
-    for ``layers``, the parameter count for ``parameters``; None when it is not known.
+    ``amount``: what the variant removed -- for ``weights`` and ``width`` a fraction in [0, 1], the
+    achieved one where the strategy declares how to read it (``SizeAxis.achieved``), else the one
+    its options asked for; the number of removed layers for ``layers``, the parameter count for
+    ``parameters``; None when it is not known. ``requested``: the fraction the options asked for
+    (``weights`` and ``width``; None for the kinds measured on the model). The charts draw ``amount``.
     """
 
     kind: str
     option: str | None
     label: str
     amount: float | None
+    requested: float | None = None
 
     @property
     def percent(self) -> float | None:
         """A fraction as a percentage (rounded off float noise: 0.1 -> 10.0, not 10.000000000000002)."""
-        return None if self.amount is None else round(self.amount * 100, 9)
+        return _percent(self.amount)
+
+    @property
+    def requested_percent(self) -> float | None:
+        """The fraction asked for, as a percentage."""
+        return _percent(self.requested)
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> AxisAmount:
+        """A recorded axis; one recorded before ``requested`` existed had only the options' amount
+        (``weights``/``width``), so that is its requested amount too."""
+        amount = record.get("amount")
+        requested = record["requested"] if "requested" in record else (
+            amount if record["kind"] in REQUESTED_KINDS else None)
+        return cls(record["kind"], record.get("option"), record.get("label") or "", amount, requested)
+
+
+REQUESTED_KINDS = ("weights", "width")  # the kinds whose amount an option asks for (``SizeAxis.fraction``)
+
+
+def _percent(fraction: float | None) -> float | None:
+    return None if fraction is None else round(fraction * 100, 9)
 
 
 @dataclass(frozen=True)
@@ -71,8 +96,7 @@ class VariantSize:
                    layers_from_options=bool(record.get("layers_from_options")), healed=bool(record.get("healed")),
                    parameters=record.get("parameters"), non_embedding_parameters=record.get("non_embedding_parameters"),
                    zero_parameters=record.get("zero_parameters"),
-                   axes=tuple(AxisAmount(a["kind"], a.get("option"), a.get("label") or "", a.get("amount"))
-                              for a in record.get("axes") or ()))
+                   axes=tuple(AxisAmount.from_json(a) for a in record.get("axes") or ()))
 
     @property
     def sweep_layer(self) -> int | None:
@@ -109,30 +133,37 @@ class VariantSize:
 
 
 def variant_size(strategy: Strategy | None, options: Mapping[str, Any], *, removed_layers: Sequence[int] | None,
-                 healed: bool = False, counts: Any = None, num_layers: int | None = None) -> VariantSize:
+                 healed: bool = False, counts: Any = None, num_layers: int | None = None,
+                 report: Mapping[str, Any] | None = None) -> VariantSize:
     """The record of one variant: its strategy's declared axes with this variant's amounts.
 
     ``removed_layers``: read from the model after pruning (or, for a layer-sweep variant, the one
     layer the sweep leaves out); ``counts``: ``prunelab.model.bench.ParameterCounts`` of the variant;
-    ``num_layers``: the model's decoder layers, for a strategy whose declared layers depend on it.
+    ``num_layers``: the model's decoder layers, for a strategy whose declared layers depend on it;
+    ``report``: the variant's prune report, from which an axis that declares ``achieved`` reads
+    what was removed (None: not pruned here, e.g. a layer-sweep variant; the requested amount stands).
     """
     removed = None if removed_layers is None else tuple(sorted(int(i) for i in removed_layers))
     declared = strategy.removed_layers(options, num_layers) if strategy is not None else None
-    axes = tuple(_amount(axis, options, removed, counts) for axis in (strategy.size if strategy else ()))
+    axes = tuple(_amount(axis, options, removed, counts, report) for axis in (strategy.size if strategy else ()))
     return VariantSize(removed_layers=removed, layers_from_options=declared is not None, healed=healed,
                        parameters=getattr(counts, "total", None),
                        non_embedding_parameters=getattr(counts, "non_embedding", None),
                        zero_parameters=getattr(counts, "zeros", None), axes=axes)
 
 
-def _amount(axis: SizeAxis, options: Mapping[str, Any], removed: tuple[int, ...] | None, counts: Any) -> AxisAmount:
+def _amount(axis: SizeAxis, options: Mapping[str, Any], removed: tuple[int, ...] | None, counts: Any,
+            report: Mapping[str, Any] | None) -> AxisAmount:
+    requested = None
     if axis.kind == "layers":
         amount = None if removed is None else float(len(removed))
     elif axis.kind == "parameters":
         amount = None if counts is None else float(counts.total)
     else:
-        amount = axis.fraction(options)
-    return AxisAmount(axis.kind, axis.option, axis.label, amount)
+        requested = axis.fraction(options)
+        achieved = axis.achieved_fraction(report)
+        amount = requested if achieved is None else achieved
+    return AxisAmount(axis.kind, axis.option, axis.label, amount, requested)
 
 
 # ------------------------------------------------------------------------------------------ reading a run
@@ -163,7 +194,8 @@ def legacy_size(strategy_name: str, params: dict[str, Any], report: Mapping[str,
     """A run recorded before sizes: the installed strategy's declarations on the stored options.
 
     The removed layers are the strategy's declared ones, else what the core's ``drop_layers``
-    reported when the variant was pruned (``dropped_layers``); parameter counts are unknown.
+    reported when the variant was pruned (``dropped_layers``); an axis that declares ``achieved``
+    reads it from the stored prune report (``report``); parameter counts are unknown.
     """
     if strategy_name == DENSE:
         return VariantSize(removed_layers=())
@@ -183,7 +215,7 @@ def legacy_size(strategy_name: str, params: dict[str, Any], report: Mapping[str,
     removed = strategy.removed_layers(params, num_layers)
     if removed is None and isinstance(report.get("dropped_layers"), list):
         removed = report["dropped_layers"]
-    return variant_size(strategy, options, removed_layers=removed, healed=healed, num_layers=num_layers)
+    return variant_size(strategy, options, removed_layers=removed, healed=healed, num_layers=num_layers, report=report)
 
 
 def slug(text: str) -> str:

@@ -200,7 +200,7 @@ class Session:
         pruned_by = None if variant.pruned_by == DENSE else default_registry().strategy(variant.pruned_by)
         size = variant_size(pruned_by, report.get("options", {}), removed_layers=report.get("removed_layers", ()),
                             healed=bool(variant.recovery), counts=parameter_counts(loaded.adapter),
-                            num_layers=dense.adapter.num_layers)
+                            num_layers=dense.adapter.num_layers, report=report)
         self.work.log(event="prune", variant=variant.name, seconds=round(time.perf_counter() - start, 3),
                       report=compact, size=size.to_json())
         return loaded
