@@ -1,7 +1,7 @@
 """Healing by distillation vs cross-entropy at the same token budget: does KD recover fidelity better?
 
-For each K: drop-block removes K layers (calibrated on the WikiText-2 *validation* file), then three
-heals of copies of the same pruned model, all through the ``distill`` trainer so that only the loss
+For each base -- drop-block removing K layers (``--k``) and each ``width`` setting (``--width``), both
+calibrated on the WikiText-2 *validation* file -- three heals of copies of the same pruned model, all through the ``distill`` trainer so that only the loss
 and what is trained differ (same windows, seed, AdamW, warm-up + cosine schedule, token budget):
 
 * ``lora-ce``: LoRA, next-token cross-entropy only (``alpha = 1``; the teacher's forward is computed
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_healing import HEAL_DATA, add_common_arguments, drop_block, load_scoring, per_window
+from bench_healing import HEAL_DATA, add_common_arguments, load_scoring, per_window
 
 
 def methods(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -98,10 +98,39 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Base:
+    """One pruned model the heals start from: a drop-block K or a width setting."""
+
+    label: str
+    strategy: str
+    options: dict[str, Any]
+
+
+def bases(args: argparse.Namespace) -> list[Base]:
+    """``--k 4,8`` and ``--width "mlp=0.25;mlp=0.1,hidden=0.1"`` as the list of pruned models to heal."""
+    out = [Base(f"drop-block k={k}", "drop-block", {"k": int(k)}) for k in args.k.split(",") if k]
+    for spec in (s for s in args.width.split(";") if s):
+        options = {key.strip(): float(value) for key, value in (pair.split("=") for pair in spec.split(","))}
+        out.append(Base("width " + ", ".join(f"{k}={v:g}" for k, v in options.items()), "width", options))
+    return out
+
+
+def prune_base(dense, base: Base, calibration: dict[str, Any]):
+    """A pruned deep copy of the dense model and the strategy's report."""
+    from prunelab.model.adapter import adapt
+    from prunelab.prune.api import prune
+
+    model = copy.deepcopy(dense.model)
+    loaded = dataclasses.replace(dense, model=model, adapter=adapt(model))
+    return loaded, prune(loaded, base.strategy, seed=0, calibration=calibration, **base.options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, windows=16, eval_seqlen=256)
-    parser.add_argument("--k", default="4", help="block sizes to remove")
+    parser.add_argument("--k", default="4", help="block sizes to remove ('' for none)")
+    parser.add_argument("--width", default="", help="width settings to heal, ';'-separated (e.g. 'mlp=0.25')")
     parser.add_argument("--tokens", type=int, default=6144, help="token budget of every heal")
     parser.add_argument("--budgets", default="0.25,0.5", help="smaller budgets for full-kd, as fractions of --tokens")
     parser.add_argument("--batch", type=int, default=2)
@@ -136,12 +165,14 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
     calibration = {"source": str(HEAL_DATA), "samples": args.calibration_samples, "seqlen": 256}
-    for k in [int(x) for x in args.k.split(",")]:
-        pruned, report = drop_block(dense, k, calibration)
+    for base in bases(args):
+        pruned, report = prune_base(dense, base, calibration)
         layer_map = kept_layers(report.get("dropped_layers", []), dense.adapter.num_layers)
-        row: dict[str, Any] = {"k": k, "dropped_layers": report.get("dropped_layers"),
+        row: dict[str, Any] = {"base": base.label, "strategy": base.strategy, "options": base.options,
+                               "k": base.options.get("k"), "dropped_layers": report.get("dropped_layers"),
+                               "parameters": sum(p.numel() for p in pruned.model.parameters()),
                                "unhealed": summary(per_window(pruned.model, windows, dense_logp)), "healed": {}}
-        print(f"K={k} layers {row['dropped_layers']}: unhealed ppl {row['unhealed']['perplexity']:.2f} "
+        print(f"{base.label} layers {row['dropped_layers']}: unhealed ppl {row['unhealed']['perplexity']:.2f} "
               f"KL {row['unhealed']['kl_to_dense']:.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
         result["rows"].append(row)
         runs = [(name, args.tokens, options) for name, options in methods(args).items()]

@@ -5,7 +5,7 @@
    ``--no-binary :all:``, which would build cmake from source), extracted and built with cmake
    (targets ``llama-bench``, ``llama-perplexity``, ``llama-quantize``) under
    ``~/.cache/prunelab/llama.cpp/VERSION/``. ``--llama-cpp-dir`` (or ``LLAMA_CPP_DIR``) reuses a
-   tree that is already there (its ``build/`` folder is reused, only missing targets are built).
+   tree that is already there (its ``build-portable/`` (``--native``: ``build-native/``) folder is reused, only missing targets are built).
 2. Every folder is converted with llama.cpp's own ``convert_hf_to_gguf.py`` to f16 and quantized
    with ``llama-quantize`` to q8_0 (both cached next to the folder as ``FOLDER.f16.gguf`` /
    ``FOLDER.q8_0.gguf``). A folder that does not convert or load is reported, not skipped silently.
@@ -46,6 +46,11 @@ SHARED = Path(os.environ.get("PRUNELAB_SHARED", ROOT.parent / "shared"))
 TEST = SHARED / "data" / "wikitext-2" / "wiki.test.raw"
 DEFAULT_VERSION = "0.3.36"
 TARGETS = ("llama-bench", "llama-perplexity", "llama-quantize")
+# A portable x86-64 build: AVX2/FMA/F16C kernels, no -march=native. The GGML_NATIVE build of session 8
+# died with SIGILL (rc 132) on q8_0 models on this kind of VM, whose CPU flags do not match what the
+# guest may execute; ``--native`` builds for the host CPU instead (in its own build folder).
+PORTABLE_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON")
+NATIVE_FLAGS = ("-DGGML_NATIVE=ON",)
 
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -84,16 +89,17 @@ def cmake() -> str:
     return str(Path(sys.executable).parent / "cmake")
 
 
-def build(tree: Path, jobs: int) -> Path:
-    """Configure once (Release, CPU, no curl) and build the missing targets; returns the bin folder."""
-    build_dir = tree / "build"
+def build(tree: Path, jobs: int, native: bool = False) -> Path:
+    """Configure once (Release, CPU, no curl; portable or native) and build the missing targets; returns the bin folder."""
+    build_dir = tree / ("build-native" if native else "build-portable")
     binaries = build_dir / "bin"
     missing = [t for t in TARGETS if not (binaries / t).is_file()]
     if not missing:
         return binaries
     tool = cmake()
     if not (build_dir / "CMakeCache.txt").is_file():
-        done = run([tool, "-S", tree, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF"])
+        done = run([tool, "-S", tree, "-B", build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    *(NATIVE_FLAGS if native else PORTABLE_FLAGS)])
         if done.returncode:
             raise SystemExit(f"cmake configure failed: {done.stderr.strip()[-800:]}")
     done = run([tool, "--build", build_dir, "-j", str(jobs), "--target", *missing])
@@ -141,12 +147,13 @@ def main() -> None:
     parser.add_argument("folders", nargs="+", help="saved model folders (bench_width.py --save)")
     parser.add_argument("--dense", required=True, help="the dense folder the ratios are against")
     parser.add_argument("--llama-cpp-dir", default=os.environ.get("LLAMA_CPP_DIR"),
-                        help="an existing llama.cpp source tree (with or without build/); default: the sdist's")
+                        help="an existing llama.cpp source tree (with or without its build folder); default: the sdist's")
     parser.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python sdist version")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "prunelab" / "llama.cpp"))
     parser.add_argument("--python", default=sys.executable, help="the Python that runs convert_hf_to_gguf.py")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs")
+    parser.add_argument("--native", action="store_true", help="build for this CPU (-march=native) instead of portable AVX2")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--ppl-ctx", type=int, default=512)
@@ -155,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tree = Path(args.llama_cpp_dir) if args.llama_cpp_dir else source_tree(args.version, Path(args.cache) / args.version)
-    binaries = build(tree, args.jobs)
+    binaries = build(tree, args.jobs, args.native)
     folders = [Path(args.dense).resolve()] + [Path(f).resolve() for f in args.folders if Path(f).resolve() != Path(args.dense).resolve()]
     if not_folders := [str(f) for f in folders if not (f / "config.json").is_file()]:
         raise SystemExit(f"not a model folder (no config.json): {', '.join(not_folders)}")
