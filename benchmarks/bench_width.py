@@ -95,32 +95,35 @@ def head_steps(sizes, mode: str = "query") -> list[float]:
     return [n / sizes.heads for n in range(step, sizes.heads, step)]
 
 
-def candidates(adapter, axis: str) -> list[dict[str, float]]:
-    """The option sets an axis can take (fractions to remove), finely enough to hit any level."""
+def candidates(adapter, axis: str, round_to: int = 1) -> list[dict[str, float]]:
+    """The option sets an axis can take (fractions to remove), finely enough to hit any level; with
+    ``round_to`` > 1 each set carries it (the width strategy rounds the kept MLP / hidden counts)."""
     from prunelab.model import width_sizes
 
     sizes = width_sizes(adapter)
     if axis == "heads":
-        return [{"heads": f} for f in head_steps(sizes)]
+        return [{"heads": f} for f in head_steps(sizes)]  # heads are never rounded
+    rounding = {"round_to": round_to} if round_to > 1 else {}
     if axis == "mlp":
-        return [{"mlp": n / sizes.intermediate} for n in range(1, sizes.intermediate)]
+        return [{"mlp": n / sizes.intermediate, **rounding} for n in range(1, sizes.intermediate)]
     steps = [n / sizes.hidden for n in range(1, sizes.hidden)]  # every hidden count (config classes may refuse some)
     if axis == "hidden":
-        return [{"hidden": f} for f in steps]
+        return [{"hidden": f, **rounding} for f in steps]
     heads = head_steps(sizes)
     rows = []
     for f in steps:
         near = min(heads, key=lambda h: abs(h - f))
-        rows.append({"mlp": f, "hidden": f, **({"heads": near} if abs(near - f) <= heads[0] / 2 else {})})
+        rows.append({"mlp": f, "hidden": f, **({"heads": near} if abs(near - f) <= heads[0] / 2 else {}), **rounding})
     return rows
 
 
-def choose_options(adapter, axis: str, level: float, dense_params: int) -> tuple[dict[str, float], int] | None:
+def choose_options(adapter, axis: str, level: float, dense_params: int,
+                   round_to: int = 1) -> tuple[dict[str, float], int] | None:
     """The option set whose variant has the parameter count nearest ``level`` % fewer than dense; None if unreachable."""
     from prunelab.model import width_targets
 
     best = None
-    for options in candidates(adapter, axis):
+    for options in candidates(adapter, axis, round_to):
         try:
             params = width_parameters(adapter, width_targets(adapter, **options))
         except Exception:  # noqa: BLE001 - a fraction this model refuses is simply not a candidate
@@ -181,23 +184,25 @@ def build(dense, args) -> dict[str, dict[str, Any]]:
     variants: dict[str, dict[str, Any]] = {"dense": {"loaded": copy_of(), "strategy": "dense", "options": {},
                                                      "report": {}, "level": 0.0}}
     skipped = []
-    for axis in args.axes:
-        for level in args.levels:
-            chosen = choose_options(dense.adapter, axis, level, dense_params)
-            if chosen is None:
-                skipped.append(f"{axis} {level:g} %: no option value lands within {LEVEL_TOLERANCE:g} points")
-                continue
-            options, expected = chosen
-            name = f"width {axis} -{level:g}%"
-            if any(v["options"] == options for v in variants.values()):
-                continue
-            loaded = copy_of()
-            report = dict(prune(loaded, "width", calibration=calibration, **options))
-            actual = parameter_count(loaded.model)
-            if actual != expected:
-                raise SystemExit(f"{name}: {actual} parameters, hand count {expected}")
-            variants[name] = {"loaded": loaded, "strategy": "width", "options": options, "report": report, "level": level}
-            print(f"built {name} {options}: {actual / 1e6:.2f} M", flush=True)
+    for round_to, axis, level in ((r, a, lv) for r in args.round_to for a in args.axes for lv in args.levels):
+        if round_to > 1 and axis == "heads":
+            continue
+        chosen = choose_options(dense.adapter, axis, level, dense_params, round_to)
+        suffix = f" r{round_to}" if round_to > 1 else ""
+        if chosen is None:
+            skipped.append(f"{axis}{suffix} {level:g} %: no option value lands within {LEVEL_TOLERANCE:g} points")
+            continue
+        options, expected = chosen
+        name = f"width {axis} -{level:g}%{suffix}"
+        if any(v["options"] == options for v in variants.values()):
+            continue
+        loaded = copy_of()
+        report = dict(prune(loaded, "width", calibration=calibration, **options))
+        actual = parameter_count(loaded.model)
+        if actual != expected:
+            raise SystemExit(f"{name}: {actual} parameters, hand count {expected}")
+        variants[name] = {"loaded": loaded, "strategy": "width", "options": options, "report": report, "level": level}
+        print(f"built {name} {options}: {actual / 1e6:.2f} M", flush=True)
     for v in variants.values():
         if v["strategy"] == "width":
             params = parameter_count(v["loaded"].model)
@@ -313,6 +318,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="GGUF file, model folder or Hub id")
     parser.add_argument("--levels", default="10,25,40", help="percent fewer parameters to aim at")
     parser.add_argument("--axes", default=",".join(AXES), help=f"width axes among {', '.join(AXES)}")
+    parser.add_argument("--round-to", default="1", help="width round_to values to build each axis with (e.g. 1,32)")
     parser.add_argument("--prompt-lengths", default="128,512")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
@@ -334,6 +340,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.levels = [float(x) for x in args.levels.split(",")]
     args.axes = [a.strip() for a in args.axes.split(",")]
+    args.round_to = [int(x) for x in args.round_to.split(",")]
     if unknown := set(args.axes) - set(AXES):
         raise SystemExit(f"--axes: unknown {sorted(unknown)}; choose among {', '.join(AXES)}")
     lengths = parse_int_list(args.prompt_lengths, "--prompt-lengths")
