@@ -335,6 +335,8 @@ class DenseReference(Protocol):
     hidden: torch.Tensor  # (windows, seqlen, hidden_size)
     windows: torch.Tensor  # (windows, seqlen) token ids
     head: str  # fingerprint of the output head the hidden states were made with
+    dense_head: Any  # that head (``prunelab.evaluate.DenseHead``, ``ReferenceStore.load_head``) or None:
+    #                  needed where the scored model's own head differs (width's hidden axis, include_head)
 
 
 class WindowScores(Protocol):
@@ -357,6 +359,12 @@ class ReferenceStore(Protocol):
     def save(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None: ...
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None: ...
+
+    def save_head(self, adapter: Any) -> None:
+        """Keep the dense model's output head, once per run, for variants whose own head differs."""
+
+    def load_head(self, fingerprint: str) -> Any:
+        """The kept dense head (``DenseHead``) whose fingerprint is ``fingerprint``, else None."""
 
 
 class Scorer(Protocol):
