@@ -336,6 +336,23 @@ def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikit
     shutil.rmtree(tmp_path / "ref")
 
 
+def test_writers_of_one_shared_file_each_stage_their_own(tmp_path):
+    """Two Ray workers keeping the dense head at once: the second starts while the first is writing.
+    With one staging name the second would unlink the first's file and the first's rename would fail."""
+    from prunelab.readers import atomic_write
+
+    target = tmp_path / "dense-head.safetensors"
+
+    def first(staging: Path) -> None:
+        staging.write_text("first")
+        atomic_write(target, lambda other: other.write_text("second"), shared=True)  # meanwhile, another worker
+
+    atomic_write(target, first, shared=True)
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    with pytest.raises(FileNotFoundError):  # what one staging name does
+        atomic_write(target, lambda staging: atomic_write(target, lambda other: other.write_text("x")))
+
+
 # ------------------------------------------------------------------------------------- per-variant tables
 def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
     import math
