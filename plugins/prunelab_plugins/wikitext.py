@@ -46,9 +46,10 @@ TOP1_TOLERANCE = 0.01
 METRICS = (
     MetricSpec("perplexity", "perplexity", None, higher_is_better=False, label="perplexity"),
     MetricSpec("kl_mean", "mean", "kl_mean", higher_is_better=False,
-               label="KL(dense || variant), mean per token (nats)", tolerance=KL_TOLERANCE),
+               label="KL(dense || variant), mean per token (nats)", tolerance=KL_TOLERANCE,
+               fidelity="divergence", per_token="kl_tokens"),
     MetricSpec("top1_agree", "mean", "top1_agree", higher_is_better=True, label="same top token as dense",
-               tolerance=TOP1_TOLERANCE),
+               tolerance=TOP1_TOLERANCE, fidelity="agreement"),
 )
 
 

@@ -175,6 +175,20 @@ class MetricSpec:
     #: record key holding the answer this metric scored (e.g. ``"prediction"``; ``acc_norm``'s own
     #: argmax under another key). The report counts each metric's answers from its own field.
     prediction: str | None = None
+    #: For a mean metric of a task that ``compares_with_dense``: which part of fidelity to the dense
+    #: model it measures, for the report's fidelity table: ``"divergence"`` (WikiText's KL per token,
+    #: lower is closer) or ``"agreement"`` (the share of same top tokens). None: not a fidelity metric.
+    fidelity: Literal["divergence", "agreement"] | None = None
+    #: For a divergence: the record key listing the per-token values the item's value is the mean of
+    #: (WikiText's ``kl_tokens``); the report pools them over a variant's items for the 99th percentile.
+    per_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fidelity not in (None, "divergence", "agreement"):
+            raise PrunelabError(f"MetricSpec {self.name}: fidelity must be divergence, agreement or None, "
+                                f"got {self.fidelity!r}")
+        if (self.fidelity or self.per_token) and self.kind != "mean":
+            raise PrunelabError(f"MetricSpec {self.name}: fidelity and per_token are for a mean metric, not {self.kind}")
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from prunelab.evaluate.run import prepare_tasks, run_task
 from prunelab.model.loading import load_model
 from prunelab.model.surgery import drop_layers
 from prunelab.model.windows import window_bos
+from prunelab_plugins.wikitext import METRICS as WIKITEXT_METRICS
 
 from ..conftest import DATA, QWEN3_TOKENIZER, random_model, tiny_config
 
@@ -373,28 +374,41 @@ def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
 
 # The evaluators' declarations as a run's manifest stores them (``Evaluator.answers``, ``MetricSpec``)
 METRICS = {("mmlu", "acc"): {"kind": "accuracy", "prediction": "prediction", "label": "accuracy"},
-           ("mmlu", "gold_prob"): {"kind": "mean", "label": "gold probability"}}
+           ("mmlu", "gold_prob"): {"kind": "mean", "label": "gold probability"},
+           **{("wikitext", m.name): dataclasses.asdict(m) for m in WIKITEXT_METRICS}}
 ANSWERS = {"mmlu": {"target": "target", "category": "category", "choices": "loglikelihoods", "chance": None}}
 
 
 def items_table() -> pl.DataFrame:
+    """A per-item table as a study writes it: WikiText records through the runner's ``item_rows``
+    (one row per window and declared metric), MMLU rows by hand."""
+    from prunelab.plugin import TaskResult
+    from prunelab.runner.chunks import item_rows
+    from prunelab.runner.variants import Variant
+
     rng = np.random.default_rng(0)
-    rows = []
+    frames, rows = [], []
     for variant, strategy, scale in (("dense", "dense", 0.0), ("v", "magnitude", 1.0)):
+        records = []
         for w in range(6):
             kl = (rng.exponential(scale, 20) if scale else np.zeros(20)).round(4)
-            rows.append({"variant": variant, "strategy": strategy, "task": "wikitext", "metric": "perplexity",
-                         "item_id": f"window/{w}", "tokens": 20, "kl_mean": float(kl.mean()),
-                         "top1_agree": 1.0 if not scale else float(rng.uniform(0.5, 0.9)),
-                         "kl_tokens": json.dumps(kl.tolist())})
+            records.append({"item_id": f"window/{w}", "nll_sum": 60.0, "tokens": 20, "correct": None,
+                            "kl_mean": float(kl.mean()), "kl_tokens": kl.tolist(),
+                            "top1_agree": 1.0 if not scale else float(rng.uniform(0.5, 0.9))})
+        frames.append(item_rows(Variant(variant, strategy, {}), "wikitext", TaskResult("wikitext", {}, records),
+                                WIKITEXT_METRICS))
         for q, (pred, gold) in enumerate([("B", "A"), ("B", "B"), ("C", "D"), ("B", "C")]):
-            record = {"variant": variant, "strategy": strategy, "task": "mmlu", "item_id": f"s/{q}",
+            record = {"variant": variant, "strategy": strategy, "params": "{}", "task": "mmlu", "item_id": f"s/{q}",
                       "prediction": pred if variant == "dense" else "C", "target": gold,
                       "category": "stem" if q < 2 else "other",
                       "loglikelihoods": json.dumps([-1.0, -2.0, -3.0, -4.0])}
             rows.append({**record, "metric": "acc", "correct": record["prediction"] == gold})
             rows.append({**record, "metric": "gold_prob", "value": 0.1 * (q + 1)})
-    return pl.DataFrame(rows, infer_schema_length=None)
+    return pl.concat([*frames, pl.DataFrame(rows, infer_schema_length=None)], how="diagonal_relaxed")
+
+
+def window_values(items: pl.DataFrame, variant: str, metric: str) -> np.ndarray:
+    return items.filter(pl.col("variant") == variant, pl.col("metric") == metric)["value"].to_numpy()
 
 
 def test_fidelity_table_against_numpy():
@@ -402,16 +416,17 @@ def test_fidelity_table_against_numpy():
     from prunelab.report.stats import median_interval
 
     items = items_table()
-    table = {r["variant"]: r for r in fidelity_table(items).to_dicts()}
+    table = {r["variant"]: r for r in fidelity_table(items, METRICS).to_dicts()}
     assert table["dense"]["kl_mean"] == 0 and table["dense"]["kl_p99"] == 0 and table["dense"]["top1_agree"] == 1
-    v = items.filter(pl.col("variant") == "v", pl.col("task") == "wikitext")
-    means = v["kl_mean"].to_numpy()
+    v = items.filter(pl.col("variant") == "v", pl.col("metric") == "kl_mean")
+    means = window_values(items, "v", "kl_mean")
+    assert table["v"]["windows"] == 6 and table["v"]["tokens"] == 6 * 20
     assert table["v"]["kl_mean"] == pytest.approx(means.mean(), rel=1e-12)
     assert table["v"]["kl_median"] == pytest.approx(np.median(means), rel=1e-12)
     assert (table["v"]["kl_median_low"], table["v"]["kl_median_high"]) == pytest.approx(median_interval(means))
     ordered = np.sort(means)  # the interval lies between order statistics, around the median
     assert ordered[0] <= table["v"]["kl_median_low"] <= np.median(means) <= table["v"]["kl_median_high"] <= ordered[-1]
-    top1 = v["top1_agree"].to_numpy()
+    top1 = window_values(items, "v", "top1_agree")
     assert table["v"]["top1_agree"] == pytest.approx(top1.mean()) and table["v"]["top1_median"] == pytest.approx(np.median(top1))
     pooled = np.concatenate([json.loads(x) for x in v["kl_tokens"]])
     assert table["v"]["kl_p99"] == pytest.approx(np.quantile(pooled, 0.99), rel=1e-12)
@@ -443,6 +458,8 @@ def test_no_declaration_no_multiple_choice_tables():
 
     records = summary_records(items_table(), {k: {**v, "prediction": None} for k, v in METRICS.items()}, {})
     assert set(records) == {"fidelity"}
+    undeclared = {k: {**v, "fidelity": None} for k, v in METRICS.items()}  # the same rows, no fidelity roles
+    assert "fidelity" not in summary_records(items_table(), undeclared, ANSWERS)
     records = summary_records(items_table(), {k: {**v, "prediction": None} for k, v in METRICS.items()}, ANSWERS)
     assert "answer_letters" not in records and records["chance"] == {"mmlu": 0.25}  # no prediction declared
 

@@ -171,6 +171,9 @@ def test_width_variants_in_a_study(tiny_qwen3, small_data, tmp_path, monkeypatch
     assert kl.height == 4 * 2 and kl["value"].null_count() == 0  # 4 variants x 2 windows
     assert kl.filter(pl.col("variant") == hidden)["value"].min() > 0
     assert items.filter(pl.col("metric") == "top1_agree")["value"].null_count() == 0
+    fidelity = {r["variant"]: r for r in manifest["sensitive_metrics"]["fidelity"]}  # the report's table too
+    assert set(fidelity) == set(manifest["timings"]["evaluate_s"]) and fidelity[hidden]["kl_p99"] > 0
+    assert fidelity[hidden]["kl_mean"] == pytest.approx(float(kl.filter(pl.col("variant") == hidden)["value"].mean()))
     assert sorted(written) == ["dense-head.safetensors", "wikitext-0000.safetensors", "wikitext-0001.safetensors"]
 
 
