@@ -231,45 +231,27 @@ def test_windows(dense, count: int, seqlen: int) -> torch.Tensor:
     return consecutive_windows(ids, range(count), seqlen, window_bos(dense.tokenizer, dense.adapter))
 
 
-@torch.inference_mode()
-def own_head_scores(loaded, windows: torch.Tensor, reference, dense_adapter, head_chunk: int = 512) -> dict[str, float]:
-    """NLL through the variant's own head; KL(dense || variant) with the dense head on the dense hidden states."""
-    from prunelab.evaluate.engine import kl_from_logits, window_token_scores
-
-    nll, tokens, kls = 0.0, 0, []
-    for w, window in enumerate(windows):
-        hidden = loaded.adapter.decoder(input_ids=window[None], use_cache=False).last_hidden_state[0]
-        total, count, _, _ = window_token_scores(loaded.adapter, hidden, window, head_chunk)
-        nll, tokens = nll + total, tokens + count
-        for start in range(0, count, 64):
-            end = min(start + 64, count)
-            dense_logp = torch.log_softmax(dense_adapter.head_logits(reference.hidden[w][start:end]).float(), -1)
-            kls.append(kl_from_logits(dense_logp, loaded.adapter.head_logits(hidden[start:end]).float()))
-    return {"perplexity": math.exp(nll / tokens), "kl_to_dense": float(torch.cat(kls).mean()), "tokens": tokens}
-
-
 def quality(variants, dense, windows: torch.Tensor) -> dict[str, dict[str, float]]:
-    from prunelab.evaluate.engine import DenseReference, Engine, head_fingerprint
+    """Perplexity, KL to dense and top-1 agreement of every variant; hidden-width variants, whose head
+    differs, are compared through the dense head (``DenseHead``), as in a study."""
+    from prunelab.evaluate.engine import DenseHead, DenseReference, Engine, head_fingerprint
 
     def engine(loaded):
         return Engine(loaded.model, loaded.tokenizer, loaded.adapter)
 
     base = variants["dense"]["loaded"]
     scores = engine(base).window_scores(windows, keep_hidden=True)
-    reference = DenseReference(torch.stack(scores.hidden), windows, head_fingerprint(base.adapter))
+    reference = DenseReference(torch.stack(scores.hidden), windows, head_fingerprint(base.adapter),
+                               DenseHead.of(base.adapter))
     results = {"dense": {"perplexity": math.exp(sum(scores.nll_sums) / sum(scores.counts)), "kl_to_dense": 0.0,
                          "tokens": sum(scores.counts)}}
     for name, variant in variants.items():
         if name == "dense":
             continue
-        loaded = variant["loaded"]
-        if head_fingerprint(loaded.adapter) == reference.head:
-            s = engine(loaded).window_scores(windows, reference=reference)
-            results[name] = {"perplexity": math.exp(sum(s.nll_sums) / sum(s.counts)),
-                             "kl_to_dense": float(torch.cat(s.kl).mean()), "tokens": sum(s.counts),
-                             "top1_agreement": float(torch.cat(s.agree).float().mean())}
-        else:
-            results[name] = own_head_scores(loaded, windows, reference, base.adapter)
+        s = engine(variant["loaded"]).window_scores(windows, reference=reference)
+        results[name] = {"perplexity": math.exp(sum(s.nll_sums) / sum(s.counts)),
+                         "kl_to_dense": float(torch.cat(s.kl).mean()), "tokens": sum(s.counts),
+                         "top1_agreement": float(torch.cat(s.agree).float().mean())}
         print(f"quality {name}: ppl {results[name]['perplexity']:.2f} KL {results[name]['kl_to_dense']:.3f}", flush=True)
     return results
 

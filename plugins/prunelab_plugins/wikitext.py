@@ -8,8 +8,9 @@ A window starts as the model's tokenizer starts a text: BOS first where it adds 
 (``prunelab.model.windows``, shared with calibration), with ``seqlen - 1`` scored tokens either way.
 
 Fidelity to the dense model (llama.cpp's ``perplexity --kl-divergence``): in a study the dense
-model's evaluation stores its final hidden states per chunk (``DenseReference``); each variant's
-evaluation of the same windows recomputes the exact dense next-token distribution from them and
+model's evaluation stores its final hidden states per chunk (``DenseReference``) and its output head
+once per run; each variant's evaluation of the same windows recomputes the exact dense next-token
+distribution from them (with the dense head, also where the variant's own head differs) and
 records, per window, the mean KL(dense || variant) over its scored tokens (``kl_mean``), the share of
 tokens whose top-1 token agrees with dense (``top1_agree``) and every token's KL (``kl_tokens``, 4
 significant digits) for the 99th percentile over all tokens of a variant.
@@ -45,9 +46,10 @@ TOP1_TOLERANCE = 0.01
 METRICS = (
     MetricSpec("perplexity", "perplexity", None, higher_is_better=False, label="perplexity"),
     MetricSpec("kl_mean", "mean", "kl_mean", higher_is_better=False,
-               label="KL(dense || variant), mean per token (nats)", tolerance=KL_TOLERANCE),
+               label="KL(dense || variant), mean per token (nats)", tolerance=KL_TOLERANCE,
+               fidelity="divergence", per_token="kl_tokens"),
     MetricSpec("top1_agree", "mean", "top1_agree", higher_is_better=True, label="same top token as dense",
-               tolerance=TOP1_TOLERANCE),
+               tolerance=TOP1_TOLERANCE, fidelity="agreement"),
 )
 
 
@@ -136,7 +138,8 @@ def _scores(engine: Scorer, windows: torch.Tensor, options: dict[str, Any]) -> t
     """Score the windows; as the dense model, save the reference; as a variant, compare with it.
 
     Returns the scores and what fidelity they carry: "dense" (this is the reference), "compared",
-    or why there is none ("no reference": outside a study; "head differs": ``include_head``).
+    or why there is none ("no reference": outside a study; "no reference (no dense head)": the
+    variant's head differs and the dense head was not kept).
     """
     progress = options.get("progress")
     store = options.get("reference")
@@ -144,6 +147,7 @@ def _scores(engine: Scorer, windows: torch.Tensor, options: dict[str, Any]) -> t
         return engine.window_scores(windows, progress=progress), "no reference"
     if store.is_dense:
         scores = engine.window_scores(windows, keep_hidden=True, progress=progress)
+        store.save_head(engine.adapter)  # before the chunk's reference: a reference always has its head
         store.save({"hidden": torch.stack(scores.hidden), "windows": windows},
                    {"head": head_fingerprint(engine.adapter)})
         return scores, "dense"
@@ -152,8 +156,10 @@ def _scores(engine: Scorer, windows: torch.Tensor, options: dict[str, Any]) -> t
         return engine.window_scores(windows, progress=progress), "no reference"
     tensors, metadata = found
     reference = DenseReference(tensors["hidden"], tensors["windows"], metadata.get("head", ""))
-    if reference.head != head_fingerprint(engine.adapter):
-        return engine.window_scores(windows, progress=progress), "head differs"
+    if reference.head != head_fingerprint(engine.adapter):  # width's hidden axis, include_head: the dense head's logits
+        reference.dense_head = store.load_head(reference.head)
+        if reference.dense_head is None:
+            return engine.window_scores(windows, progress=progress), "no reference (no dense head)"
     return engine.window_scores(windows, reference=reference, progress=progress), "compared"
 
 

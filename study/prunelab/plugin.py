@@ -203,6 +203,20 @@ class MetricSpec:
     #: record key holding the answer this metric scored (e.g. ``"prediction"``; ``acc_norm``'s own
     #: argmax under another key). The report counts each metric's answers from its own field.
     prediction: str | None = None
+    #: For a mean metric of a task that ``compares_with_dense``: which part of fidelity to the dense
+    #: model it measures, for the report's fidelity table: ``"divergence"`` (WikiText's KL per token,
+    #: lower is closer) or ``"agreement"`` (the share of same top tokens). None: not a fidelity metric.
+    fidelity: Literal["divergence", "agreement"] | None = None
+    #: For a divergence: the record key listing the per-token values the item's value is the mean of
+    #: (WikiText's ``kl_tokens``); the report pools them over a variant's items for the 99th percentile.
+    per_token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fidelity not in (None, "divergence", "agreement"):
+            raise PrunelabError(f"MetricSpec {self.name}: fidelity must be divergence, agreement or None, "
+                                f"got {self.fidelity!r}")
+        if (self.fidelity or self.per_token) and self.kind != "mean":
+            raise PrunelabError(f"MetricSpec {self.name}: fidelity and per_token are for a mean metric, not {self.kind}")
 
 
 @dataclass(frozen=True)
@@ -363,6 +377,8 @@ class DenseReference(Protocol):
     hidden: torch.Tensor  # (windows, seqlen, hidden_size)
     windows: torch.Tensor  # (windows, seqlen) token ids
     head: str  # fingerprint of the output head the hidden states were made with
+    dense_head: Any  # that head (``prunelab.evaluate.DenseHead``, ``ReferenceStore.load_head``) or None:
+    #                  needed where the scored model's own head differs (width's hidden axis, include_head)
 
 
 class WindowScores(Protocol):
@@ -385,6 +401,12 @@ class ReferenceStore(Protocol):
     def save(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None: ...
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None: ...
+
+    def save_head(self, adapter: Any) -> None:
+        """Keep the dense model's output head, once per run, for variants whose own head differs."""
+
+    def load_head(self, fingerprint: str) -> Any:
+        """The kept dense head (``DenseHead``) whose fingerprint is ``fingerprint``, else None."""
 
 
 class Scorer(Protocol):

@@ -33,15 +33,18 @@ from typing import Any
 from prunelab.errors import FileProblem
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, shared: bool = False) -> None:
     """``write(staging)`` then rename onto ``path``: a reader never sees half a file, a failed write leaves none.
 
     Nothing planted in the folder redirects the write: the staging file is created new (``O_EXCL``
     and ``O_NOFOLLOW``, after removing a leftover or a link of that name) and the rename replaces a
     link at ``path`` instead of writing through it. A failure names ``path`` (``writing``).
+    ``shared``: several processes may write this same file at once (the same content, e.g. Ray
+    workers): each stages under a name of its own, so none renames another's half-written file.
     """
     path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp")
+    tag = f".{os.getpid()}-{os.urandom(4).hex()}" if shared else ""
+    staging = path.with_name(f".{path.name}{tag}.tmp")
     try:
         with writing(path):
             create_new(staging)

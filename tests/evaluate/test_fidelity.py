@@ -7,6 +7,7 @@ scipy's entropy on hand-made distributions, HF's own loss on BOS-prefixed window
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -20,14 +21,15 @@ from scipy.stats import entropy
 from prunelab.errors import PrunelabError
 from prunelab.evaluate import engine as engine_module
 from prunelab.evaluate.data import DataSource, Subset
-from prunelab.evaluate.engine import DenseReference, Engine, head_fingerprint, kl_from_logits
+from prunelab.evaluate.engine import DenseHead, DenseReference, Engine, head_fingerprint, kl_from_logits
 from prunelab.evaluate.reference import ReferenceStore
 from prunelab.evaluate.run import prepare_tasks, run_task
 from prunelab.model.loading import load_model
 from prunelab.model.surgery import drop_layers
 from prunelab.model.windows import window_bos
+from prunelab_plugins.wikitext import METRICS as WIKITEXT_METRICS
 
-from ..conftest import DATA, QWEN3_TOKENIZER, tiny_config
+from ..conftest import DATA, QWEN3_TOKENIZER, random_model, tiny_config
 
 SEQLEN = 48
 
@@ -157,7 +159,7 @@ def test_window_kl_and_top1_equal_full_vocab_hf_computation(tiny_qwen3, monkeypa
     assert max(float(k.max()) for k in itself.kl) < 1e-4 and all(a.all() for a in itself.agree)
 
 
-def test_a_variant_with_another_head_or_other_windows_is_refused(tiny_qwen3):
+def test_another_head_needs_the_dense_head_and_other_windows_are_refused(tiny_qwen3):
     dense = load_model(str(tiny_qwen3), dtype="float32")
     windows = torch.randint(0, 5000, (1, 9), generator=torch.Generator().manual_seed(0))
     reference = DenseReference(torch.zeros(1, 9, 64), windows, head_fingerprint(dense.adapter))
@@ -167,10 +169,139 @@ def test_a_variant_with_another_head_or_other_windows_is_refused(tiny_qwen3):
     adapter = adapt(variant)
     with torch.no_grad():
         adapter.head.weight[:10] = 0
-    with pytest.raises(PrunelabError, match="output head differs"):
-        Engine(variant, dense.tokenizer, adapter).window_scores(windows, reference=reference)
+    engine = Engine(variant, dense.tokenizer, adapter)
+    with pytest.raises(PrunelabError, match="output head differs .* dense head was not kept"):
+        engine.window_scores(windows, reference=reference)
+    stale = DenseHead.of(adapter)  # a head other than the one the hidden states were made with
+    with pytest.raises(PrunelabError, match="dense head kept with this reference is another model's"):
+        engine.window_scores(windows, reference=dataclasses.replace(reference, dense_head=stale))
+    kept = dataclasses.replace(reference, dense_head=DenseHead.of(dense.adapter))
+    assert len(engine.window_scores(windows, reference=kept).kl) == 1
     with pytest.raises(PrunelabError, match="other windows"):
         Engine(dense.model, dense.tokenizer, dense.adapter).window_scores(windows + 1, reference=reference)
+
+
+# ------------------------------------------------------------------ variants whose output head differs
+HEAD_VOCAB = 384  # prunelab.testing's offline tokenizer
+
+
+@pytest.fixture(scope="module")
+def offline_tokenizer():
+    from prunelab.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def head_case_model(case: str) -> torch.nn.Module:
+    """A tiny random model whose head is of one kind: tied (Llama), untied with a bias (Phi's
+    ``lm_head``), or soft-capped (Gemma3 with ``final_logit_softcapping``)."""
+    from transformers import PhiConfig
+
+    from prunelab.testing import random_model, tiny_config
+
+    if case == "bias":
+        config = PhiConfig(vocab_size=HEAD_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, max_position_embeddings=256)
+    else:
+        config = tiny_config("llama" if case == "tied" else "gemma3", vocab_size=HEAD_VOCAB)
+    if case == "softcap":
+        config.final_logit_softcapping = 3.0  # logits here reach a few units: the cap bends them
+    model = random_model(config, seed=5).eval()
+    if case == "bias":
+        with torch.no_grad():
+            model.lm_head.bias.normal_(0, 1.0)  # random_model leaves vectors at their init (zero)
+    return model
+
+
+def hf_kl_and_agreement(dense: torch.nn.Module, variant: torch.nn.Module, windows: torch.Tensor):
+    """Per window: mean KL(dense || variant) and top-1 agreement from both models' plain HF logits, float64."""
+    with torch.no_grad():
+        p = torch.log_softmax(dense(windows).logits[:, :-1].double(), -1)
+        q = torch.log_softmax(variant(windows).logits[:, :-1].double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    return kl, (p.argmax(-1) == q.argmax(-1)).double()
+
+
+def pruned_copy(model: torch.nn.Module, strategy: str, options: dict) -> torch.nn.Module:
+    import warnings
+
+    from prunelab.model.adapter import adapt
+    from prunelab.model.loading import LoadedModel
+    from prunelab.prune import prune
+
+    variant = copy.deepcopy(model)
+    loaded = LoadedModel(variant, None, adapt(variant), "tiny", "dir", torch.device("cpu"), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # include_head warns that it damages the model: that is the point
+        prune(loaded, strategy, **options)
+    return variant
+
+
+WIDTH_HIDDEN = ("width", {"hidden": 0.25, "importance": "magnitude"})
+INCLUDE_HEAD = ("magnitude", {"sparsity": 50, "include_head": True})
+
+
+# width has no rule for Phi (its parallel block): include_head covers the biased head
+@pytest.mark.parametrize(("case", "strategy", "options"),
+                         [("tied", *WIDTH_HIDDEN), ("softcap", *WIDTH_HIDDEN),
+                          ("tied", *INCLUDE_HEAD), ("bias", *INCLUDE_HEAD), ("softcap", *INCLUDE_HEAD)],
+                         ids=["width-hidden-tied", "width-hidden-softcap", "include-head-tied", "include-head-bias",
+                              "include-head-softcap"])
+def test_a_variant_whose_head_differs_gets_kl_to_dense_from_the_kept_dense_head(
+        case, strategy, options, offline_tokenizer, wikitext_data, tmp_path):
+    """Width's hidden axis and include_head change the head: KL per window still equals KL from both
+    models' own full logits (head bias and soft-capping included), through the stored dense head."""
+    from prunelab.evaluate.reference import DENSE_HEAD_FILE
+    from prunelab.model.adapter import adapt
+
+    dense = head_case_model(case)
+    task = wikitext(wikitext_data)
+    path = tmp_path / "wikitext-0000.safetensors"
+    run_task(Engine(dense, offline_tokenizer, adapt(dense)), task, reference=ReferenceStore(path, is_dense=True))
+    assert (tmp_path / DENSE_HEAD_FILE).is_file()
+    variant = pruned_copy(dense, strategy, options)
+    assert head_fingerprint(adapt(variant)) != head_fingerprint(adapt(dense)), "the head must differ"
+    result = run_task(Engine(variant, offline_tokenizer, adapt(variant)), task,
+                      reference=ReferenceStore(path, is_dense=False))
+    assert result.metrics["fidelity"] == "compared"
+    windows = ReferenceStore(path, is_dense=False).load()[0]["windows"]
+    kl, agree = hf_kl_and_agreement(dense, variant, windows)
+    assert float(kl.mean()) > 1e-3, "the variant must differ from dense"
+    for w, record in enumerate(result.records):
+        assert record["kl_mean"] == pytest.approx(float(kl[w].mean()), rel=1e-5, abs=1e-7)
+        assert record["top1_agree"] == pytest.approx(float(agree[w].mean()))
+        assert sorted(record["kl_tokens"]) == pytest.approx(sorted(kl[w].tolist()), rel=1e-3, abs=1e-6)
+
+
+def test_the_dense_head_is_kept_once_and_a_stale_one_is_never_used(offline_tokenizer, wikitext_data, tmp_path):
+    from prunelab.evaluate.reference import DENSE_HEAD_FILE
+    from prunelab.model.adapter import adapt
+
+    dense, other = head_case_model("tied"), random_model(tiny_config("llama", vocab_size=HEAD_VOCAB), seed=9)
+    task = wikitext(wikitext_data)
+    first, second = tmp_path / "wikitext-0000.safetensors", tmp_path / "wikitext-0001.safetensors"
+    for path in (first, second):
+        run_task(Engine(dense, offline_tokenizer, adapt(dense)), task, reference=ReferenceStore(path, is_dense=True))
+    head_file = tmp_path / DENSE_HEAD_FILE
+    kept = head_file.stat()
+    run_task(Engine(dense, offline_tokenizer, adapt(dense)), task, reference=ReferenceStore(first, is_dense=True))
+    assert (head_file.stat().st_ino, head_file.stat().st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # once per run
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging file left
+    variant = adapt(pruned_copy(dense, *WIDTH_HIDDEN))
+    engine = Engine(variant.model, offline_tokenizer, variant)
+
+    def fidelity() -> tuple[str, bool]:
+        result = run_task(engine, task, reference=ReferenceStore(first, is_dense=False))
+        return result.metrics["fidelity"], "kl_mean" in result.records[0]
+
+    assert fidelity() == ("compared", True)
+    ReferenceStore(tmp_path / "other-0000.safetensors", is_dense=True).save_head(adapt(other))  # another model's head
+    assert ReferenceStore(first, is_dense=False).load_head(head_fingerprint(adapt(dense))) is None
+    assert fidelity() == ("no reference (no dense head)", False)
+    head_file.unlink()
+    assert fidelity() == ("no reference (no dense head)", False)
+    run_task(Engine(dense, offline_tokenizer, adapt(dense)), task, reference=ReferenceStore(first, is_dense=True))
+    assert fidelity() == ("compared", True)  # the dense evaluation keeps its head again
 
 
 def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikitext_data, tmp_path):
@@ -206,6 +337,23 @@ def test_wikitext_records_fidelity_through_the_reference_store(tiny_qwen3, wikit
     shutil.rmtree(tmp_path / "ref")
 
 
+def test_writers_of_one_shared_file_each_stage_their_own(tmp_path):
+    """Two Ray workers keeping the dense head at once: the second starts while the first is writing.
+    With one staging name the second would unlink the first's file and the first's rename would fail."""
+    from prunelab.readers import atomic_write
+
+    target = tmp_path / "dense-head.safetensors"
+
+    def first(staging: Path) -> None:
+        staging.write_text("first")
+        atomic_write(target, lambda other: other.write_text("second"), shared=True)  # meanwhile, another worker
+
+    atomic_write(target, first, shared=True)
+    assert target.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    with pytest.raises(FileNotFoundError):  # what one staging name does
+        atomic_write(target, lambda staging: atomic_write(target, lambda other: other.write_text("x")))
+
+
 # ------------------------------------------------------------------------------------- per-variant tables
 def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
     import math
@@ -226,28 +374,41 @@ def test_gold_probability_is_the_softmax_over_the_four_letters(tiny_qwen3):
 
 # The evaluators' declarations as a run's manifest stores them (``Evaluator.answers``, ``MetricSpec``)
 METRICS = {("mmlu", "acc"): {"kind": "accuracy", "prediction": "prediction", "label": "accuracy"},
-           ("mmlu", "gold_prob"): {"kind": "mean", "label": "gold probability"}}
+           ("mmlu", "gold_prob"): {"kind": "mean", "label": "gold probability"},
+           **{("wikitext", m.name): dataclasses.asdict(m) for m in WIKITEXT_METRICS}}
 ANSWERS = {"mmlu": {"target": "target", "category": "category", "choices": "loglikelihoods", "chance": None}}
 
 
 def items_table() -> pl.DataFrame:
+    """A per-item table as a study writes it: WikiText records through the runner's ``item_rows``
+    (one row per window and declared metric), MMLU rows by hand."""
+    from prunelab.plugin import TaskResult
+    from prunelab.runner.chunks import item_rows
+    from prunelab.runner.variants import Variant
+
     rng = np.random.default_rng(0)
-    rows = []
+    frames, rows = [], []
     for variant, strategy, scale in (("dense", "dense", 0.0), ("v", "magnitude", 1.0)):
+        records = []
         for w in range(6):
             kl = (rng.exponential(scale, 20) if scale else np.zeros(20)).round(4)
-            rows.append({"variant": variant, "strategy": strategy, "task": "wikitext", "metric": "perplexity",
-                         "item_id": f"window/{w}", "tokens": 20, "kl_mean": float(kl.mean()),
-                         "top1_agree": 1.0 if not scale else float(rng.uniform(0.5, 0.9)),
-                         "kl_tokens": json.dumps(kl.tolist())})
+            records.append({"item_id": f"window/{w}", "nll_sum": 60.0, "tokens": 20, "correct": None,
+                            "kl_mean": float(kl.mean()), "kl_tokens": kl.tolist(),
+                            "top1_agree": 1.0 if not scale else float(rng.uniform(0.5, 0.9))})
+        frames.append(item_rows(Variant(variant, strategy, {}), "wikitext", TaskResult("wikitext", {}, records),
+                                WIKITEXT_METRICS))
         for q, (pred, gold) in enumerate([("B", "A"), ("B", "B"), ("C", "D"), ("B", "C")]):
-            record = {"variant": variant, "strategy": strategy, "task": "mmlu", "item_id": f"s/{q}",
+            record = {"variant": variant, "strategy": strategy, "params": "{}", "task": "mmlu", "item_id": f"s/{q}",
                       "prediction": pred if variant == "dense" else "C", "target": gold,
                       "category": "stem" if q < 2 else "other",
                       "loglikelihoods": json.dumps([-1.0, -2.0, -3.0, -4.0])}
             rows.append({**record, "metric": "acc", "correct": record["prediction"] == gold})
             rows.append({**record, "metric": "gold_prob", "value": 0.1 * (q + 1)})
-    return pl.DataFrame(rows, infer_schema_length=None)
+    return pl.concat([*frames, pl.DataFrame(rows, infer_schema_length=None)], how="diagonal_relaxed")
+
+
+def window_values(items: pl.DataFrame, variant: str, metric: str) -> np.ndarray:
+    return items.filter(pl.col("variant") == variant, pl.col("metric") == metric)["value"].to_numpy()
 
 
 def test_fidelity_table_against_numpy():
@@ -255,16 +416,17 @@ def test_fidelity_table_against_numpy():
     from prunelab.report.stats import median_interval
 
     items = items_table()
-    table = {r["variant"]: r for r in fidelity_table(items).to_dicts()}
+    table = {r["variant"]: r for r in fidelity_table(items, METRICS).to_dicts()}
     assert table["dense"]["kl_mean"] == 0 and table["dense"]["kl_p99"] == 0 and table["dense"]["top1_agree"] == 1
-    v = items.filter(pl.col("variant") == "v", pl.col("task") == "wikitext")
-    means = v["kl_mean"].to_numpy()
+    v = items.filter(pl.col("variant") == "v", pl.col("metric") == "kl_mean")
+    means = window_values(items, "v", "kl_mean")
+    assert table["v"]["windows"] == 6 and table["v"]["tokens"] == 6 * 20
     assert table["v"]["kl_mean"] == pytest.approx(means.mean(), rel=1e-12)
     assert table["v"]["kl_median"] == pytest.approx(np.median(means), rel=1e-12)
     assert (table["v"]["kl_median_low"], table["v"]["kl_median_high"]) == pytest.approx(median_interval(means))
     ordered = np.sort(means)  # the interval lies between order statistics, around the median
     assert ordered[0] <= table["v"]["kl_median_low"] <= np.median(means) <= table["v"]["kl_median_high"] <= ordered[-1]
-    top1 = v["top1_agree"].to_numpy()
+    top1 = window_values(items, "v", "top1_agree")
     assert table["v"]["top1_agree"] == pytest.approx(top1.mean()) and table["v"]["top1_median"] == pytest.approx(np.median(top1))
     pooled = np.concatenate([json.loads(x) for x in v["kl_tokens"]])
     assert table["v"]["kl_p99"] == pytest.approx(np.quantile(pooled, 0.99), rel=1e-12)
@@ -296,6 +458,8 @@ def test_no_declaration_no_multiple_choice_tables():
 
     records = summary_records(items_table(), {k: {**v, "prediction": None} for k, v in METRICS.items()}, {})
     assert set(records) == {"fidelity"}
+    undeclared = {k: {**v, "fidelity": None} for k, v in METRICS.items()}  # the same rows, no fidelity roles
+    assert "fidelity" not in summary_records(items_table(), undeclared, ANSWERS)
     records = summary_records(items_table(), {k: {**v, "prediction": None} for k, v in METRICS.items()}, ANSWERS)
     assert "answer_letters" not in records and records["chance"] == {"mmlu": 0.25}  # no prediction declared
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,17 +207,36 @@ def test_a_width_variant_heals(loaded, calibration_file):
     assert any(not torch.equal(before[n], p) for n, p in loaded.model.state_dict().items())
 
 
-def test_width_variants_in_a_study(tiny_qwen3, small_data, tmp_path):
+def test_width_variants_in_a_study(tiny_qwen3, small_data, tmp_path, monkeypatch):
+    """Width variants run in a study, and every one gets KL to dense: also ``hidden``, whose head differs
+    (its dense logits come from the dense head the study keeps once, beside the chunk references)."""
+    import polars as pl
+
+    from prunelab.evaluate import reference
     from prunelab.runner import load_study, run_study
 
-    strategies = '[[strategies]]\nname = "width"\nmlp = [0.25, 0.5]\nimportance = ["magnitude"]\n'
+    written = []  # every file the reference store writes (the work folder is gone after the run)
+    monkeypatch.setattr(reference, "atomic_write", lambda path, *a, _real=reference.atomic_write, **k: (
+        written.append(Path(path).name), _real(path, *a, **k)))
+    strategies = ('[[strategies]]\nname = "width"\nmlp = [0.25, 0.5]\nimportance = ["magnitude"]\n'
+                  '[[strategies]]\nname = "width"\nhidden = [0.25]\nimportance = ["magnitude"]\n')
     study = tmp_path / "tiny.toml"
     study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace(
         'tasks = ["mmlu", "gsm8k", "wikitext"]', 'tasks = ["wikitext"]'))
     folder = run_study(load_study(study), tmp_path / "out")
     manifest = json.loads((folder / "manifest.json").read_text())
+    hidden = "width[hidden=0.25,importance=magnitude]"
     assert set(manifest["timings"]["evaluate_s"]) == {"dense", "width[mlp=0.25,importance=magnitude]",
-                                                      "width[mlp=0.5,importance=magnitude]"}
+                                                      "width[mlp=0.5,importance=magnitude]", hidden}
+    items = pl.read_parquet(folder / "items.parquet")
+    kl = items.filter(pl.col("metric") == "kl_mean")
+    assert kl.height == 4 * 2 and kl["value"].null_count() == 0  # 4 variants x 2 windows
+    assert kl.filter(pl.col("variant") == hidden)["value"].min() > 0
+    assert items.filter(pl.col("metric") == "top1_agree")["value"].null_count() == 0
+    fidelity = {r["variant"]: r for r in manifest["sensitive_metrics"]["fidelity"]}  # the report's table too
+    assert set(fidelity) == set(manifest["timings"]["evaluate_s"]) and fidelity[hidden]["kl_p99"] > 0
+    assert fidelity[hidden]["kl_mean"] == pytest.approx(float(kl.filter(pl.col("variant") == hidden)["value"].mean()))
+    assert sorted(written) == ["dense-head.safetensors", "wikitext-0000.safetensors", "wikitext-0001.safetensors"]
 
 
 def test_gemma3_width_reloads(tmp_path):

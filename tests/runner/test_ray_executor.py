@@ -97,6 +97,27 @@ def test_ray_run_equals_local_run_item_for_item(local_ray, tiny_study, local_run
     assert sum(s["chunks"] for s in timings["sessions"]) == 4 * 8  # 4 variants x 8 chunks, each once
 
 
+def test_a_width_hidden_variant_gets_kl_to_dense_on_ray_as_locally(local_ray, tiny_qwen3, small_data, tmp_path):
+    """Its head differs from dense's: the workers read the dense head from the shared work folder, as
+    they read the chunk references (the two dense chunks may be evaluated at once, each keeping it)."""
+    import torch
+
+    strategies = '[[strategies]]\nname = "width"\nhidden = [0.25]\nimportance = ["magnitude"]\n'
+    study = tmp_path / "width.toml"
+    study.write_text(study_text(tiny_qwen3, small_data, strategies=strategies).replace(
+        'tasks = ["mmlu", "gsm8k", "wikitext"]', 'tasks = ["wikitext"]'))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run_study(load_study(study), tmp_path / "local")
+    finally:
+        torch.set_num_threads(threads)
+    run = run_study(load_study(study), tmp_path / "ray", executor=ray_executor(workers=2))
+    assert comparable(run).equals(comparable(local))
+    kl = comparable(run).filter(pl.col("metric") == "kl_mean", pl.col("variant") != "dense")["value"]
+    assert kl.len() == 2 and kl.null_count() == 0 and (kl > 0).all()
+
+
 class Messages(Reporter):
     """A reporter that keeps the runner's messages."""
 

@@ -7,6 +7,7 @@ Public names (what plugins and scripts may import from ``prunelab.evaluate``) ar
 from prunelab.evaluate.data import DataSource, Subset, load_hub_split, read_csv_rows, read_jsonl
 from prunelab.evaluate.engine import (
     KL_ROWS,
+    DenseHead,
     DenseReference,
     Engine,
     GenerationRequest,
@@ -18,7 +19,7 @@ from prunelab.evaluate.engine import (
 from prunelab.evaluate.run import PreparedTask, evaluate, prepare_tasks, run_task
 
 __all__ = [
-    "KL_ROWS", "DataSource", "DenseReference", "Engine", "GenerationRequest", "LoglikelihoodRequest", "PreparedTask",
+    "KL_ROWS", "DataSource", "DenseHead", "DenseReference", "Engine", "GenerationRequest", "LoglikelihoodRequest", "PreparedTask",
     "Subset", "WindowScores", "evaluate", "head_fingerprint", "kl_from_logits", "load_hub_split", "prepare_tasks",
     "read_csv_rows", "read_jsonl", "run_task",
 ]

@@ -13,17 +13,17 @@ generations with stop strings, and token NLLs of fixed windows (perplexity). Wha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-from prunelab.model.adapter import Adapter
+from prunelab.model.adapter import Adapter, output_logits
 from prunelab.plugin import GenerationRequest, LoglikelihoodRequest, Progress
 
 __all__ = [  # the request types live with the plugin API; scripts may import them from here too
-    "DenseReference", "Engine", "GenerationRequest", "LoglikelihoodRequest", "WindowScores", "head_fingerprint",
+    "DenseHead", "DenseReference", "Engine", "GenerationRequest", "LoglikelihoodRequest", "WindowScores", "head_fingerprint",
     "kl_from_logits", "right_padded", "window_token_scores", "expanded_cache", "request_groups",
 ]
 
@@ -261,14 +261,16 @@ class Engine:
         ``keep_hidden`` returns each window's final hidden states: the dense model's are the
         reference its variants are compared against (see ``DenseReference``).
         """
+        dense_logits = None
         if reference is not None:
             reference.check(self.adapter, windows)
+            dense_logits = reference.dense_logits(self.adapter)
         scores = WindowScores()
         for w, window in enumerate(windows):
             ids = window[None].to(self.device)
             hidden = self.adapter.decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
             dense = reference.hidden[w] if reference is not None else None
-            scores.add(*window_token_scores(self.adapter, hidden, ids[0], head_chunk, dense),
+            scores.add(*window_token_scores(self.adapter, hidden, ids[0], head_chunk, dense, dense_logits),
                        hidden if keep_hidden else None)
             if progress:
                 progress(1)
@@ -350,28 +352,78 @@ class WindowScores:
 
 
 @dataclass
+class DenseHead:
+    """The dense model's output head, kept apart from the model: the dense logits of stored hidden states
+    for a variant whose own head differs (width's ``hidden`` axis, ``include_head`` pruning).
+
+    ``logits`` goes through the function the adapter's ``head_logits`` uses (``output_logits``), so the
+    dense logits a variant is compared with are the dense model's own, soft-capping included.
+    ``fingerprint`` is the dense adapter's ``head_fingerprint``: what the stored file is keyed by.
+    """
+
+    weight: torch.Tensor  # (vocab, hidden_size), the model's dtype
+    bias: torch.Tensor | None
+    softcap: float | None
+    fingerprint: str
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> DenseHead | None:
+        """The adapter's head (views of its tensors, no copy); None for a head that is not a plain Linear
+        (its computation is not weight and bias alone, so it cannot be kept as tensors)."""
+        head = adapter.head
+        if type(head) is not torch.nn.Linear:
+            return None
+        bias = head.bias.detach() if head.bias is not None else None
+        return cls(head.weight.detach(), bias, adapter.logit_softcap, head_fingerprint(adapter))
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> DenseHead:
+        """The same head on the scoring model's device and dtype (no copy where they already match)."""
+        bias = self.bias.to(device, dtype) if self.bias is not None else None
+        return DenseHead(self.weight.to(device, dtype), bias, self.softcap, self.fingerprint)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return output_logits(self._linear, hidden, self.softcap)
+
+    def _linear(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+
+@dataclass
 class DenseReference:
     """The dense model's final hidden states on the same windows: its exact logits, recomputed per chunk.
 
     Storing every dense logit would take windows x seqlen x vocab floats (64 x 511 x 151,936 x 4 B =
     18.5 GiB for Qwen2.5); the hidden states that produce them take windows x seqlen x hidden (112 MiB),
-    and the output head -- which no strategy changes unless told to (``include_head``) -- turns them
-    back into the exact dense distribution one head chunk at a time. ``head`` fingerprints the head
-    the hidden states were made with, so a variant with a different head is refused, not misread.
+    and the dense output head turns them back into the exact dense distribution one head chunk at a
+    time. ``head`` fingerprints the head the hidden states were made with. A variant with the same
+    head recomputes the dense logits with its own; one whose head differs (width's ``hidden`` axis,
+    ``include_head``) needs ``dense_head``, the dense head itself (stored once per run beside the
+    references), and without it is refused, not misread.
     """
 
     hidden: torch.Tensor  # (windows, seqlen, hidden_size)
     windows: torch.Tensor  # (windows, seqlen) token ids
     head: str
+    dense_head: DenseHead | None = None
 
     def check(self, adapter: Adapter, windows: torch.Tensor) -> None:
         from prunelab.errors import PrunelabError
 
         if self.windows.shape != windows.shape or not torch.equal(self.windows.cpu(), windows.cpu()):
             raise PrunelabError("the dense reference was computed on other windows (evaluation settings differ)")
-        if self.head != head_fingerprint(adapter):
-            raise PrunelabError("this model's output head differs from the dense model's: KL to dense "
-                                "cannot be recomputed from stored hidden states")
+        if self.dense_head is not None and self.dense_head.fingerprint != self.head:
+            raise PrunelabError("the dense head kept with this reference is another model's (its fingerprint differs)")
+        if self.dense_head is None and self.head != head_fingerprint(adapter):
+            raise PrunelabError("this model's output head differs from the dense model's and the dense head was not "
+                                "kept: KL to dense cannot be recomputed from stored hidden states")
+
+    def dense_logits(self, adapter: Adapter) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What turns the stored hidden states into dense logits: the kept dense head, else this model's own
+        (``check`` has made sure that it is the dense one)."""
+        if self.dense_head is None:
+            return adapter.head_logits
+        weight = adapter.head.weight
+        return self.dense_head.to(weight.device, weight.dtype).logits
 
 
 def head_fingerprint(adapter: Adapter) -> str:
@@ -385,22 +437,24 @@ def head_fingerprint(adapter: Adapter) -> str:
         block = weight[start : start + 8192]
         total += float(block.double().sum())
         zeros += int((block == 0).sum())
-    cap = getattr(adapter.text_config, "final_logit_softcapping", None)
     bias = getattr(adapter.head, "bias", None)
     bias_sum = float(bias.detach().double().sum()) if bias is not None else 0.0
-    return f"{tuple(weight.shape)}:{total:.12g}:{zeros}:{bias_sum:.12g}:{cap}"
+    return f"{tuple(weight.shape)}:{total:.12g}:{zeros}:{bias_sum:.12g}:{adapter.logit_softcap}"
 
 
 KL_ROWS = 128  # positions per KL step: two (rows x vocab) float32 log-prob tables live at once
 
 
 def window_token_scores(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, head_chunk: int,
-                        dense_hidden: torch.Tensor | None = None):
+                        dense_hidden: torch.Tensor | None = None,
+                        dense_logits: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """(summed NLL of ids[1:], count, per-token KL(dense || model) or None, per-token top-1 agreement or None).
 
     The head runs in chunks because the vocabulary is large; the dense log-probabilities are
-    recomputed from ``dense_hidden`` by the same head, a few rows at a time, never all at once.
+    recomputed from ``dense_hidden`` a few rows at a time, never all at once, by ``dense_logits``
+    (``DenseReference.dense_logits``): the dense head, by default this model's own (the same head).
     """
+    dense_logits = dense_logits or adapter.head_logits
     total = 0.0
     kls: list[torch.Tensor] = []
     agrees: list[torch.Tensor] = []
@@ -414,7 +468,7 @@ def window_token_scores(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tenso
         for row in range(0, end - start, KL_ROWS):
             model_logits = logits[row : row + KL_ROWS]
             dense_rows = dense_hidden[start + row : min(start + row + KL_ROWS, end)].to(hidden.device, hidden.dtype)
-            dense_logp = torch.log_softmax(adapter.head_logits(dense_rows).float(), dim=-1)
+            dense_logp = torch.log_softmax(dense_logits(dense_rows).float(), dim=-1)
             kls.append(kl_from_logits(dense_logp, model_logits).cpu())
             agrees.append((dense_logp.argmax(-1) == model_logits.argmax(-1)).cpu())
     if dense_hidden is None:

@@ -8,6 +8,7 @@ hidden/heads are read from the modules themselves, not recomputed from the confi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,19 +47,34 @@ class Adapter:
             if isinstance(module, nn.Linear)
         }
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma-style final soft-capping of the logits (``final_logit_softcapping``); None: no capping."""
+        return getattr(self.text_config, "final_logit_softcapping", None) or None
+
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Apply the output head (and Gemma-style final soft-capping) to selected hidden states only."""
-        logits = self.head(hidden)
-        cap = getattr(self.text_config, "final_logit_softcapping", None)
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return output_logits(self.head, hidden, self.logit_softcap)
 
     @property
     def adds_bos(self) -> bool:
         """Whether prompts start with BOS, as lm-evaluation-harness does (only Gemma needs it)."""
         model_type = getattr(self.text_config, "model_type", "") or ""
         return model_type.startswith("gemma")
+
+
+def output_logits(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                  softcap: float | None) -> torch.Tensor:
+    """Logits of final hidden states: the head, then soft-capping ``tanh(x / cap) * cap`` where the model has one.
+
+    The one place logits are made from hidden states: a model's own head (``Adapter.head_logits``)
+    and the dense model's head a study keeps for variants whose head differs
+    (``prunelab.evaluate.DenseHead``) both go through it, so the two cannot drift apart.
+    """
+    logits = head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 def adapt(model: nn.Module) -> Adapter:

@@ -243,13 +243,14 @@ def remove_own_chart(folder: Path, name: str) -> bool:
 
 
 #: Metric declarations added after some runs were made: a rebuilt report of such a run asks the installed evaluator.
-LATER_METRIC_FIELDS = ("tolerance", "prediction")
+LATER_METRIC_FIELDS = ("tolerance", "prediction", "fidelity", "per_token")
 
 
 def declared_tolerances(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A stored run's metric declarations, with the installed evaluator's tolerance (and an accuracy
-    metric's prediction field) where the run predates them (no such key): the rebuilt report then
-    tests fidelity against the tolerance and counts each metric's answers. A run that recorded one
+    metric's prediction field, a fidelity metric's role and per-token field) where the run predates
+    them (no such key): the rebuilt report then tests fidelity against the tolerance, builds its
+    fidelity table and counts each metric's answers. A run that recorded one
     (None included) keeps it; an evaluator not installed changes nothing."""
     from prunelab.registry import default_registry
 

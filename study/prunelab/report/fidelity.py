@@ -3,8 +3,10 @@
 Built from the per-item table alone (no model), so a report can be rebuilt from ``items.parquet``.
 
 **Fidelity** (llama.cpp's ``perplexity --kl-divergence``): per WikiText window the evaluator
-records the mean KL(dense || variant) over its scored tokens (``kl_mean``), the share of tokens whose
-most likely next token is dense's (``top1_agree``) and every token's KL (``kl_tokens``). Per variant
+records the mean KL(dense || variant) over its scored tokens, the share of tokens whose most likely
+next token is dense's and every token's KL; it declares which metric is which
+(``MetricSpec.fidelity``: divergence, agreement; ``MetricSpec.per_token``), and only these
+declarations choose the rows and fields read here. Per variant
 this module reports the mean over windows of the first two (llama.cpp's numbers; with equal-length
 windows the mean over all tokens), their median window with a 95% distribution-free interval over
 windows (the windows are the independent units; tokens within a window are not), and the 99th
@@ -57,26 +59,59 @@ def median_with_interval(values: np.ndarray) -> tuple[float, float | None, float
     return float(np.median(values)), low, high
 
 
-def fidelity_table(items: pl.DataFrame) -> pl.DataFrame | None:
-    """Per variant: windows, mean / median-window KL, 99th-percentile KL and top-1 agreement."""
-    if "kl_mean" not in items.columns:
-        return None
-    rows = items.filter(pl.col("kl_mean").is_not_null() & (pl.col("metric") == "perplexity"))
+def fidelity_metrics(metrics: Mapping[tuple[str, str], Mapping[str, Any]]
+                     ) -> dict[str, tuple[Mapping[str, Any], Mapping[str, Any] | None]]:
+    """Per task: the declaration of its divergence metric and of its agreement metric (or None), as
+    ``MetricSpec.fidelity`` names them; a task that declares no divergence has no fidelity table."""
+    found: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for (task, _), spec in metrics.items():
+        if spec.get("fidelity") in ("divergence", "agreement"):
+            found.setdefault(task, {}).setdefault(spec["fidelity"], spec)
+    return {task: (roles["divergence"], roles.get("agreement")) for task, roles in found.items() if "divergence" in roles}
+
+
+def fidelity_table(items: pl.DataFrame, metrics: Mapping[tuple[str, str], Mapping[str, Any]]) -> pl.DataFrame | None:
+    """Per task and variant: windows, mean / median-window divergence, its pooled 99th percentile and the agreement.
+
+    Which rows and fields are read is what the evaluator declares (``fidelity_metrics``): the
+    divergence's and agreement's per-item values, and the divergence's ``per_token`` field.
+    """
     out = []
+    for task, (divergence, agreement) in fidelity_metrics(metrics).items():
+        rows = _metric_values(items, task, divergence["name"], "kl")
+        if agreement is not None:
+            agree = _metric_values(items, task, agreement["name"], "top1").select("variant", "item_id", "top1")
+            rows = rows.join(agree, on=["variant", "item_id"], how="left")
+        per_token = divergence.get("per_token")
+        for (variant, strategy, params), group in rows.group_by(["variant", "strategy", "params"], maintain_order=True):
+            out.append({"task": task, "variant": variant, "strategy": strategy, "params": params,
+                        **_fidelity_row(group, per_token if per_token in group.columns else None)})
+    return pl.DataFrame(out) if out else None
+
+
+def _metric_values(items: pl.DataFrame, task: str, metric: str, name: str) -> pl.DataFrame:
+    """One declared mean metric's rows of a task that carry a value, the value renamed ``name``."""
+    rows = items.filter((pl.col("task") == task) & (pl.col("metric") == metric) & pl.col("value").is_not_null())
     if "params" not in rows.columns:
         rows = rows.with_columns(pl.lit("{}").alias("params"))
-    for (variant, strategy, params, task), group in rows.group_by(["variant", "strategy", "params", "task"],
-                                                                  maintain_order=True):
-        kl, top1 = group["kl_mean"].to_numpy(), group["top1_agree"].to_numpy()
-        kl_median, kl_low, kl_high = median_with_interval(kl)
+    return rows.rename({"value": name})
+
+
+def _fidelity_row(group: pl.DataFrame, per_token: str | None) -> dict[str, Any]:
+    """One variant's fidelity numbers from its items (a ``kl`` column, maybe ``top1`` and per-token lists)."""
+    kl = group["kl"].to_numpy()
+    kl_median, kl_low, kl_high = median_with_interval(kl)
+    tokens = [np.asarray(json.loads(t), dtype=float) for t in group[per_token]] if per_token else []
+    row = {"windows": group.height, "tokens": int(sum(len(t) for t in tokens)) if tokens else None,
+           "kl_mean": float(kl.mean()), "kl_median": kl_median, "kl_median_low": kl_low, "kl_median_high": kl_high,
+           "kl_p99": pooled_quantile(tokens) if tokens else None,
+           "top1_agree": None, "top1_median": None, "top1_median_low": None, "top1_median_high": None}
+    if "top1" in group.columns and group["top1"].null_count() == 0:
+        top1 = group["top1"].to_numpy()
         top1_median, top1_low, top1_high = median_with_interval(top1)
-        tokens = [np.asarray(json.loads(t), dtype=float) for t in group["kl_tokens"]] if "kl_tokens" in group.columns else []
-        out.append({"task": task, "variant": variant, "strategy": strategy, "params": params, "windows": group.height,
-                    "tokens": int(group["tokens"].sum()), "kl_mean": float(kl.mean()),
-                    "kl_median": kl_median, "kl_median_low": kl_low, "kl_median_high": kl_high,
-                    "kl_p99": pooled_quantile(tokens) if tokens else None, "top1_agree": float(top1.mean()),
-                    "top1_median": top1_median, "top1_median_low": top1_low, "top1_median_high": top1_high})
-    return pl.DataFrame(out) if out else None
+        row.update(top1_agree=float(top1.mean()), top1_median=top1_median, top1_median_low=top1_low,
+                   top1_median_high=top1_high)
+    return row
 
 
 @dataclass(frozen=True)
@@ -206,11 +241,11 @@ def summary_records(items: pl.DataFrame, metrics: Mapping[tuple[str, str], Mappi
     """The tables above as JSON-able records for the manifest (findings and reports read them there).
 
     ``metrics`` (keyed by task and metric) and ``answers`` (by task): the evaluators' declarations as
-    the manifest stores them; without them there are no multiple-choice tables.
+    the manifest stores them; without them there are no fidelity and multiple-choice tables.
     """
     metrics, answers = metrics or {}, answers or {}
     choices = choice_metrics(items, metrics, answers)
-    tables = {"fidelity": fidelity_table(items), "answer_letters": answer_letters(choices),
+    tables = {"fidelity": fidelity_table(items, metrics), "answer_letters": answer_letters(choices),
               "category_accuracy": category_accuracy(choices),
               "mean_metrics": mean_metric_table(items, metrics, answers)}
     records: dict[str, Any] = {name: table.to_dicts() for name, table in tables.items() if table is not None}

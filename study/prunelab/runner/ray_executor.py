@@ -15,7 +15,8 @@ out **units** one at a time to whichever worker is free:
 
 Order: a chunk of a task that compares variants with the dense model (``compares_with_dense``: KL
 to dense) waits for dense's chunk of the same task and index, whose reference it reads -- that one
-chunk, not the whole dense evaluation. Every other unit is ready at once. Variants that take long
+chunk, not the whole dense evaluation (which writes the dense output head into the same shared
+folder before its reference, for variants whose head differs). Every other unit is ready at once. Variants that take long
 to prepare (healed, then calibrated ones) are queued first, so that their prune does not start last.
 
 Why chunks, with variant affinity, and not whole variants: a free worker is given a chunk of the
