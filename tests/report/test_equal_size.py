@@ -35,10 +35,11 @@ def width(cut: float) -> tuple[AxisAmount, ...]:
 # (variant, strategy, params, items answered wrong, parameters, zeros, axes)
 VARIANTS = [
     ("dense", "dense", {}, set(range(0, 4)), DENSE_PARAMS, 10, ()),
-    # bin 2 (85-90 % kept): width beats depth on 10 items and loses none; magnitude is third
+    # bin 2 (85-90 % kept): width beats depth on 10 items and loses none; magnitude (zeros in dense
+    # tensors) is better than both but a reference: shown beside the ranking, never ranked
     ("drop-block[k=1]", "drop-block", {"k": 1}, set(range(0, 20)), 880, 10, layers(1)),
     ("width[mlp=0.2]", "width", {"mlp": 0.2}, set(range(0, 10)), 870, 10, width(0.2)),
-    ("magnitude[sparsity=20]", "magnitude", {"sparsity": 20}, set(range(0, 25)), DENSE_PARAMS, 130,
+    ("magnitude[sparsity=20]", "magnitude", {"sparsity": 20}, set(range(0, 6)), DENSE_PARAMS, 130,
      (AxisAmount("weights", "sparsity", "sparsity", 0.2),)),  # 120 zeros added: placed at 880
     # bin 4 (75-80 % kept): depth 1 item ahead of width (not distinguishable); width's larger variant
     # in the same bin is not its representative (the smaller one is)
@@ -66,8 +67,12 @@ def test_best_per_bin_against_the_runner_up_with_mcnemar_and_holm(data):
     table = equal_size_table(items, summary, sizes).to_dicts()
     assert [(r["kept_low"], r["kept_high"]) for r in table] == [(85.0, 90.0), (75.0, 80.0)]
     first, second = table
-    assert (first["best_variant"], first["runner_variant"], first["methods"]) == ("width[mlp=0.2]", "drop-block[k=1]", 3)
-    assert first["others"] == "magnitude (non-zero weights, reference) (magnitude[sparsity=20])"
+    assert (first["best_variant"], first["runner_variant"], first["methods"]) == ("width[mlp=0.2]", "drop-block[k=1]", 2)
+    assert first["others"] == ""
+    assert (first["reference_variant"], first["reference_method"]) == (
+        "magnitude[sparsity=20]", "magnitude (non-zero weights, reference)")
+    assert first["reference_kept"] == pytest.approx(88.0) and first["reference_value"] == pytest.approx(1 - 6 / N)
+    assert second["reference_variant"] is None  # no weight pruning in bin 4
     assert first["best_parameters"] == 870 and first["best_kept"] == pytest.approx(87.0)
     # best - runner-up on the same 40 items: width wrong on 10, depth on 20 -> +10 items, none lost
     assert first["diff"] == pytest.approx(10 / N) and first["n_paired"] == N
@@ -87,6 +92,7 @@ def test_the_report_states_the_definition_and_each_bins_best(data):
     html = pages.equal_size_html(equal_size_table(items, summary, sizes).to_dicts())
     assert "5 percentage points of dense's parameter count" in html and "85–90%" in html
     assert "width[mlp=0.2]" in html and escape(BEST) in html
+    assert "reference (zeros in dense tensors)" in html and "88.0% non-zero" in html
 
 
 def test_size_comparison_chart_one_line_per_method(data):

@@ -5,7 +5,10 @@ parameters it keeps (a weight-pruning variant at its non-zero count, for referen
 size and speed are dense's) and binned in steps of ``BIN_POINTS`` percentage points of dense's
 count (100-95 %, 95-90 %, ...). Within a bin each method (a strategy with its varying settings, a
 width strategy per set of axes) is represented by its smallest variant there, so no method is
-favoured by being larger inside the bin.
+favoured by being larger inside the bin. A variant whose strategy declares a ``weights`` size axis
+(zeros stored in dense tensors) is shown beside the bin's best as a *reference* but never ranked:
+its file and its speed are dense's, so "best at this size" would not mean what it says; the
+comparison is between methods that make the model smaller.
 
 "Equal speed" is a bin of the measured speedup over dense (``[bench]``): the decode speedup (tokens/s
 at the first batch size measured, batch 1 by default: the per-token latency a deployer with a
@@ -53,6 +56,9 @@ _METRIC_SCHEMA = {"task": pl.String, "metric": pl.String, "label": pl.String, "k
 # what each of the two compared methods shows, per table: a candidate's key is its column's suffix
 SIZE_MEMBER = {"method": pl.String, "variant": pl.String, "parameters": pl.Int64, "kept": pl.Float64,
                "value": pl.Float64, "rel_change": pl.Float64, "decode_speedup": pl.Float64}
+# the bin's best weight-pruning variant, shown for reference beside the ranked methods (equal size only)
+REFERENCE_MEMBER = {"method": pl.String, "variant": pl.String, "kept": pl.Float64, "value": pl.Float64,
+                    "rel_change": pl.Float64}
 SPEED_MEMBER = {"method": pl.String, "variant": pl.String, "speedup": pl.Float64, "parameters": pl.Int64,
                 "kept": pl.Float64, "value": pl.Float64, "rel_change": pl.Float64}
 
@@ -64,7 +70,8 @@ def _schema(bounds: dict[str, Any], member: dict[str, Any]) -> dict[str, Any]:
             **_TEST_SCHEMA}
 
 
-EQUAL_SIZE_SCHEMA = _schema({"kept_low": pl.Float64, "kept_high": pl.Float64}, SIZE_MEMBER)
+EQUAL_SIZE_SCHEMA = {**_schema({"kept_low": pl.Float64, "kept_high": pl.Float64}, SIZE_MEMBER),
+                     **{f"reference_{name}": dtype for name, dtype in REFERENCE_MEMBER.items()}}
 EQUAL_SPEED_SCHEMA = _schema({"speed": pl.String, "speed_label": pl.String, "speed_low": pl.Float64,
                               "speed_high": pl.Float64}, SPEED_MEMBER)
 
@@ -102,7 +109,7 @@ def equal_size_table(items: pl.DataFrame, summary: pl.DataFrame, sizes: dict[str
     candidates = _candidates(summary, sizes, _speedups(bench, DECODE_SPEEDUP), "decode_speedup")
     return _comparison(items, candidates, EQUAL_SIZE_SCHEMA, SIZE_MEMBER,
                        place=lambda c: size_bin(c["kept"]) if c["parameters"] is not None else None,
-                       order=lambda c: c["parameters"], bounds=bounds)
+                       order=lambda c: c["parameters"], bounds=bounds, references=True)
 
 
 def equal_speed_table(items: pl.DataFrame, summary: pl.DataFrame, sizes: dict[str, VariantSize],
@@ -130,7 +137,8 @@ def _candidates(summary: pl.DataFrame, sizes: dict[str, VariantSize], speeds: di
     size (parameters placed, % of dense kept: None without a recorded count) and its speedup.
 
     Left out: dense, a row without a paired test against dense, and one-layer sweep variants (they
-    diagnose layers; the plans are the method)."""
+    diagnose layers; the plans are the method). ``zeros_only``: the strategy declares a ``weights``
+    axis, so the variant keeps dense's tensors (a reference at equal size, not a competitor)."""
     dense = sizes.get(DENSE)
     methods = method_labels(summary, sizes)
     out = []
@@ -142,17 +150,19 @@ def _candidates(summary: pl.DataFrame, sizes: dict[str, VariantSize], speeds: di
         placed = effective_parameters(size, dense) if counted else None
         out.append({**row, "method": methods[row["variant"]], "parameters": placed,
                     "kept": 100 * placed / dense.parameters if counted else None,
-                    speed_key: speeds.get(row["variant"])})
+                    speed_key: speeds.get(row["variant"]), "zeros_only": size.axis("weights") is not None})
     return out
 
 
 def _comparison(items: pl.DataFrame, candidates: list[dict[str, Any]], schema: dict[str, Any],
                 member: dict[str, Any], place: Callable[[dict[str, Any]], int | None],
-                order: Callable[[dict[str, Any]], float], bounds: Callable[[int], dict[str, Any]]) -> pl.DataFrame:
+                order: Callable[[dict[str, Any]], float], bounds: Callable[[int], dict[str, Any]],
+                references: bool = False) -> pl.DataFrame:
     """The best method of each bin against the runner-up, Holm over the bins of one task and metric.
 
     ``place`` gives a candidate's bin (None: it has no place on this axis), ``order`` ranks a
-    method's variants within a bin (the first represents it), ``bounds`` a bin's columns."""
+    method's variants within a bin (the first represents it), ``bounds`` a bin's columns.
+    ``references``: zeros-only variants are set beside the ranking (``reference_*``), not in it."""
     out: list[dict[str, Any]] = []
     by_metric: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for c in candidates:
@@ -160,7 +170,7 @@ def _comparison(items: pl.DataFrame, candidates: list[dict[str, Any]], schema: d
     for (task, metric), group in by_metric.items():
         placed = [(index, c) for c in group if (index := place(c)) is not None]
         family = [{**row, **bounds(index)} for index, members in _bins(placed, order).items()
-                  if (row := _bin_row(task, metric, members, items, member)) is not None]
+                  if (row := _bin_row(task, metric, members, items, member, references)) is not None]
         for r, adjusted in zip(family, holm_adjust([r["p_value"] if r["p_value"] is not None else 1.0 for r in family]),
                                strict=True):
             r["p_holm"] = adjusted if r["p_value"] is not None else None
@@ -179,8 +189,15 @@ def _bins(placed: list[tuple[int, dict[str, Any]]], order: Callable[[dict[str, A
 
 
 def _bin_row(task: str, metric: str, members: list[dict[str, Any]], items: pl.DataFrame,
-             member: dict[str, Any]) -> dict[str, Any] | None:
-    """The best method of one bin against the runner-up, on the items both have (no bounds, no Holm)."""
+             member: dict[str, Any], references: bool = False) -> dict[str, Any] | None:
+    """The best method of one bin against the runner-up, on the items both have (no bounds, no Holm);
+    with ``references`` the zeros-only methods are left out of the ranking and the least harmed of
+    them is reported beside it. None when fewer than two methods are ranked."""
+    reference = None
+    if references:
+        shown = sorted((m for m in members if m["zeros_only"]), key=harm)
+        reference = shown[0] if shown else None
+        members = [m for m in members if not m["zeros_only"]]
     if len(members) < 2:
         return None
     ranked = sorted(members, key=harm)
@@ -197,6 +214,8 @@ def _bin_row(task: str, metric: str, members: list[dict[str, Any]], items: pl.Da
     }
     for prefix, chosen in (("best", best), ("runner", runner)):
         row.update({f"{prefix}_{name}": chosen[name] for name in member})
+    if references:
+        row.update({f"reference_{name}": reference[name] if reference else None for name in REFERENCE_MEMBER})
     return row
 
 

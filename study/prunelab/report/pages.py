@@ -205,7 +205,8 @@ def equal_size_html(rows: list[dict[str, Any]]) -> str:
 
     note = (f"Same size = the same bin of {BIN_POINTS:g} percentage points of dense's parameter count. Each variant "
             "sits at the parameters it keeps; weight pruning (zeros stored in dense tensors, dense's size and speed) "
-            "at its non-zero count, for reference only. A method is represented in a bin by its smallest variant there. "
+            "at its non-zero count, for reference only: it is shown beside the ranking, never ranked. A method is "
+            "represented in a bin by its smallest variant there. "
             "Methods are ranked by their change vs dense; the best is tested against the runner-up on the items both "
             "were scored on (the test each variant gets against dense), Holm over the bins of the task and metric.")
     speed = any(r.get("best_decode_speedup") is not None for r in rows)
@@ -215,8 +216,14 @@ def equal_size_html(rows: list[dict[str, Any]]) -> str:
         return _member(row, prefix, f"{row[f'{prefix}_kept']:.1f}% kept",
                        f", decode ×{faster:.3g}" if speed and faster is not None else "")
 
+    def reference(row: dict[str, Any]) -> str:
+        if row.get("reference_variant") is None:
+            return "—"
+        return _member(row, "reference", f"{row['reference_kept']:.1f}% non-zero", "")
+
     return f'<p class="muted">{note}</p>' + _comparison_table(
-        rows, "parameters kept", lambda r: f"{r['kept_low']:g}–{r['kept_high']:g}%", member)
+        rows, "parameters kept", lambda r: f"{r['kept_low']:g}–{r['kept_high']:g}%", member,
+        ("reference (zeros in dense tensors)", reference))
 
 
 def equal_speed_html(rows: list[dict[str, Any]]) -> str:
@@ -245,13 +252,15 @@ def equal_speed_html(rows: list[dict[str, Any]]) -> str:
 
 
 def _comparison_table(rows: list[dict[str, Any]], bin_header: str, bin_cell: Callable[[dict[str, Any]], str],
-                      member: Callable[[dict[str, Any], str], str]) -> str:
-    """An equal-size or equal-speed table: per row its bin, both methods, their difference and test.
-    ``bin_header`` and what ``bin_cell`` and ``member`` return are already-escaped HTML."""
+                      member: Callable[[dict[str, Any], str], str],
+                      extra: tuple[str, Callable[[dict[str, Any]], str]] | None = None) -> str:
+    """An equal-size or equal-speed table: per row its bin, both methods, their difference and test,
+    and an ``extra`` column (header, cell) last. ``bin_header`` and what ``bin_cell``, ``member`` and
+    the extra cell return are already-escaped HTML (the extra header is plain text)."""
     from prunelab.report.findings import change_text
 
     header = ["task · metric", bin_header, "best", "runner-up", "best − runner-up", "test", "p", "p (Holm)",
-              "verdict", "other methods"]
+              "verdict", "other methods", *([html.escape(extra[0])] if extra else [])]
     body, classes = [], []
     for r in rows:
         diff = "—" if r["diff"] is None else (f"{r['diff'] * 100:+.3g} points" if r["kind"] == "accuracy"
@@ -264,7 +273,7 @@ def _comparison_table(rows: list[dict[str, Any]], bin_header: str, bin_cell: Cal
         body.append([f"{html.escape(r['task'])} · {html.escape(r['label'] or r['metric'])}", bin_cell(r),
                      member(r, "best"), member(r, "runner"), html.escape(diff), fmt(r["test"]),
                      html.escape(format_p(r["p_value"])), html.escape(format_p(r["p_holm"])), html.escape(r["verdict"]),
-                     html.escape(r["others"]) or "—"])
+                     html.escape(r["others"]) or "—", *([extra[1](r)] if extra else [])])
         classes.append("gain" if r["verdict"].startswith("best") else "")
     return table(header, body, classes, numeric={4, 6, 7})
 
