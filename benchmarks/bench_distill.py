@@ -126,6 +126,18 @@ def prune_base(dense, base: Base, calibration: dict[str, Any]):
     return loaded, prune(loaded, base.strategy, seed=0, calibration=calibration, **base.options)
 
 
+def budget_curve(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """full-kd from the unhealed model up through each budget: each step paired with the one below
+    (does a larger budget lower KL on the same windows?)."""
+    runs = sorted(((h["tokens_trained"], name, h) for name, h in row["healed"].items() if name.startswith("full-kd")),
+                  key=lambda run: run[0])
+    steps, below = [], ("unhealed", row["unhealed"])
+    for tokens, name, healed in runs:
+        steps.append({"from": below[0], "to": name, "tokens": tokens, **paired(healed, below[1])})
+        below = (name, healed)
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, windows=16, eval_seqlen=256)
@@ -190,6 +202,7 @@ def main() -> None:
         healed_runs = row["healed"]
         row["paired"] = {f"{a} vs {b}": paired(healed_runs[a], healed_runs[b])
                          for a, b in (("lora-kd", "lora-ce"), ("full-kd", "lora-ce"), ("full-kd", "lora-kd"))}
+        row["budget_curve"] = budget_curve(row)
         save()
         del pruned
     print(f"wrote {args.json} ({time.perf_counter() - started:.0f} s)")
