@@ -28,6 +28,7 @@ LAYERS_8 = ARTIFACTS / "qwen2.5-layers" / "20261128T185805Z-7e4c1a5-258cdca8"
 SPARSITY = ARTIFACTS / "qwen2.5-sparsity" / "20261128T195008Z-56affbe-06dfa272"
 MMLU = ARTIFACTS / "qwen2.5-mmlu" / "20261201T074420Z-3e9815b-8710dd0e"
 IMPORTANCE = ARTIFACTS / "qwen2.5-importance"
+WIDTH = ARTIFACTS / "smollm2-width" / "20261207T023048Z-a649cc4-7d05ca25"
 
 # numbers that describe the set-up rather than a measurement, and are not in an artifact
 SETUP = {"0.5", "0.05", "2.5", "4096", "0.012", "10", "5", "34"}
@@ -178,7 +179,43 @@ def mmlu_claims() -> Iterator[str]:
     yield "question for question: 0.269, see BENCHMARKS.md"
 
 
-CLAIMS: list[Callable[[], Iterator[str]]] = [layer_claims, importance_claims, sparsity_claims, mmlu_claims]
+def width_claims() -> Iterator[str]:
+    m, s = manifest(WIDTH), summary(WIDTH)
+    windows = m["config"]["evaluation"]["tasks"]["wikitext"]
+    assert windows["sample"] == "random"
+    yield f"`artifacts/smollm2-width/{WIDTH.name}`"
+    yield f"on {windows['limit']} random windows x {windows['seqlen']} tokens; no healing"
+    ppl = s.filter(metric="perplexity")
+    yield f"Dense perplexity {ppl.filter(strategy='dense')['value'][0]:.3g}."
+    size = pl.read_parquet(WIDTH / "equal_size.parquet")
+    assert set(size["verdict"]) == {"best (Holm p<0.05)"} and size["best_method"].unique().to_list() == ["width mlp"]
+    yield (f"in each the best is MLP width, by perplexity, KL to dense and same top token alike, tested "
+           f"against the runner-up (Holm p <= {size['p_holm'].max():.2g} over the bins)")
+    rows = size.filter(metric="perplexity").sort("kept_low", descending=True).to_dicts()
+    assert [r["kept_low"] for r in rows] == [90.0, 85.0, 75.0]
+    yield (f"{rows[0]['best_kept']:.1f} % of dense's parameters kept, perplexity {number(rows[0]['best_value'])} "
+           f"against drop-block k=3's {number(rows[0]['runner_value'])} ({rows[0]['runner_kept']:.1f} % kept)")
+    yield (f"{rows[1]['best_kept']:.1f} %, {number(rows[1]['best_value'])} against k=5's "
+           f"{number(rows[1]['runner_value'])} ({rows[1]['runner_kept']:.1f} %)")
+    assert rows[0]["runner_variant"] == "drop-block[k=3]" and rows[1]["runner_variant"] == "drop-block[k=5]"
+    assert rows[2]["runner_method"] == "width mlp+hidden" and "drop-block[k=9]" in rows[2]["others"]
+    deep = ppl.filter(variant="drop-block[k=9]")["value"][0]
+    yield (f"{rows[2]['best_kept']:.1f} %, {number(rows[2]['best_value'])} against combined width's "
+           f"{number(rows[2]['runner_value'])} ({rows[2]['runner_kept']:.1f} %) and k=9's {number(deep)}")
+    yield ("better again (" + ", ".join(number(r["reference_value"]) for r in rows) + ")")
+    bench = pl.read_parquet(WIDTH / "bench.parquet")
+    zeros = bench.filter(pl.col("strategy") == "magnitude")["decode_speedup"]
+    yield f"its measured decode speed is dense's (x{zeros.min():.2f}-{zeros.max():.2f} here, timing noise)"
+    speed = pl.read_parquet(WIDTH / "equal_speed.parquet").filter(metric="perplexity").sort("speed_low")
+    (fast,) = [r for r in speed.to_dicts() if r["verdict"] == "best (Holm p<0.05)"]
+    assert fast["runner_variant"] == "drop-block[k=3]"
+    yield (f"at x{(fast['speed_low'] + fast['speed_high']) / 2:.1f}, MLP width ({number(fast['best_value'])}, "
+           f"x{fast['best_speedup']:.2f}) beats drop-block k=3 ({number(fast['runner_value'])}, "
+           f"x{fast['runner_speedup']:.2f}), Holm p = {fast['p_holm']:.2g}")
+
+
+CLAIMS: list[Callable[[], Iterator[str]]] = [layer_claims, importance_claims, sparsity_claims, mmlu_claims,
+                                              width_claims]
 
 
 @pytest.mark.parametrize("claims", CLAIMS, ids=lambda c: c.__name__)
