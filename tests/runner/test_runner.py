@@ -326,7 +326,8 @@ def test_shipped_studies_validate(name):
     strategies = {v.strategy for v in variants}
     expected = {"qwen2.5-layers": {"dense", "drop-layers"},
                 "qwen2.5-sparsity": {"dense", "magnitude", "wanda", "sparsegpt"},
-                "qwen2.5-mmlu": {"dense", "drop-layers", "magnitude", "wanda"}}
+                "qwen2.5-mmlu": {"dense", "drop-layers", "magnitude", "wanda"},
+                "smollm2-width": {"dense", "drop-block", "width", "magnitude"}}
     assert expected.get(name, {"dense", "drop-layers", "magnitude"}) <= strategies
     if name == "seed":
         assert study.model == "Qwen/Qwen3-0.6B"

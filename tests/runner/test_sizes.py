@@ -232,7 +232,13 @@ def test_charts_follow_the_declarations_and_what_was_done(run):
                                                  "fraction-zero (non-zero weights, reference)",
                                                  "magnitude (non-zero weights, reference)"}
     table = pl.read_parquet(run / "equal_size.parquet")  # every variant keeps > 95 %: one bin per metric
-    assert set(table["kept_low"]) == {95.0} and (table["methods"] == 6).all()
+    # four methods shrink the model and are ranked; the two weight-pruning ones are references beside them
+    assert set(table["kept_low"]) == {95.0} and (table["methods"] == 4).all()
+    assert set(table["reference_method"]) <= {"fraction-zero (non-zero weights, reference)",
+                                              "magnitude (non-zero weights, reference)"}
+    assert table["reference_variant"].null_count() == 0
+    assert not set(table["best_method"]) & {"fraction-zero (non-zero weights, reference)",
+                                            "magnitude (non-zero weights, reference)"}
     assert "At equal size" in (run / "report.html").read_text()
 
 
