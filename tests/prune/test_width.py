@@ -186,10 +186,12 @@ def test_cli_round_to_refusals_exit_2_with_one_line_before_calibration(llama_200
 
 
 def test_plugins_width_shows_round_to_and_the_achieved_declaration(capsys, monkeypatch):
-    from prunelab.cli import main
+    from prunelab import cli
 
-    monkeypatch.setenv("COLUMNS", "1000")  # one table row per line (the source column holds the checkout's path)
-    assert main(["plugins", "width"]) == 0
+    # One table row per line. The console is made when prunelab.cli is first imported, which in the full
+    # suite is before this test: its width, not $COLUMNS, decides where rows wrap.
+    monkeypatch.setattr(cli.out, "width", 1000)
+    assert cli.main(["plugins", "width"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(re.match(r"│ round_to +│ int +│ 1 +│ checked +│ keep a multiple", line) for line in lines)
     assert sum("achieved=declared" in line for line in lines if "kind='width'" in line) == 3
